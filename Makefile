@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each builds .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+export AWS_EC2_METADATA_DISABLED := true
+
+.PHONY: demo test lint format lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv==0.13.8
+
+# Pinned install: requirements.lock is compiled from pyproject.toml (see `make lock`).
+$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml worker/pyproject.toml
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet -r requirements.lock -e ./worker -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m airflow_ec2cluster.demo
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+lock: $(BIN)/python
+	$(UV) pip compile pyproject.toml --extra dev --extra localcloud --no-emit-package ec2cluster-worker \
+		--python-version 3.11 -o requirements.lock --quiet
+
+clean:
+	rm -rf $(VENV)
