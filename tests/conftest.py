@@ -1,0 +1,42 @@
+"""Fixtures shared by every test: fake credentials, no instance metadata, and a moto server on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before anything imports boto3: tests never reach real AWS or instance metadata.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECURITY_TOKEN": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+os.environ.pop("AWS_PROFILE", None)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto server in this process on 127.0.0.1 (free port); yields its endpoint URL.
+
+    State is shared by the whole session: tests use unique cluster ids and resource names.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_endpoint(moto_server, monkeypatch):
+    """Point boto3 (and child processes) at the session's moto server."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    return moto_server
