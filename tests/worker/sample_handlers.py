@@ -1,0 +1,69 @@
+"""Handlers and a sink for the worker's tests (put on PYTHONPATH of worker subprocesses)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+NOT_CALLABLE = 42
+
+
+def echo(payload: Any, context: Any) -> dict[str, Any]:
+    return {
+        "echo": payload,
+        "task_id": context.task_id,
+        "attempt": context.attempt,
+        "worker": context.worker_id,
+    }
+
+
+def fail_if_asked(payload: Any, context: Any) -> Any:
+    if isinstance(payload, dict) and payload.get("fail"):
+        raise ValueError(f"asked to fail: {payload['fail']}")
+    if isinstance(payload, dict) and payload.get("sleep"):
+        time.sleep(payload["sleep"])
+    return {"ok": payload}
+
+
+def sleepy(payload: Any, context: Any) -> Any:
+    time.sleep(payload.get("sleep", 0.2) if isinstance(payload, dict) else 0.2)
+    return payload
+
+
+def hang_if_asked(payload: Any, context: Any) -> Any:
+    if isinstance(payload, dict) and payload.get("hang"):
+        with contextlib.suppress(Exception):  # a handler swallowing errors must still be interrupted
+            time.sleep(3600)
+    return {"ok": payload}
+
+
+def noop(payload: Any, context: Any) -> None:
+    return None
+
+
+def not_serialisable(payload: Any, context: Any) -> Any:
+    return {"when": object()}
+
+
+class FileSink:
+    """A custom sink: appends results as JSON lines to options["path"]."""
+
+    def __init__(self, options: dict[str, Any], context: Any) -> None:
+        self.path = options["path"]
+        self.cluster_id = context.cluster_id
+
+    def write(self, completed: list[Any]) -> dict[str, dict[str, Any]]:
+        with open(self.path, "a", encoding="utf-8") as sink_file:
+            for result in completed:
+                sink_file.write(json.dumps({"task_id": result.task_id, "result": result.result}) + "\n")
+        return {result.task_id: {"output": f"file://{self.path}"} for result in completed}
+
+
+class BrokenSink:
+    def __init__(self, options: dict[str, Any], context: Any) -> None:
+        pass
+
+    def write(self, completed: list[Any]) -> dict[str, dict[str, Any]]:
+        raise RuntimeError("sink is broken")

@@ -1,0 +1,362 @@
+"""The worker's configuration: one JSON document, validated field by field.
+
+The controller (Airflow side) imports ``WorkerConfig.from_dict`` to validate the document before it launches
+anything, so this module imports nothing beyond the standard library and has no side effects.
+Every error message names the field and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from . import records
+
+CONFIG_ENV = "EC2CLUSTER_WORKER_CONFIG"
+
+CLUSTER_ID_RE = re.compile(r"^[a-z0-9-]{1,40}$")
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# "package.module:attribute" (the attribute may be dotted, e.g. "pkg.mod:Class.method").
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+PAYLOAD_PLACEHOLDER = "{payload}"
+MAX_VISIBILITY_SECONDS = 43200
+
+
+class ConfigError(ValueError):
+    """A configuration document that the worker cannot run with; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class PythonHandlerSpec:
+    target: str
+    type: str = "python"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "target": self.target}
+
+
+@dataclass(frozen=True)
+class CommandHandlerSpec:
+    argv: tuple[str, ...]
+    payload: str  # "stdin" or "argv"
+    type: str = "command"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "argv": list(self.argv), "payload": self.payload}
+
+
+@dataclass(frozen=True)
+class DynamoDBOutputSpec:
+    table: str | None = None  # None: the result goes on the task-log item itself
+    type: str = "dynamodb"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type} if self.table is None else {"type": self.type, "table": self.table}
+
+
+@dataclass(frozen=True)
+class S3OutputSpec:
+    bucket: str
+    prefix: str = ""
+    per: str = "task"  # "task" or "batch"
+    type: str = "s3"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "bucket": self.bucket, "prefix": self.prefix, "per": self.per}
+
+
+@dataclass(frozen=True)
+class CustomOutputSpec:
+    target: str
+    options: dict[str, Any] = field(default_factory=dict)
+    type: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "target": self.target, "options": dict(self.options)}
+
+
+# Union, not X | Y: these aliases are evaluated at run time, and the worker runs on Python 3.9.
+HandlerSpec = Union[PythonHandlerSpec, CommandHandlerSpec]  # noqa: UP007
+OutputSpec = Union[DynamoDBOutputSpec, S3OutputSpec, CustomOutputSpec]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    cluster_id: str
+    region: str
+    queue_url: str
+    handler: HandlerSpec
+    state_table: str = "ec2cluster-state"
+    output: OutputSpec = field(default_factory=DynamoDBOutputSpec)
+    task_timeout_seconds: float = 900
+    visibility_timeout_seconds: int = 120
+    heartbeat_seconds: float = 15
+    idle_shutdown_seconds: float = 300
+    max_lifetime_seconds: float = 0
+    wait_time_seconds: int = 20
+    max_messages: int = 10
+    log_shards: int = records.DEFAULT_LOG_SHARDS
+    retention_seconds: int = records.DEFAULT_RETENTION_SECONDS
+
+    @classmethod
+    def from_dict(cls, document: Any) -> WorkerConfig:
+        return parse_config(document)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"configuration is not valid JSON ({error}); give one JSON object") from None
+        return parse_config(document)
+
+    @classmethod
+    def load(cls, source: str | None = None, environ: dict[str, str] | None = None) -> WorkerConfig:
+        """From ``source`` (a path, or JSON text), else from env ``EC2CLUSTER_WORKER_CONFIG`` (same forms)."""
+        environ = os.environ if environ is None else environ
+        origin = "--config"
+        if source is None:
+            source = environ.get(CONFIG_ENV)
+            origin = CONFIG_ENV
+        if source is None or not source.strip():
+            raise ConfigError(
+                f"no configuration given; pass --config PATH or set {CONFIG_ENV} to a path or the JSON text"
+            )
+        if source.lstrip().startswith("{"):
+            return cls.from_json(source)
+        try:
+            with open(source, encoding="utf-8") as config_file:
+                text = config_file.read()
+        except OSError as error:
+            raise ConfigError(
+                f"{origin}: cannot read {source!r} ({error.strerror}); give the path of a JSON file"
+            ) from None
+        return cls.from_json(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for name in FIELD_NAMES:
+            value = getattr(self, name)
+            document[name] = value.to_dict() if hasattr(value, "to_dict") else value
+        return document
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+FIELD_NAMES = (
+    "cluster_id",
+    "region",
+    "queue_url",
+    "state_table",
+    "handler",
+    "output",
+    "task_timeout_seconds",
+    "visibility_timeout_seconds",
+    "heartbeat_seconds",
+    "idle_shutdown_seconds",
+    "max_lifetime_seconds",
+    "wait_time_seconds",
+    "max_messages",
+    "log_shards",
+    "retention_seconds",
+)
+REQUIRED_FIELDS = ("cluster_id", "region", "queue_url", "handler")
+
+
+def parse_config(document: Any) -> WorkerConfig:
+    if not isinstance(document, dict):
+        raise ConfigError(f"configuration must be a JSON object, not {_json_type(document)}")
+    _reject_unknown("configuration", document, FIELD_NAMES)
+    for name in REQUIRED_FIELDS:
+        if name not in document:
+            raise ConfigError(f"{name}: missing; this field is required")
+    values: dict[str, Any] = {
+        "cluster_id": _cluster_id(document["cluster_id"]),
+        "region": _region(document["region"]),
+        "queue_url": _queue_url(document["queue_url"]),
+        "handler": _handler(document["handler"]),
+    }
+    if "state_table" in document:
+        values["state_table"] = _table_name("state_table", document["state_table"])
+    if "output" in document:
+        values["output"] = _output(document["output"])
+    numbers = {
+        "task_timeout_seconds": lambda v: _number("task_timeout_seconds", v, minimum=0, exclusive=True),
+        "visibility_timeout_seconds": lambda v: _integer(
+            "visibility_timeout_seconds", v, 10, MAX_VISIBILITY_SECONDS
+        ),
+        "heartbeat_seconds": lambda v: _number("heartbeat_seconds", v, minimum=0, exclusive=True),
+        "idle_shutdown_seconds": lambda v: _number("idle_shutdown_seconds", v, minimum=0, exclusive=True),
+        "max_lifetime_seconds": lambda v: _number("max_lifetime_seconds", v, minimum=0, exclusive=False),
+        "wait_time_seconds": lambda v: _integer("wait_time_seconds", v, 0, 20),
+        "max_messages": lambda v: _integer("max_messages", v, 1, 10),
+        "log_shards": lambda v: _integer("log_shards", v, 1, 1000),
+        "retention_seconds": lambda v: _integer("retention_seconds", v, 1, None),
+    }
+    for name, check in numbers.items():
+        if name in document:
+            values[name] = check(document[name])
+    return WorkerConfig(**values)
+
+
+def _cluster_id(value: Any) -> str:
+    if not isinstance(value, str) or not CLUSTER_ID_RE.match(value):
+        raise ConfigError(
+            f"cluster_id: {value!r} is not a cluster id; use 1-40 lowercase letters, digits and '-'"
+        )
+    return value
+
+
+def _region(value: Any) -> str:
+    if not isinstance(value, str) or not REGION_RE.match(value):
+        raise ConfigError(f"region: {value!r} is not an AWS region name; give one like 'us-east-1'")
+    return value
+
+
+def _queue_url(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^https?://[^\s/]+/\S+$", value):
+        raise ConfigError(
+            f"queue_url: {value!r} is not a queue URL; give the QueueUrl that CreateQueue returned"
+        )
+    return value
+
+
+def _table_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not TABLE_NAME_RE.match(value):
+        raise ConfigError(
+            f"{name}: {value!r} is not a DynamoDB table name; use 3-255 letters, digits, '_', '-' or '.'"
+        )
+    return value
+
+
+def _import_path(name: str, value: Any, example: str) -> str:
+    if not isinstance(value, str) or not IMPORT_PATH_RE.match(value):
+        raise ConfigError(
+            f"{name}: {value!r} is not 'module:attribute'; give an import path like {example!r}"
+        )
+    return value
+
+
+def _handler(value: Any) -> HandlerSpec:
+    kind = _object_with_type("handler", value, ("python", "command"))
+    if kind == "python":
+        _reject_unknown("handler", value, ("type", "target"))
+        if "target" not in value:
+            raise ConfigError(
+                "handler.target: missing; give the import path of a function like 'mypkg.tasks:run'"
+            )
+        target = value["target"]
+        if not isinstance(target, str) or not IMPORT_PATH_RE.match(target):
+            raise ConfigError(
+                f"handler.target: {target!r} is not 'module:function'; "
+                "give the import path of a function like 'mypkg.tasks:run'"
+            )
+        return PythonHandlerSpec(target=target)
+    _reject_unknown("handler", value, ("type", "argv", "payload"))
+    argv = value.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(arg, str) for arg in argv) or not argv[0]:
+        raise ConfigError(
+            f"handler.argv: {argv!r} is not a command; give a non-empty list of strings like "
+            f'["python3", "-m", "mytool", "{PAYLOAD_PLACEHOLDER}"] (no shell is used)'
+        )
+    has_placeholder = PAYLOAD_PLACEHOLDER in argv
+    payload = value.get("payload", "argv" if has_placeholder else "stdin")
+    if payload not in ("stdin", "argv"):
+        raise ConfigError(f"handler.payload: {payload!r} is not 'stdin' or 'argv'")
+    if payload == "argv" and not has_placeholder:
+        raise ConfigError(
+            f"handler.payload: 'argv' needs an element of handler.argv that is exactly "
+            f"{PAYLOAD_PLACEHOLDER!r}; add one, or set payload to 'stdin'"
+        )
+    if payload == "stdin" and has_placeholder:
+        raise ConfigError(
+            f"handler.payload: 'stdin' but handler.argv contains {PAYLOAD_PLACEHOLDER!r}; "
+            "set payload to 'argv', or remove the placeholder"
+        )
+    return CommandHandlerSpec(argv=tuple(argv), payload=payload)
+
+
+def _output(value: Any) -> OutputSpec:
+    kind = _object_with_type("output", value, ("dynamodb", "s3", "custom"))
+    if kind == "dynamodb":
+        _reject_unknown("output", value, ("type", "table"))
+        if "table" not in value or value["table"] is None:
+            return DynamoDBOutputSpec()
+        return DynamoDBOutputSpec(table=_table_name("output.table", value["table"]))
+    if kind == "s3":
+        _reject_unknown("output", value, ("type", "bucket", "prefix", "per"))
+        bucket = value.get("bucket")
+        if not isinstance(bucket, str) or not BUCKET_RE.match(bucket):
+            raise ConfigError(
+                f"output.bucket: {bucket!r} is not an S3 bucket name; give the bucket's name only"
+            )
+        prefix = value.get("prefix", "")
+        if not isinstance(prefix, str) or len(prefix) > 512:
+            raise ConfigError(f"output.prefix: {prefix!r} is not a key prefix; give a string like 'results/'")
+        per = value.get("per", "task")
+        if per not in ("task", "batch"):
+            raise ConfigError(f"output.per: {per!r} is not 'task' or 'batch'")
+        return S3OutputSpec(bucket=bucket, prefix=prefix.strip("/"), per=per)
+    _reject_unknown("output", value, ("type", "target", "options"))
+    target = _import_path("output.target", value.get("target"), "mypkg.sinks:MySink")
+    options = value.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"output.options: must be a JSON object, not {_json_type(options)}")
+    return CustomOutputSpec(target=target, options=dict(options))
+
+
+def _object_with_type(name: str, value: Any, kinds: tuple[str, ...]) -> str:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{name}: must be a JSON object with a 'type' ({' | '.join(kinds)}), not {_json_type(value)}"
+        )
+    kind = value.get("type")
+    if kind not in kinds:
+        raise ConfigError(f"{name}.type: {kind!r} is not one of {', '.join(kinds)}")
+    return kind
+
+
+def _reject_unknown(where: str, document: dict[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(str(key) for key in document if key not in known)
+    if unknown:
+        prefix = "" if where == "configuration" else f"{where}."
+        others = f" (and {', '.join(unknown[1:])})" if unknown[1:] else ""
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown field{others} in {where}; known fields: {', '.join(known)}"
+        )
+
+
+def _number(name: str, value: Any, *, minimum: float, exclusive: bool) -> float:
+    # bool is an int subclass, but true/false is never meant as a number.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not a number; give seconds as a number")
+    if value < minimum or (exclusive and value == minimum):
+        bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+        raise ConfigError(f"{name}: {value!r} is out of range; give a number {bound}")
+    return value
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int | None) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: {value!r} is not an integer; give a whole number")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{name}: {value} is out of range; give an integer {bound}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    for python_type, label in names.items():
+        if isinstance(value, python_type):
+            return label
+    return "a number" if isinstance(value, (int, float)) else type(value).__name__

@@ -1,0 +1,207 @@
+"""Running one task: a Python function ``fn(payload, context)`` or a command (argv, never a shell).
+
+Both get a per-task timeout. A Python handler is interrupted with SIGALRM in the main thread (TaskTimeout is a
+BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread it runs in a
+daemon thread that is abandoned at the deadline. A command runs in its own process group, killed whole at the
+deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import PAYLOAD_PLACEHOLDER, CommandHandlerSpec, HandlerSpec, PythonHandlerSpec
+
+STDERR_TAIL_CHARS = 1500
+
+
+class HandlerError(Exception):
+    """The configured handler cannot be used (import failed, not callable, program not found)."""
+
+
+class TaskFailure(Exception):
+    """A task failed; the message says why (it goes in the task log's ``error``)."""
+
+
+class TaskTimeout(BaseException):
+    """A task ran past task_timeout_seconds."""
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    task_id: str
+    attempt: int
+    worker_id: str
+    cluster_id: str
+
+
+def load_target(target: str, field: str) -> Any:
+    """The object named by 'package.module:attribute' (attribute may be dotted)."""
+    module_name, _, attribute_path = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as error:  # any import-time error of user code
+        raise HandlerError(
+            f"{field}: cannot import module {module_name!r} ({type(error).__name__}: {error}); "
+            "install it on the instance (requirements) or fix the import path"
+        ) from error
+    for name in attribute_path.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise HandlerError(
+                f"{field}: module {module_name!r} has no attribute {attribute_path!r}; fix the name after ':'"
+            ) from None
+    return obj
+
+
+def run_with_timeout(call: Callable[[], Any], timeout: float) -> Any:
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        return _run_with_alarm(call, timeout)
+    return _run_in_thread(call, timeout)
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise TaskTimeout()
+
+
+def _run_with_alarm(call: Callable[[], Any], timeout: float) -> Any:
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return call()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _run_in_thread(call: Callable[[], Any], timeout: float) -> Any:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="ec2cluster-task", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TaskTimeout()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
+
+
+class PythonHandler:
+    def __init__(self, function: Callable[[Any, TaskContext], Any]) -> None:
+        self.function = function
+
+    def __call__(self, payload: Any, context: TaskContext, timeout: float) -> Any:
+        return run_with_timeout(lambda: self.function(payload, context), timeout)
+
+
+class CommandHandler:
+    def __init__(self, argv: tuple[str, ...], payload_mode: str) -> None:
+        self.argv = argv
+        self.payload_mode = payload_mode
+
+    def command_line(self, payload_json: str) -> list[str]:
+        if self.payload_mode != "argv":
+            return list(self.argv)
+        return [payload_json if arg == PAYLOAD_PLACEHOLDER else arg for arg in self.argv]
+
+    def __call__(self, payload: Any, context: TaskContext, timeout: float) -> Any:
+        payload_json = json.dumps(payload)
+        env = {
+            **os.environ,
+            "EC2CLUSTER_TASK_ID": context.task_id,
+            "EC2CLUSTER_ATTEMPT": str(context.attempt),
+            "EC2CLUSTER_WORKER_ID": context.worker_id,
+            "EC2CLUSTER_CLUSTER_ID": context.cluster_id,
+        }
+        stdin_text = payload_json if self.payload_mode == "stdin" else None
+        try:
+            process = subprocess.Popen(
+                self.command_line(payload_json),
+                stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group, so a timeout kills its children too
+            )
+        except OSError as error:
+            raise TaskFailure(f"cannot start {self.argv[0]!r}: {error}") from error
+        stdout, stderr = _communicate(process, stdin_text, timeout)
+        if process.returncode != 0:
+            tail = stderr.decode("utf-8", "replace")[-STDERR_TAIL_CHARS:].strip()
+            raise TaskFailure(f"command exited with status {process.returncode}; stderr: {tail}")
+        return parse_command_output(stdout.decode("utf-8", "replace"))
+
+
+def _communicate(process: subprocess.Popen, stdin_text: str | None, timeout: float) -> tuple[bytes, bytes]:
+    data = stdin_text.encode("utf-8") if stdin_text is not None else None
+    try:
+        return process.communicate(data, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        # Bounded: a grandchild that left the group could keep the pipes open forever.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=5)
+        raise TaskTimeout() from None
+    except BaseException:
+        _kill_group(process)  # e.g. KeyboardInterrupt: leave no orphan behind
+        process.wait()
+        raise
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def parse_command_output(text: str) -> Any:
+    """A command's result: its stdout as JSON when it is JSON, else the text (None when empty)."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.rstrip("\r\n")
+
+
+Handler = Callable[[Any, TaskContext, float], Any]
+
+
+def build_handler(spec: HandlerSpec) -> Handler:
+    """The handler for a configuration, checked now so that a bad one fails at start, not per task."""
+    if isinstance(spec, PythonHandlerSpec):
+        function = load_target(spec.target, "handler.target")
+        if not callable(function):
+            raise HandlerError(
+                f"handler.target: {spec.target!r} is a {type(function).__name__}, not a function; "
+                "give the import path of a function fn(payload, context)"
+            )
+        return PythonHandler(function)
+    if isinstance(spec, CommandHandlerSpec):
+        program = spec.argv[0]
+        if shutil.which(program) is None:
+            raise HandlerError(
+                f"handler.argv[0]: {program!r} is not an executable program on PATH; "
+                "install it on the instance or give its absolute path"
+            )
+        return CommandHandler(spec.argv, spec.payload)
+    raise HandlerError(f"handler: unsupported handler {spec!r}")

@@ -1,0 +1,99 @@
+"""Who this worker is: env EC2CLUSTER_WORKER_ID, else the EC2 instance id from instance metadata (IMDSv2).
+
+Instance metadata is contacted only when allowed: with EC2CLUSTER_WORKER_ID set and EC2CLUSTER_IMDS_URL unset
+(every local run) it never is, so local runs send no traffic off loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+
+WORKER_ID_ENV = "EC2CLUSTER_WORKER_ID"
+IMDS_URL_ENV = "EC2CLUSTER_IMDS_URL"
+DEFAULT_IMDS_URL = "http://169.254.169.254"
+TOKEN_TTL_SECONDS = 21600
+TIMEOUT_SECONDS = 2.0
+
+
+class MetadataUnavailable(Exception):
+    """Instance metadata could not be reached or answered with an error."""
+
+
+def imds_base_url(environ: Mapping[str, str]) -> str | None:
+    """The metadata base URL to use, or None when this worker must not contact instance metadata."""
+    explicit = environ.get(IMDS_URL_ENV, "").strip()
+    if explicit:
+        return explicit.rstrip("/")
+    if environ.get(WORKER_ID_ENV, "").strip():
+        return None
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
+        return None
+    return DEFAULT_IMDS_URL
+
+
+class InstanceMetadata:
+    """A minimal IMDSv2 client: a session token first, then GETs carrying it."""
+
+    def __init__(self, base_url: str, timeout: float = TIMEOUT_SECONDS) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self._token: str | None = None
+
+    def get(self, path: str) -> str | None:
+        """The text at ``/latest/<path>``; None when it does not exist (404)."""
+        try:
+            return self._get(path)
+        except urllib.error.HTTPError as error:
+            if error.code == 401:  # token expired: fetch a new one, once
+                self._token = None
+                return self._get(path)
+            raise
+
+    def _get(self, path: str) -> str | None:
+        request = urllib.request.Request(
+            f"{self.base_url}/latest/{path}", headers={"X-aws-ec2-metadata-token": self._session_token()}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read().decode("utf-8")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise
+        except (urllib.error.URLError, OSError) as error:
+            raise MetadataUnavailable(f"{self.base_url}: {error}") from error
+
+    def _session_token(self) -> str:
+        if self._token is None:
+            request = urllib.request.Request(
+                f"{self.base_url}/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    self._token = response.read().decode("utf-8")
+            except (urllib.error.URLError, OSError) as error:
+                raise MetadataUnavailable(f"{self.base_url}: no IMDSv2 token ({error})") from error
+        return self._token
+
+
+def resolve_worker_id(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(worker id, where it came from). Falls back to host name and pid when metadata is unavailable."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get(WORKER_ID_ENV, "").strip()
+    if explicit:
+        return explicit, "env"
+    base_url = imds_base_url(environ)
+    if base_url is not None:
+        try:
+            instance_id = InstanceMetadata(base_url).get("meta-data/instance-id")
+        except (MetadataUnavailable, urllib.error.HTTPError):
+            instance_id = None
+        if instance_id:
+            return instance_id.strip(), "imds"
+    return f"{socket.gethostname()}-{os.getpid()}", "hostname"

@@ -1,0 +1,291 @@
+"""The worker loop: receive a batch, run its tasks, store results, log them, delete what is done.
+
+Per received batch of up to 10 tasks the loop makes three AWS calls (ReceiveMessage, one BatchWriteItem for
+every task-log item, one DeleteMessageBatch), plus a ChangeMessageVisibilityBatch only when something
+failed or must be handed back. Failed tasks are logged and left undeleted with a short visibility, so SQS
+retries them and redrive moves them to the dead-letter queue after maxReceiveCount receives.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from . import records
+from .aws import AwsClients, error_code
+from .config import WorkerConfig
+from .handlers import Handler, TaskContext, TaskFailure, TaskTimeout
+from .lifecycle import SpotWatcher, StopRequest, due_stop_reason, install_signal_handlers
+from .logs import EventLog
+from .messages import Delivery, Malformed, Parsed, Task, parse_message
+from .results import TaskResult, done_result, failed_result
+from .sinks import Sink, write_results
+from .status import Heartbeat, StatusWriter, WorkerStatus
+from .tasklog import TaskLog
+from .taskqueue import TaskQueue
+from .visibility import VisibilityKeeper
+
+MAX_RETRY_DELAY_SECONDS = 60
+MAX_CONSECUTIVE_RECEIVE_ERRORS = 5
+QUEUE_GONE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+def retry_delay_seconds(attempt: int, visibility_timeout: int) -> int:
+    """How long a failed task's message stays hidden before SQS offers it again: 1, 2, 4, ... s."""
+    return int(min(2 ** max(attempt - 1, 0), MAX_RETRY_DELAY_SECONDS, visibility_timeout))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One message of a batch and what came of it."""
+
+    delivery: Delivery
+    result: TaskResult
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        config: WorkerConfig,
+        worker_id: str,
+        clients: AwsClients,
+        handler: Handler,
+        sink: Sink,
+        log: EventLog,
+        status: WorkerStatus,
+        status_writer: StatusWriter,
+        spot_watcher: SpotWatcher | None = None,
+        stop: StopRequest | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.handler = handler
+        self.sink = sink
+        self.log = log
+        self.status = status
+        self.status_writer = status_writer
+        self.spot_watcher = spot_watcher
+        self.stop = stop or (spot_watcher.stop_request if spot_watcher else StopRequest())
+        self.clock = clock
+        self.queue = TaskQueue(clients.sqs, config.queue_url)
+        self.keeper = VisibilityKeeper(clients.sqs, config.queue_url, config.visibility_timeout_seconds, log)
+        self.heartbeat = Heartbeat(status_writer, config.heartbeat_seconds)
+        self.task_log = TaskLog(
+            clients.dynamodb_resource.Table(config.state_table),
+            cluster_id=config.cluster_id,
+            log_shards=config.log_shards,
+            retention_seconds=config.retention_seconds,
+        )
+        self.started_at = clock()
+        self.last_activity_at = self.started_at
+        self.exit_code = EXIT_OK
+        self._receive_errors = 0
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        restore_signals = install_signal_handlers(self.stop) if in_main_thread else (lambda: None)
+        self.status.set_state(records.STATE_RUNNING)
+        self.status_writer.put_logged()
+        for thread in self._threads():
+            thread.start()
+        self.log.info("worker.running", queue_url=self.config.queue_url)
+        try:
+            while not self._stopping():
+                messages = self._receive()
+                if messages:
+                    self.process_batch(messages)
+        except Exception as error:  # a bug, not a task's failure: say so on the status item, exit 1
+            self.exit_code = EXIT_ERROR
+            self.stop.request(f"error: {type(error).__name__}: {error}")
+            self.log.error("worker.crashed", error=traceback.format_exc())
+        finally:
+            self._shut_down()
+            restore_signals()
+        return self.exit_code
+
+    def _threads(self) -> list[Any]:
+        return [self.heartbeat, self.keeper] + ([self.spot_watcher] if self.spot_watcher else [])
+
+    def _stopping(self, *, between_batches: bool = True) -> bool:
+        """True when the worker must stop; on the first such answer, records and announces it."""
+        if not self.stop.requested:
+            reason = due_stop_reason(
+                now=self.clock(),
+                started_at=self.started_at,
+                last_activity_at=self.last_activity_at if between_batches else self.clock(),
+                idle_shutdown_seconds=self.config.idle_shutdown_seconds,
+                max_lifetime_seconds=self.config.max_lifetime_seconds,
+            )
+            if reason is not None:
+                self.stop.request(reason)
+        if self.stop.requested and self.status.snapshot().state == records.STATE_RUNNING:
+            self.status.set_state(records.STATE_STOPPING, stop_reason=self.stop.reason)
+            self.heartbeat.poke()
+            self.log.info("worker.stopping", reason=self.stop.reason)
+        return self.stop.requested
+
+    def _receive(self) -> list[dict[str, Any]]:
+        try:
+            messages = self.queue.receive(
+                max_messages=self.config.max_messages,
+                wait_time_seconds=self.config.wait_time_seconds,
+                visibility_timeout=self.config.visibility_timeout_seconds,
+            )
+        except (BotoCoreError, ClientError) as error:
+            self._receive_failed(error)
+            return []
+        self._receive_errors = 0
+        if messages:
+            self.last_activity_at = self.clock()
+        return messages
+
+    def _receive_failed(self, error: Exception) -> None:
+        if error_code(error) in QUEUE_GONE_CODES:
+            self.log.warning("queue.gone", error=str(error))
+            self.stop.request("queue-deleted")
+            return
+        self._receive_errors += 1
+        self.log.error("queue.receive_failed", error=str(error), consecutive=self._receive_errors)
+        if self._receive_errors >= MAX_CONSECUTIVE_RECEIVE_ERRORS:
+            self.exit_code = EXIT_ERROR
+            self.stop.request(f"error: ReceiveMessage failed {self._receive_errors} times: {error}")
+
+    # -- one batch ------------------------------------------------------------------------------------
+
+    def process_batch(self, messages: list[dict[str, Any]]) -> None:
+        parsed = [parse_message(message) for message in messages]
+        self.keeper.hold([item.delivery for item in parsed], self.clock())
+        attempts: list[Attempt] = []
+        not_started: list[Delivery] = []
+        for index, item in enumerate(parsed):
+            if self._stopping(between_batches=False):
+                not_started = [later.delivery for later in parsed[index:]]
+                break
+            attempts.append(Attempt(item.delivery, self.run_task(item)))
+        if not_started:
+            refused = self.keeper.set_visibility(not_started, 0)
+            self.log.info("batch.released", messages=len(not_started), refused=len(refused))
+        self.finish(attempts)
+        self.last_activity_at = self.clock()
+
+    def run_task(self, item: Parsed) -> TaskResult:
+        delivery = item.delivery
+        common = dict(
+            task_id=item.task_id,
+            attempt=delivery.attempt,
+            worker_id=self.worker_id,
+            message_id=delivery.message_id,
+        )
+        if isinstance(item, Malformed):
+            now = time.time()
+            self.log.warning(
+                "message.malformed", task_id=item.task_id, error=item.error, attempt=delivery.attempt
+            )
+            return failed_result(
+                started_at=now, finished_at=now, error=f"malformed message: {item.error}", **common
+            )
+        assert isinstance(item, Task)
+        started_at = time.time()
+        self.status.task_started(item.task_id, started_at)
+        context = TaskContext(item.task_id, delivery.attempt, self.worker_id, self.config.cluster_id)
+        try:
+            value = self.handler(item.payload, context, self.config.task_timeout_seconds)
+        except TaskTimeout:
+            error = f"timed out after {self.config.task_timeout_seconds:g} s (task_timeout_seconds)"
+        except TaskFailure as failure:
+            error = str(failure)
+        except Exception as exception:  # the handler's own error: the task fails, the worker goes on
+            error = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+        else:
+            error = None
+        finally:
+            finished_at = time.time()
+            self.status.task_finished(finished_at)
+        if error is None:
+            result = done_result(started_at=started_at, finished_at=finished_at, result=value, **common)
+        else:
+            result = failed_result(started_at=started_at, finished_at=finished_at, error=error, **common)
+        self._log_task(result)
+        return result
+
+    def _log_task(self, result: TaskResult) -> None:
+        fields = dict(task_id=result.task_id, attempt=result.attempt, duration_s=round(result.duration_s, 3))
+        if result.done:
+            self.log.info("task.done", **fields)
+        else:
+            self.log.warning("task.failed", error=result.error, **fields)
+
+    def finish(self, attempts: list[Attempt]) -> None:
+        """Store results, write the batch's task log, delete what is done, let failures come back soon."""
+        if not attempts:
+            return
+        completed = [attempt.result for attempt in attempts if attempt.result.done]
+        stored, attributes = write_results(self.sink, completed)
+        for result in stored:
+            if not result.done:
+                self.log.warning("task.output_failed", task_id=result.task_id, error=result.error)
+        outcomes = [attempt.result for attempt in attempts if not attempt.result.done] + stored
+        deliveries = {attempt.delivery.message_id: attempt.delivery for attempt in attempts}
+        try:
+            self.task_log.write(outcomes, attributes)
+        except (BotoCoreError, ClientError) as error:
+            # Nothing deleted: every message of the batch comes back after its visibility timeout.
+            self.keeper.forget(deliveries.values())
+            self.log.error("tasklog.write_failed", error=str(error), tasks=len(outcomes))
+            return
+        done = [deliveries[result.message_id] for result in outcomes if result.done]
+        failed = [deliveries[result.message_id] for result in outcomes if not result.done]
+        self.keeper.forget(done)
+        self._delete(done)
+        if failed:
+            self.keeper.set_visibility(
+                failed,
+                lambda delivery: retry_delay_seconds(
+                    delivery.attempt, self.config.visibility_timeout_seconds
+                ),
+            )
+        self.status.count(len(done), len(failed), time.time())
+
+    def _delete(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        try:
+            refused = self.queue.delete(deliveries)
+        except (BotoCoreError, ClientError) as error:
+            self.log.error("queue.delete_failed", error=str(error), messages=len(deliveries))
+            return
+        for failure in refused:
+            # The task is logged done; its message comes back and the task runs again (at-least-once).
+            self.log.warning(
+                "queue.delete_refused", message_id=failure["MessageId"], code=failure.get("Code")
+            )
+
+    # -- stopping -------------------------------------------------------------------------------------
+
+    def _shut_down(self) -> None:
+        if self.spot_watcher:
+            self.spot_watcher.stop()
+        self.keeper.stop()
+        self.heartbeat.stop()
+        self.status.set_state(records.STATE_STOPPED, stop_reason=self.stop.reason or "unknown")
+        self.status_writer.put_logged()
+        snapshot = self.status.snapshot()
+        self.log.info(
+            "worker.stopped",
+            reason=snapshot.stop_reason,
+            tasks_done=snapshot.tasks_done,
+            tasks_failed=snapshot.tasks_failed,
+            exit_code=self.exit_code,
+        )

@@ -1,0 +1,98 @@
+"""Putting a worker together from its configuration and environment, and running it.
+
+Start-up order matters: the status item is written first (so the controller sees a worker that booted), then
+the handler and sink are loaded, so a bad handler stops the worker at once with the reason on its status item.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from . import records
+from .aws import AwsClients
+from .config import WorkerConfig
+from .handlers import HandlerError, build_handler
+from .identity import IMDS_URL_ENV, InstanceMetadata, imds_base_url, resolve_worker_id
+from .lifecycle import SpotWatcher, StopRequest
+from .logs import EventLog
+from .loop import Worker
+from .sinks import SinkContext, build_sink
+from .status import StatusWriter, WorkerStatus
+
+EXIT_STARTUP_FAILED = 3
+
+
+def run_worker(
+    config: WorkerConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    session: boto3.session.Session | None = None,
+    log: EventLog | None = None,
+) -> int:
+    """Run until stopped; the process exit code (0 after a normal stop)."""
+    environ = os.environ if environ is None else environ
+    worker_id, id_source = resolve_worker_id(environ)
+    log = (log or EventLog()).bind(worker_id=worker_id, cluster_id=config.cluster_id)
+    log.info("worker.starting", id_source=id_source, region=config.region, handler=config.handler.to_dict())
+    clients = AwsClients(config.region, session=session)
+    status = WorkerStatus()
+    status_writer = StatusWriter(
+        clients.dynamodb,
+        config.state_table,
+        status,
+        cluster_id=config.cluster_id,
+        worker_id=worker_id,
+        retention_seconds=config.retention_seconds,
+        log=log,
+    )
+    try:
+        status_writer.put()
+    except (BotoCoreError, ClientError) as error:
+        log.error(
+            "worker.startup_failed", error=f"cannot write the status item to {config.state_table!r}: {error}"
+        )
+        return EXIT_STARTUP_FAILED
+    try:
+        handler = build_handler(config.handler)
+        sink = build_sink(
+            config.output,
+            SinkContext(
+                cluster_id=config.cluster_id,
+                worker_id=worker_id,
+                log_shards=config.log_shards,
+                retention_seconds=config.retention_seconds,
+                clients=clients,
+            ),
+        )
+    except HandlerError as error:
+        log.error("worker.startup_failed", error=str(error))
+        status.set_state(records.STATE_STOPPED, stop_reason=f"error: {error}")
+        status_writer.put_logged()
+        return EXIT_STARTUP_FAILED
+    stop = StopRequest()
+    # Watch for spot notices only where metadata answered (or was pointed at explicitly): off EC2, never.
+    base_url = imds_base_url(environ)
+    watch_spot = base_url is not None and (id_source == "imds" or bool(environ.get(IMDS_URL_ENV)))
+    spot_watcher = SpotWatcher(InstanceMetadata(base_url), stop, log) if watch_spot else None
+    worker = Worker(
+        config=config,
+        worker_id=worker_id,
+        clients=clients,
+        handler=handler,
+        sink=sink,
+        log=log,
+        status=status,
+        status_writer=status_writer,
+        spot_watcher=spot_watcher,
+        stop=stop,
+    )
+    try:
+        return worker.run()
+    finally:
+        close = getattr(sink, "close", None)
+        if callable(close):
+            close()

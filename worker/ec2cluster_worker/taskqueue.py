@@ -1,0 +1,42 @@
+"""The task queue's two batch calls the loop makes: long-poll receive, and delete of finished messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .messages import Delivery
+from .visibility import chunks
+
+
+class TaskQueue:
+    def __init__(self, sqs: Any, queue_url: str) -> None:
+        self.sqs = sqs
+        self.queue_url = queue_url
+
+    def receive(
+        self, *, max_messages: int, wait_time_seconds: int, visibility_timeout: int
+    ) -> list[dict[str, Any]]:
+        response = self.sqs.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=max_messages,
+            WaitTimeSeconds=wait_time_seconds,
+            # Set here, so the worker knows when each message's visibility ends without asking the queue.
+            VisibilityTimeout=visibility_timeout,
+            AttributeNames=["ApproximateReceiveCount"],
+        )
+        return response.get("Messages", [])
+
+    def delete(self, deliveries: list[Delivery]) -> list[dict[str, Any]]:
+        """DeleteMessageBatch in chunks of 10; returns the Failed entries (with MessageId added)."""
+        failed: list[dict[str, Any]] = []
+        for chunk in chunks(deliveries):
+            by_id = {f"m{index}": delivery for index, delivery in enumerate(chunk)}
+            response = self.sqs.delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[
+                    {"Id": entry_id, "ReceiptHandle": d.receipt_handle} for entry_id, d in by_id.items()
+                ],
+            )
+            for failure in response.get("Failed", []):
+                failed.append({**failure, "MessageId": by_id[failure["Id"]].message_id})
+        return failed
