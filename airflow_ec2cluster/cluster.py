@@ -1,0 +1,190 @@
+"""Names, tags and the cluster descriptor: what identifies one cluster's resources in AWS.
+
+Every resource of a cluster is named after, or tagged with, its cluster id, so any task (or a human with
+the AWS console) can find the whole cluster again from the id alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MAX_CLUSTER_ID_LENGTH = 40
+HASH_LENGTH = 10
+CLUSTER_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+
+DEFAULT_STATE_TABLE = "ec2cluster-state"
+DEFAULT_INSTANCE_PROFILE = "ec2cluster-worker"
+
+TAG_CLUSTER_ID = "ec2cluster:cluster-id"
+TAG_ROLE = "ec2cluster:role"
+ROLE_WORKER = "worker"
+
+TASK_QUEUE_SUFFIX = "-tasks"
+DEAD_LETTER_QUEUE_SUFFIX = "-dlq"
+
+
+def cluster_id_for(dag_id: str, run_id: str) -> str:
+    """A deterministic cluster id for one DAG run: a readable slug of the DAG id plus a hash of both.
+
+    The hash covers the exact DAG id and run id, so two runs (or two DAGs whose slugs collide after
+    lowercasing and truncation) get different ids; the same run always gets the same id, which is what lets
+    a retried task find the cluster its first try made.
+    """
+    digest = hashlib.sha256(f"{dag_id}\x00{run_id}".encode()).hexdigest()[:HASH_LENGTH]
+    slug = re.sub(r"[^a-z0-9]+", "-", dag_id.lower()).strip("-")
+    slug = slug[: MAX_CLUSTER_ID_LENGTH - HASH_LENGTH - 1].rstrip("-") or "cluster"
+    return f"{slug}-{digest}"
+
+
+def validate_cluster_id(cluster_id: str) -> str:
+    if not isinstance(cluster_id, str) or not CLUSTER_ID_RE.match(cluster_id):
+        raise ValueError(
+            f"cluster_id {cluster_id!r} is invalid: use 1-{MAX_CLUSTER_ID_LENGTH} lowercase letters, digits "
+            "and '-', starting and ending with a letter or digit (or leave it unset to derive it from the "
+            "DAG run with cluster_id_for)"
+        )
+    return cluster_id
+
+
+def task_queue_name(cluster_id: str) -> str:
+    return f"{cluster_id}{TASK_QUEUE_SUFFIX}"
+
+
+def dead_letter_queue_name(cluster_id: str) -> str:
+    return f"{cluster_id}{DEAD_LETTER_QUEUE_SUFFIX}"
+
+
+def worker_name(cluster_id: str) -> str:
+    return f"{cluster_id}-worker"
+
+
+def cluster_tags(cluster_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags for instances and their volumes; the cluster's own keys win over user-supplied ones."""
+    return {
+        **(extra or {}),
+        TAG_CLUSTER_ID: cluster_id,
+        TAG_ROLE: ROLE_WORKER,
+        "Name": worker_name(cluster_id),
+    }
+
+
+def launch_client_token(cluster_id: str, generation: int | None = None, count: int | None = None) -> str:
+    """The RunInstances ClientToken (at most 64 ASCII characters): a retried call launches nothing new.
+
+    The first launch uses ``<cluster>-launch``; replacement launch number ``generation`` of ``count``
+    instances uses its own token, so a poke retried after RunInstances succeeded does not launch twice.
+    """
+    if generation is None:
+        return f"{cluster_id}-launch"
+    return f"{cluster_id}-r{generation}-n{count}"
+
+
+@dataclass
+class LaunchSpec:
+    """What RunInstances needs to start one more worker exactly like the first ones."""
+
+    image_id: str
+    instance_type: str
+    user_data_b64: str
+    instance_profile: str | None = DEFAULT_INSTANCE_PROFILE
+    subnet_id: str | None = None
+    security_group_ids: list[str] = field(default_factory=list)
+    key_name: str | None = None
+    spot: bool = False
+    spot_max_price: str | None = None
+    associate_public_ip: bool = False
+    metadata_hop_limit: int = 1
+    root_device_name: str | None = None
+    volume_size_gb: int | None = None
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LaunchSpec:
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class ClusterDescriptor:
+    """One cluster, as passed between tasks through XCom (``to_dict``/``from_dict`` are JSON-safe)."""
+
+    cluster_id: str
+    region: str
+    queue_url: str
+    dlq_url: str
+    state_table: str
+    instance_ids: list[str]
+    launch_time: float
+    num_workers: int
+    launch_spec: LaunchSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["launch_spec"] = self.launch_spec.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterDescriptor:
+        return cls(
+            cluster_id=data["cluster_id"],
+            region=data["region"],
+            queue_url=data["queue_url"],
+            dlq_url=data["dlq_url"],
+            state_table=data["state_table"],
+            instance_ids=list(data["instance_ids"]),
+            launch_time=float(data["launch_time"]),
+            num_workers=int(data["num_workers"]),
+            launch_spec=LaunchSpec.from_dict(data["launch_spec"]),
+        )
+
+
+def cluster_id_from_context(explicit: str | None, context: Any) -> str:
+    """The operator's ``cluster_id`` when given, else :func:`cluster_id_for` of the running DAG run."""
+    if explicit:
+        return validate_cluster_id(explicit)
+    ti = context.get("ti")
+    dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", None)
+    run_id = context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
+    if not dag_id or not run_id:
+        raise ValueError("cluster_id is not set and the task context has no dag_id/run_id to derive it from")
+    return cluster_id_for(dag_id, run_id)
+
+
+# META item attributes (pk = C#<cluster>, sk = META) that the controller writes; see DESIGN.md.
+META_QUEUE_URL = "queue_url"
+META_DLQ_URL = "dlq_url"
+META_ENQUEUED = "enqueued"
+META_ENQUEUE_COMPLETE = "enqueue_complete"
+META_REGION = "region"
+META_NUM_WORKERS = "num_workers"
+META_LAUNCH_SPEC = "launch_spec"  # LaunchSpec as JSON text
+META_LOG_SHARDS = "log_shards"
+META_INSTANCE_IDS = "instance_ids"  # every instance ever launched for the cluster
+META_LAUNCHED_AT = "launched_at"
+META_CONSECUTIVE_EMPTY = "consecutive_empty"
+META_REPLACEMENTS = "replacements_launched"
+META_REPLACEMENT_GENERATION = "replacement_generation"
+META_REAPED = "reaped_total"
+META_TORN_DOWN_AT = "torn_down_at"
+
+
+def descriptor_from_meta(meta: dict[str, Any], state_table: str) -> ClusterDescriptor:
+    """Rebuild the descriptor of a launched cluster from its META item."""
+    return ClusterDescriptor(
+        cluster_id=meta["cluster_id"],
+        region=meta[META_REGION],
+        queue_url=meta[META_QUEUE_URL],
+        dlq_url=meta[META_DLQ_URL],
+        state_table=state_table,
+        instance_ids=list(meta.get(META_INSTANCE_IDS) or []),
+        launch_time=float(meta.get(META_LAUNCHED_AT) or 0.0),
+        num_workers=int(meta[META_NUM_WORKERS]),
+        launch_spec=LaunchSpec.from_dict(json.loads(meta[META_LAUNCH_SPEC])),
+    )

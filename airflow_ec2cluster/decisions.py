@@ -1,0 +1,344 @@
+"""What the drain sensor should do on one poke, as a pure function of what it observed.
+
+``decide(snapshot)`` returns which instances to reap and why, how many replacements to launch, whether the
+queue is drained, whether the job cannot finish, and a progress line. No I/O here: the sensor fetches the
+snapshot (a fixed handful of API calls) and carries out the decision.
+
+Worker ids are instance ids (the worker takes its id from instance metadata on EC2, and the local cloud sets
+``EC2CLUSTER_WORKER_ID`` to the instance id), so a status item is matched to its instance by id.
+
+Counting "done" for the drained cross-check. The queue's counts are approximate, so "drained" needs all three
+counts at zero on ``drained_checks`` consecutive pokes *and* the tasks accounted for: done + failed +
+dead-lettered >= enqueued. Two sources for done + failed:
+
+- the sum of the workers' ``tasks_done + tasks_failed`` over their status items: free (the sensor reads the
+  status items anyway), but it lags for a worker killed between heartbeats and counts a task twice when SQS
+  delivered it twice;
+- an exact count of the task log (one item per task id, so duplicates collapse): one Query per log shard,
+  paginated, so its cost grows with the number of tasks.
+
+The sum is the fast path. Only when the queue has read empty ``drained_checks`` times in a row and the sum
+falls short does the decision ask for the exact count (``needs_exact_count``); the sensor does that count
+and decides again. It asks again only every ``drained_checks`` empty pokes, and gives up with a clear failure
+when the queue has stayed empty for ``EXACT_COUNT_ROUNDS * drained_checks`` pokes and the exact count still
+falls short (work lost outside the queue). So the per-poke calls stay flat in the number of tasks; the
+exact count runs at most a few times per job, at its end. A sum that overcounts (duplicates) can only end the
+wait early when the queue has already read empty ``drained_checks`` times, which is the documented check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# EC2 instance states in which an instance can (or soon can) run the worker.
+CAPACITY_STATES = frozenset({"pending", "running"})
+# EC2 states in which an instance costs money or may come back: everything teardown must terminate.
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+
+WORKER_STOPPING = "stopping"
+WORKER_STOPPED = "stopped"
+
+REASON_IDLE = "idle"
+REASON_HUNG = "hung"
+REASON_NEVER_REPORTED = "never-reported"
+REASON_STOPPED = "worker-stopped"
+REASON_INSTANCE_STOPPED = "instance-stopped"
+
+# The exact task-log count is retried every ``drained_checks`` empty pokes, this many times at most.
+EXACT_COUNT_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    visible: int
+    in_flight: int
+    delayed: int
+    dead_lettered: int
+
+    @property
+    def work(self) -> int:
+        # In-flight messages are work: a worker holds them, or they come back when their visibility lapses.
+        return self.visible + self.in_flight + self.delayed
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    instance_id: str
+    state: str
+    launch_time: float
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    state: str
+    started_at: float
+    heartbeat_at: float
+    last_completion_at: float | None = None
+    busy: bool = False
+    busy_task_id: str | None = None
+    busy_since: float | None = None
+    idle_since: float | None = None
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    stop_reason: str | None = None
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> WorkerStatus:
+        """From a status item as the worker wrote it (numbers already plain ints/floats)."""
+
+        def number(name: str) -> float | None:
+            value = item.get(name)
+            return None if value is None else float(value)
+
+        started_at = number("started_at") or 0.0
+        return cls(
+            worker_id=str(item.get("worker_id") or item.get("sk")),
+            state=str(item.get("state", "")),
+            started_at=started_at,
+            heartbeat_at=number("heartbeat_at") or started_at,
+            last_completion_at=number("last_completion_at"),
+            busy=bool(item.get("busy", False)),
+            busy_task_id=item.get("busy_task_id"),
+            busy_since=number("busy_since"),
+            idle_since=number("idle_since"),
+            tasks_done=int(item.get("tasks_done") or 0),
+            tasks_failed=int(item.get("tasks_failed") or 0),
+            stop_reason=item.get("stop_reason"),
+        )
+
+    @property
+    def last_activity(self) -> float:
+        return max(t for t in (self.started_at, self.idle_since, self.last_completion_at) if t is not None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    idle_timeout: float = 600
+    heartbeat_timeout: float = 120
+    max_task_seconds: float = 3600
+    boot_timeout: float = 600
+    drained_checks: int = 3
+    cluster_size: int = 1
+    replace_reaped: bool = True
+    # Replacement instances allowed over the whole job: a bound on churn when workers keep dying.
+    max_replacements: int | None = None
+
+    @property
+    def replacement_budget(self) -> int:
+        return 2 * self.cluster_size if self.max_replacements is None else self.max_replacements
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    counts: QueueCounts
+    instances: tuple[InstanceInfo, ...]
+    workers: tuple[WorkerStatus, ...]
+    now: float
+    policy: Policy
+    enqueued: int | None = None
+    enqueue_complete: bool = True
+    consecutive_empty: int = 0
+    replacements_launched: int = 0
+    reaped_total: int = 0
+    started_at: float | None = None
+    # done + failed from an exact count of the task log, when the sensor made one for this poke.
+    exact_finished: int | None = None
+
+
+@dataclass(frozen=True)
+class Reap:
+    instance_id: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    reap: tuple[Reap, ...]
+    launch: int
+    consecutive_empty: int
+    drained: bool
+    needs_exact_count: bool
+    failure: str | None
+    progress: str
+    finished: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def reap_reason(
+    instance: InstanceInfo, worker: WorkerStatus | None, now: float, policy: Policy
+) -> Reap | None:
+    """Why this instance should be terminated now, or None to keep it."""
+    iid = instance.instance_id
+    if instance.state not in CAPACITY_STATES:
+        # Stopped (or stopping) by someone else: it can run nothing but its volumes still cost.
+        return Reap(iid, REASON_INSTANCE_STOPPED, f"instance is {instance.state}")
+    if worker is None:
+        age = now - instance.launch_time
+        if age > policy.boot_timeout:
+            return Reap(iid, REASON_NEVER_REPORTED, f"no status {age:.0f}s after launch")
+        return None
+    if worker.state == WORKER_STOPPED:
+        return Reap(iid, REASON_STOPPED, f"worker exited ({worker.stop_reason or 'no reason'})")
+    silent = now - worker.heartbeat_at
+    if silent > policy.heartbeat_timeout:
+        return Reap(iid, REASON_HUNG, f"no heartbeat for {silent:.0f}s")
+    if worker.busy and worker.busy_since is not None and now - worker.busy_since > policy.max_task_seconds:
+        return Reap(
+            iid, REASON_HUNG, f"busy on task {worker.busy_task_id} for {now - worker.busy_since:.0f}s"
+        )
+    if not worker.busy and now - worker.last_activity > policy.idle_timeout:
+        return Reap(iid, REASON_IDLE, f"idle for {now - worker.last_activity:.0f}s")
+    return None
+
+
+def can_work(instance: InstanceInfo, worker: WorkerStatus | None) -> bool:
+    """Whether an instance that is kept counts as capacity (booting counts; an exiting worker does not)."""
+    if instance.state not in CAPACITY_STATES:
+        return False
+    return worker is None or worker.state not in (WORKER_STOPPING, WORKER_STOPPED)
+
+
+def replacements_to_launch(snapshot: Snapshot, capacity: int) -> int:
+    """New instances for remaining work, never above the cluster size nor the job's replacement budget."""
+    policy = snapshot.policy
+    if not policy.replace_reaped or snapshot.counts.work == 0:
+        return 0
+    # One worker per remaining message at most: no fleet for the last few tasks.
+    wanted = min(policy.cluster_size, snapshot.counts.work) - capacity
+    budget = policy.replacement_budget - snapshot.replacements_launched
+    return max(0, min(wanted, budget))
+
+
+def finished_count(snapshot: Snapshot) -> int:
+    if snapshot.exact_finished is not None:
+        return snapshot.exact_finished
+    return sum(w.tasks_done + w.tasks_failed for w in snapshot.workers)
+
+
+def drain_state(snapshot: Snapshot, consecutive_empty: int, finished: int) -> tuple[bool, bool, str | None]:
+    """(drained, needs_exact_count, failure) for the queue-empty side of the decision."""
+    checks = snapshot.policy.drained_checks
+    if consecutive_empty < checks or not snapshot.enqueue_complete:
+        return False, False, None
+    if snapshot.enqueued is None:
+        return True, False, None
+    accounted = finished + snapshot.counts.dead_lettered
+    if accounted >= snapshot.enqueued:
+        return True, False, None
+    if snapshot.exact_finished is None:
+        return False, consecutive_empty % checks == 0, None
+    if consecutive_empty >= EXACT_COUNT_ROUNDS * checks:
+        return (
+            False,
+            False,
+            f"the queue has read empty on {consecutive_empty} consecutive checks but only {accounted} of "
+            f"{snapshot.enqueued} enqueued tasks are accounted for ({finished} in the task log, "
+            f"{snapshot.counts.dead_lettered} dead-lettered): messages were deleted without a task-log "
+            "record, or the META item's enqueued count is wrong; inspect the queue and the task log",
+        )
+    return False, False, None
+
+
+def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, capacity: int) -> str | None:
+    """A clear reason to fail when work remains that no worker can ever run."""
+    counts = snapshot.counts
+    if counts.work == 0 or capacity > 0 or launch > 0:
+        return None
+    policy = snapshot.policy
+    why = (
+        "replace_reaped is off"
+        if not policy.replace_reaped
+        else f"the replacement budget ({policy.replacement_budget} instances) is used up"
+    )
+    reasons = sorted({f"{r.reason} ({r.detail})" for r in reaped})
+    reaped_text = f"; reaped this check: {', '.join(reasons)}" if reasons else ""
+    return (
+        f"{counts.work} tasks remain (visible {counts.visible}, in flight {counts.in_flight}, delayed "
+        f"{counts.delayed}) but no worker can run them: no live worker is left and {why}{reaped_text}. "
+        "Look at the workers' stop reasons in the state table, fix the cause, and re-run the launch and "
+        "drain tasks (the queue still holds the work)"
+    )
+
+
+def decide(snapshot: Snapshot) -> Decision:
+    policy = snapshot.policy
+    workers = {w.worker_id: w for w in snapshot.workers}
+    reap: list[Reap] = []
+    capacity = 0
+    for instance in snapshot.instances:
+        worker = workers.get(instance.instance_id)
+        reason = reap_reason(instance, worker, snapshot.now, policy)
+        if reason is not None:
+            reap.append(reason)
+        elif can_work(instance, worker):
+            capacity += 1
+
+    launch = replacements_to_launch(snapshot, capacity)
+    consecutive_empty = snapshot.consecutive_empty + 1 if snapshot.counts.work == 0 else 0
+    finished = finished_count(snapshot)
+    drained, needs_exact, drain_failure = drain_state(snapshot, consecutive_empty, finished)
+    failure = drain_failure or failure_message(snapshot, reap, launch, capacity)
+    stats = worker_stats(snapshot, reap, capacity, finished)
+    return Decision(
+        reap=tuple(reap),
+        launch=0 if drained else launch,
+        consecutive_empty=consecutive_empty,
+        drained=drained,
+        needs_exact_count=needs_exact,
+        failure=None if drained else failure,
+        progress=progress_line(snapshot, stats),
+        finished=finished,
+        stats=stats,
+    )
+
+
+def worker_stats(snapshot: Snapshot, reap: list[Reap], capacity: int, finished: int) -> dict[str, Any]:
+    live = {i.instance_id for i in snapshot.instances}
+    reaped = {r.instance_id for r in reap}
+    reporting = [w for w in snapshot.workers if w.worker_id in live and w.worker_id not in reaped]
+    busy = sum(1 for w in reporting if w.busy)
+    reported = {w.worker_id for w in snapshot.workers}
+    booting = sum(1 for i in snapshot.instances if i.instance_id not in reaped | reported)
+    elapsed = snapshot.now - snapshot.started_at if snapshot.started_at else None
+    rate = finished / elapsed if elapsed and elapsed > 0 else None
+    return {
+        "finished": finished,
+        "busy": busy,
+        "idle": len(reporting) - busy,
+        "booting": booting,
+        "capacity": capacity,
+        "reaped": snapshot.reaped_total + len(reap),
+        "rate_per_s": rate,
+        "elapsed_s": elapsed,
+    }
+
+
+def progress_line(snapshot: Snapshot, stats: dict[str, Any]) -> str:
+    counts = snapshot.counts
+    finished = stats["finished"]
+    total = snapshot.enqueued
+    total_text = "?" if total is None else str(total)
+    pct = f" ({100 * finished / total:.1f}%)" if total else ""
+    rate = stats["rate_per_s"]
+    rate_text = "-" if rate is None else f"{rate * 60:.1f}/min"
+    return (
+        f"done {finished}/{total_text}{pct}, in flight {counts.in_flight}, queued "
+        f"{counts.visible + counts.delayed}, dead-lettered {counts.dead_lettered}; workers "
+        f"{stats['busy']} busy/{stats['idle']} idle/{stats['booting']} booting, reaped {stats['reaped']}; "
+        f"rate {rate_text}, ETA {eta_text(total, finished, counts.dead_lettered, rate)}"
+    )
+
+
+def eta_text(total: int | None, finished: int, dead_lettered: int, rate: float | None) -> str:
+    if total is None or not rate:
+        return "-"
+    remaining = max(0, total - finished - dead_lettered)
+    seconds = math.ceil(remaining / rate)
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

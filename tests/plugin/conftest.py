@@ -1,0 +1,59 @@
+"""Fixtures for the plugin tests: moto in-process, a minimal task context, a cluster id per test."""
+
+from __future__ import annotations
+
+import uuid
+
+import boto3
+import pytest
+from moto import mock_aws
+
+REGION = "us-east-1"
+
+
+class FakeTaskInstance:
+    """What the operators use of ``ti``: its dag id and XCom push."""
+
+    def __init__(self, dag_id: str, run_id: str) -> None:
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.pushed: dict[str, object] = {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.pushed[key] = value
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """moto's in-process AWS; never the shared server (AWS_ENDPOINT_URL unset)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def context():
+    run_id = f"manual__{uuid.uuid4().hex}"
+    return {"ti": FakeTaskInstance("plugin_test", run_id), "run_id": run_id}
+
+
+@pytest.fixture
+def cluster_id():
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+# One of the AMIs moto registers by default (listing them all takes seconds).
+MOTO_AMI_ID = "ami-03cf127a"
+
+
+@pytest.fixture
+def ami_id(aws):
+    images = boto3.client("ec2", region_name=REGION).describe_images(ImageIds=[MOTO_AMI_ID])["Images"]
+    assert images and images[0]["RootDeviceName"]
+    return MOTO_AMI_ID
+
+
+@pytest.fixture
+def instance_profile(aws):
+    boto3.client("iam", region_name=REGION).create_instance_profile(InstanceProfileName="ec2cluster-worker")
+    return "ec2cluster-worker"

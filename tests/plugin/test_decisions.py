@@ -1,0 +1,237 @@
+"""decide() on crafted snapshots: reaping, replacement caps, drained detection, failing fast."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from airflow_ec2cluster.decisions import (
+    EXACT_COUNT_ROUNDS,
+    REASON_HUNG,
+    REASON_IDLE,
+    REASON_INSTANCE_STOPPED,
+    REASON_NEVER_REPORTED,
+    REASON_STOPPED,
+    InstanceInfo,
+    Policy,
+    QueueCounts,
+    Snapshot,
+    WorkerStatus,
+    decide,
+)
+
+NOW = 100_000.0
+POLICY = Policy(
+    idle_timeout=300,
+    heartbeat_timeout=60,
+    max_task_seconds=900,
+    boot_timeout=600,
+    drained_checks=3,
+    cluster_size=3,
+    replace_reaped=True,
+)
+WORK = QueueCounts(visible=50, in_flight=5, delayed=0, dead_lettered=0)
+EMPTY = QueueCounts(visible=0, in_flight=0, delayed=0, dead_lettered=0)
+
+
+def instance(iid: str, state: str = "running", launched_ago: float = 1000) -> InstanceInfo:
+    return InstanceInfo(iid, state, NOW - launched_ago)
+
+
+def worker(wid: str, **fields) -> WorkerStatus:
+    base = {
+        "worker_id": wid,
+        "state": "running",
+        "started_at": NOW - 900,
+        "heartbeat_at": NOW - 5,
+        "busy": True,
+        "busy_task_id": "t000000001",
+        "busy_since": NOW - 10,
+        "idle_since": None,
+        "last_completion_at": NOW - 11,
+        "tasks_done": 10,
+    }
+    base.update(fields)
+    return WorkerStatus(**base)
+
+
+def snapshot(instances, workers, counts=WORK, **fields) -> Snapshot:
+    base = {"now": NOW, "policy": POLICY, "enqueued": 100, "started_at": NOW - 1000}
+    base.update(fields)
+    return Snapshot(counts=counts, instances=tuple(instances), workers=tuple(workers), **base)
+
+
+def reasons(decision) -> dict[str, str]:
+    return {r.instance_id: r.reason for r in decision.reap}
+
+
+def test_busy_healthy_workers_are_kept_and_nothing_launched():
+    ids = ["i-1", "i-2", "i-3"]
+    decision = decide(snapshot([instance(i) for i in ids], [worker(i) for i in ids]))
+    assert decision.reap == ()
+    assert decision.launch == 0
+    assert not decision.drained and decision.failure is None
+    assert "done 30/100" in decision.progress and "3 busy/0 idle" in decision.progress
+
+
+def test_idle_worker_is_reaped_after_idle_timeout_but_not_before():
+    idle_long = worker("i-1", busy=False, busy_since=None, idle_since=NOW - 301, last_completion_at=NOW - 301)
+    idle_short = worker(
+        "i-2", busy=False, busy_since=None, idle_since=NOW - 100, last_completion_at=NOW - 100
+    )
+    decision = decide(snapshot([instance("i-1"), instance("i-2")], [idle_long, idle_short]))
+    assert reasons(decision) == {"i-1": REASON_IDLE}
+
+
+def test_a_recent_completion_keeps_an_idle_worker():
+    recently_done = worker("i-1", busy=False, idle_since=NOW - 1000, last_completion_at=NOW - 20)
+    assert decide(snapshot([instance("i-1")], [recently_done])).reap == ()
+
+
+def test_hung_by_heartbeat_and_by_task_duration():
+    silent = worker("i-1", heartbeat_at=NOW - 61)
+    stuck = worker("i-2", busy_since=NOW - 901, busy_task_id="t000000007")
+    decision = decide(
+        snapshot([instance("i-1"), instance("i-2"), instance("i-3")], [silent, stuck, worker("i-3")])
+    )
+    assert reasons(decision) == {"i-1": REASON_HUNG, "i-2": REASON_HUNG}
+    assert any("t000000007" in r.detail for r in decision.reap)
+
+
+def test_never_reported_only_after_boot_timeout():
+    booting = instance("i-1", launched_ago=100)
+    lost = instance("i-2", launched_ago=601)
+    decision = decide(snapshot([booting, lost, instance("i-3")], [worker("i-3")]))
+    assert reasons(decision) == {"i-2": REASON_NEVER_REPORTED}
+    assert "1 booting" in decision.progress
+
+
+def test_stopped_worker_on_running_instance_and_stopped_instance_are_reaped():
+    exited = worker("i-1", state="stopped", stop_reason="idle", busy=False)
+    decision = decide(snapshot([instance("i-1"), instance("i-2", state="stopped")], [exited, worker("i-2")]))
+    assert reasons(decision) == {"i-1": REASON_STOPPED, "i-2": REASON_INSTANCE_STOPPED}
+
+
+def test_replacements_fill_up_to_cluster_size_only():
+    # Two kept, one hung: one replacement, not more, so the cluster never exceeds its size.
+    ws = [worker("i-1"), worker("i-2"), worker("i-3", heartbeat_at=NOW - 500)]
+    decision = decide(snapshot([instance(i) for i in ("i-1", "i-2", "i-3")], ws))
+    assert reasons(decision) == {"i-3": REASON_HUNG}
+    assert decision.launch == 1
+
+
+def test_booting_and_replacement_instances_count_toward_the_size():
+    ws = [worker("i-1", heartbeat_at=NOW - 500)]
+    decision = decide(
+        snapshot([instance("i-1"), instance("i-2", launched_ago=5), instance("i-3", launched_ago=5)], ws)
+    )
+    assert decision.launch == 1
+
+
+def test_in_flight_messages_count_as_work():
+    in_flight_only = QueueCounts(visible=0, in_flight=2, delayed=0, dead_lettered=0)
+    decision = decide(
+        snapshot([instance("i-1")], [worker("i-1", heartbeat_at=NOW - 500)], counts=in_flight_only)
+    )
+    assert decision.launch == 2  # capped by the remaining messages (2), under the cluster size (3)
+    assert decision.consecutive_empty == 0
+
+
+def test_no_replacements_without_work():
+    ws = [worker("i-1", state="stopped", busy=False)]
+    decision = decide(snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=0))
+    assert decision.launch == 0 and decision.failure is None
+
+
+def test_fail_fast_when_work_remains_and_replacement_is_off():
+    policy = replace(POLICY, replace_reaped=False)
+    ws = [worker("i-1", heartbeat_at=NOW - 500)]
+    decision = decide(snapshot([instance("i-1")], ws, policy=policy))
+    assert decision.launch == 0
+    assert (
+        decision.failure
+        and "55 tasks remain" in decision.failure
+        and "replace_reaped is off" in decision.failure
+    )
+
+
+def test_fail_fast_when_replacement_budget_is_used_up():
+    policy = replace(POLICY, max_replacements=4)
+    decision = decide(snapshot([], [], policy=policy, replacements_launched=4))
+    assert decision.failure and "budget" in decision.failure
+
+
+def test_replacement_budget_caps_the_launch():
+    policy = replace(POLICY, max_replacements=4)
+    decision = decide(snapshot([], [], policy=policy, replacements_launched=3))
+    assert decision.launch == 1 and decision.failure is None
+
+
+def test_drained_only_after_consecutive_empty_checks():
+    ws = [worker("i-1", busy=False, tasks_done=100)]
+    first = decide(snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=0))
+    assert first.consecutive_empty == 1 and not first.drained
+    second = decide(snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=1))
+    assert not second.drained
+    third = decide(snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=2))
+    assert third.drained and third.launch == 0 and third.failure is None
+
+
+def test_a_non_empty_reading_resets_the_count():
+    decision = decide(snapshot([instance("i-1")], [worker("i-1")], consecutive_empty=2))
+    assert decision.consecutive_empty == 0 and not decision.drained
+
+
+def test_dead_letters_count_toward_accounted_tasks():
+    counts = QueueCounts(0, 0, 0, dead_lettered=4)
+    ws = [worker("i-1", busy=False, tasks_done=96)]
+    assert decide(snapshot([instance("i-1")], ws, counts=counts, consecutive_empty=2)).drained
+
+
+def test_short_worker_sum_asks_for_exact_count_then_drains_on_it():
+    ws = [worker("i-1", busy=False, tasks_done=90)]  # a killed worker's last 10 never reached its status item
+    base = snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=2)
+    asked = decide(base)
+    assert not asked.drained and asked.needs_exact_count
+    assert decide(replace(base, exact_finished=100)).drained
+
+
+def test_exact_count_short_keeps_waiting_then_fails():
+    ws = [worker("i-1", busy=False, tasks_done=90)]
+    checks = POLICY.drained_checks
+    waiting = decide(
+        snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=checks, exact_finished=95)
+    )
+    assert not waiting.drained and waiting.failure is None and not waiting.needs_exact_count
+    last = EXACT_COUNT_ROUNDS * checks - 1
+    failed = decide(snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=last, exact_finished=95))
+    assert failed.failure and "95 of 100" in failed.failure
+
+
+def test_exact_count_is_asked_only_every_drained_checks_pokes():
+    ws = [worker("i-1", busy=False, tasks_done=90)]
+    asked = [
+        decide(snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=n)).needs_exact_count
+        for n in range(2, 9)
+    ]
+    assert asked == [True, False, False, True, False, False, True]
+
+
+def test_not_drained_while_enqueue_is_incomplete():
+    ws = [worker("i-1", busy=False, tasks_done=100)]
+    decision = decide(
+        snapshot([instance("i-1")], ws, counts=EMPTY, consecutive_empty=5, enqueue_complete=False)
+    )
+    assert not decision.drained
+
+
+def test_progress_line_has_rate_and_eta():
+    ws = [worker("i-1", tasks_done=50)]
+    decision = decide(snapshot([instance("i-1")], ws, started_at=NOW - 100))
+    assert "done 50/100 (50.0%)" in decision.progress
+    assert "rate 30.0/min" in decision.progress and "ETA 1m40s" in decision.progress
+
+
+def test_worker_status_from_item():
+    item = {"worker_id": "i-9", "state": "running", "started_at": 10, "heartbeat_at": 20, "busy": False}
+    status = WorkerStatus.from_item(item)
+    assert status.heartbeat_at == 20.0 and status.last_completion_at is None and status.last_activity == 10

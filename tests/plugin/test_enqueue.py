@@ -1,0 +1,158 @@
+"""EC2ClusterEnqueueOperator against moto: batches, size limit, resume, sources."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from airflow.providers.common.compat.sdk import AirflowException
+
+from airflow_ec2cluster.hooks.ec2cluster import MAX_MESSAGE_BYTES, EC2ClusterHook
+from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator
+from tests.plugin.conftest import REGION
+
+TABLE = "ec2cluster-state-test"
+
+
+def enqueue(cluster_id: str, **kwargs) -> EC2ClusterEnqueueOperator:
+    return EC2ClusterEnqueueOperator(
+        task_id="enqueue",
+        cluster_id=cluster_id,
+        state_table=TABLE,
+        aws_conn_id=None,
+        region_name=REGION,
+        **kwargs,
+    )
+
+
+def queue_messages(queue_url: str) -> int:
+    attrs = boto3.client("sqs", region_name=REGION).get_queue_attributes(
+        QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"])
+
+
+def receive_all(queue_url: str) -> list[dict]:
+    sqs = boto3.client("sqs", region_name=REGION)
+    bodies = []
+    while True:
+        messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+        if not messages:
+            return bodies
+        bodies += [json.loads(m["Body"]) for m in messages]
+
+
+def count_calls(operator, operation: str) -> list[int]:
+    calls = [0]
+
+    def on_call(model, **_):
+        if model.name == operation:
+            calls[0] += 1
+
+    operator.hook.sqs.meta.events.register("before-call", on_call)
+    return calls
+
+
+def test_enqueue_sends_in_batches_and_records_meta(aws, context, cluster_id):
+    operator = enqueue(cluster_id, tasks=[{"n": i} for i in range(25)])
+    calls = count_calls(operator, "SendMessageBatch")
+    result = operator.execute(context)
+    assert result["enqueued"] == 25 and result["cluster_id"] == cluster_id
+    assert calls[0] == 3
+    bodies = receive_all(result["queue_url"])
+    assert sorted(b["task_id"] for b in bodies) == [f"t{i:09d}" for i in range(25)]
+    assert {b["task_id"]: b["payload"]["n"] for b in bodies}["t000000007"] == 7
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
+    assert meta["enqueued"] == 25 and meta["enqueue_complete"] is True
+    assert meta["queue_url"] == result["queue_url"] and meta["dlq_url"] == result["dlq_url"]
+
+
+def test_queue_has_dead_letter_queue_and_encryption(aws, context, cluster_id):
+    result = enqueue(cluster_id, tasks=[1], max_receive_count=5, visibility_timeout=200).execute(context)
+    attrs = boto3.client("sqs", region_name=REGION).get_queue_attributes(
+        QueueUrl=result["queue_url"], AttributeNames=["All"]
+    )["Attributes"]
+    redrive = json.loads(attrs["RedrivePolicy"])
+    assert (
+        redrive["deadLetterTargetArn"].endswith(f"{cluster_id}-dlq") and int(redrive["maxReceiveCount"]) == 5
+    )
+    assert attrs["VisibilityTimeout"] == "200" and attrs["SqsManagedSseEnabled"] == "true"
+    ttl = boto3.client("dynamodb", region_name=REGION).describe_time_to_live(TableName=TABLE)
+    assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
+
+
+def test_retried_enqueue_does_not_double_the_work(aws, context, cluster_id):
+    tasks = [{"n": i} for i in range(30)]
+    first = enqueue(cluster_id, tasks=tasks).execute(context)
+    second_operator = enqueue(cluster_id, tasks=tasks)
+    calls = count_calls(second_operator, "SendMessageBatch")
+    second = second_operator.execute(context)
+    assert second["enqueued"] == 30 and calls[0] == 0
+    assert queue_messages(first["queue_url"]) == 30
+
+
+def test_interrupted_enqueue_resumes_after_the_recorded_point(aws, context, cluster_id):
+    tasks = [{"n": i} for i in range(30)]
+
+    def source():
+        for i, task in enumerate(tasks):
+            if i == 22:
+                raise RuntimeError("source broke")
+            yield task
+
+    with pytest.raises(AirflowException, match="stopped after 2"):
+        enqueue(cluster_id, tasks_callable=source).execute(context)
+    hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
+    meta = hook.get_meta(TABLE, cluster_id)
+    assert meta["enqueued"] == 20 and meta["enqueue_complete"] is False
+    result = enqueue(cluster_id, tasks=tasks).execute(context)
+    assert result["enqueued"] == 30
+    ids = sorted(b["task_id"] for b in receive_all(result["queue_url"]))
+    assert ids == [f"t{i:09d}" for i in range(30)]  # each once: resumed at 20, not restarted
+
+
+def test_oversized_payload_is_refused_with_its_task_id(aws, context, cluster_id):
+    tasks = [{"n": 0}, {"blob": "x" * MAX_MESSAGE_BYTES}]
+    with pytest.raises(AirflowException, match=r"t000000001 \(item 1\) is 1,048,.* 1,048,576 bytes"):
+        enqueue(cluster_id, tasks=tasks).execute(context)
+
+
+def test_large_messages_split_batches_under_the_request_limit(aws, context, cluster_id):
+    tasks = [{"blob": "x" * 400_000} for _ in range(5)]
+    operator = enqueue(cluster_id, tasks=tasks)
+    calls = count_calls(operator, "SendMessageBatch")
+    assert operator.execute(context)["enqueued"] == 5
+    assert calls[0] == 3  # 2 + 2 + 1: each request stays under 1 MiB
+
+
+def test_id_field_and_its_validation(aws, context, cluster_id):
+    result = enqueue(cluster_id, tasks=[{"id": "a-1"}, {"id": "b.2"}], id_field="id").execute(context)
+    assert sorted(b["task_id"] for b in receive_all(result["queue_url"])) == ["a-1", "b.2"]
+    with pytest.raises(AirflowException, match="duplicate task id 'x'"):
+        enqueue(f"{cluster_id}-d", tasks=[{"id": "x"}, {"id": "x"}], id_field="id").execute(context)
+    with pytest.raises(AirflowException, match="invalid"):
+        enqueue(f"{cluster_id}-e", tasks=[{"id": "has space"}], id_field="id").execute(context)
+
+
+def test_jsonl_from_s3_streams_and_names_bad_lines(aws, context, cluster_id):
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket="inputs")
+    s3.put_object(Bucket="inputs", Key="ok.jsonl", Body=b'{"id": 1}\n\n{"id": 2}\n{"id": 3}\n')
+    s3.put_object(Bucket="inputs", Key="bad.jsonl", Body=b'{"id": 1}\n{"id": \n')
+    result = enqueue(cluster_id, s3_uri="s3://inputs/ok.jsonl").execute(context)
+    assert result["enqueued"] == 3
+    with pytest.raises(AirflowException, match="line 2 of s3://inputs/bad.jsonl: not valid JSON"):
+        enqueue(f"{cluster_id}-b", s3_uri="s3://inputs/bad.jsonl").execute(context)
+
+
+def test_cluster_id_defaults_to_the_dag_run(aws, context):
+    result = enqueue(None, tasks=[1]).execute(context)
+    from airflow_ec2cluster.cluster import cluster_id_for
+
+    assert result["cluster_id"] == cluster_id_for("plugin_test", context["run_id"])
+
+
+def test_exactly_one_source():
+    with pytest.raises(ValueError, match="exactly one"):
+        EC2ClusterEnqueueOperator(task_id="x", tasks=[1], s3_uri="s3://a/b")

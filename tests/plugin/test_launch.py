@@ -1,0 +1,193 @@
+"""EC2ClusterLaunchOperator against moto: validation first, one RunInstances, idempotent retry, cleanup."""
+
+from __future__ import annotations
+
+import base64
+
+import boto3
+import pytest
+from airflow.providers.common.compat.sdk import AirflowException
+
+from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+from airflow_ec2cluster.userdata import parse_user_data
+from tests.plugin.conftest import REGION
+
+TABLE = "ec2cluster-state-test"
+HANDLER = {"type": "python", "target": "ec2cluster_worker.examples:count_smileys"}
+
+
+def launch(cluster_id: str, ami_id: str, **kwargs) -> EC2ClusterLaunchOperator:
+    params = {
+        "task_id": "launch",
+        "cluster_id": cluster_id,
+        "state_table": TABLE,
+        "aws_conn_id": None,
+        "region_name": REGION,
+        "num_workers": 2,
+        "image_id": ami_id,
+        "instance_type": "t3.micro",
+        "handler": HANDLER,
+        "worker_options": {"idle_shutdown_seconds": 60},
+        # Not embedded: keeps these tests independent of the embedded worker's size.
+        "worker_source": "pip:ec2cluster-worker==0.1.0",
+    }
+    params.update(kwargs)
+    return EC2ClusterLaunchOperator(**params)
+
+
+@pytest.fixture
+def queues(aws, context, cluster_id):
+    return EC2ClusterEnqueueOperator(
+        task_id="enqueue",
+        cluster_id=cluster_id,
+        state_table=TABLE,
+        aws_conn_id=None,
+        region_name=REGION,
+        tasks=[1],
+    ).execute(context)
+
+
+def record_calls(operator, operation: str) -> list[dict]:
+    calls: list[dict] = []
+
+    def on_call(model, params, **_):
+        if model.name == operation:
+            calls.append(dict(params))
+
+    # The API parameters as given (before-call sees the serialised request instead).
+    operator.hook.ec2.meta.events.register("before-parameter-build", on_call)
+    return calls
+
+
+def cluster_instances(cluster_id: str, states=("pending", "running")) -> list[dict]:
+    reservations = boto3.client("ec2", region_name=REGION).describe_instances(
+        Filters=[
+            {"Name": f"tag:{TAG_CLUSTER_ID}", "Values": [cluster_id]},
+            {"Name": "instance-state-name", "Values": list(states)},
+        ]
+    )["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def test_validation_errors_launch_nothing_and_name_every_field(queues, context, cluster_id, ami_id):
+    operator = launch(
+        cluster_id,
+        "ami-00000000",
+        instance_type="t9.nonexistent",
+        handler={"type": "python"},
+        instance_profile="no-such-profile",
+        security_group_ids=["sg-12345678"],
+    )
+    runs = record_calls(operator, "RunInstances")
+    with pytest.raises(AirflowException) as raised:
+        operator.execute(context)
+    message = str(raised.value)
+    for field in ("image_id", "instance_type", "handler.target", "instance_profile", "security_group_ids"):
+        assert field in message
+    assert runs == [] and cluster_instances(cluster_id, ("pending", "running", "stopped")) == []
+
+
+def test_user_data_too_large_is_a_validation_error(queues, context, cluster_id, ami_id, instance_profile):
+    requirements = [f"package-{i}=={i}.0.{i}" for i in range(3000)]
+    operator = launch(cluster_id, ami_id, requirements=requirements, worker_source="embedded")
+    with pytest.raises(AirflowException, match="user data: .*16,384"):
+        operator.execute(context)
+    assert cluster_instances(cluster_id) == []
+
+
+def test_missing_queue_is_reported(aws, context, cluster_id, ami_id, instance_profile):
+    with pytest.raises(AirflowException, match="run EC2ClusterEnqueueOperator"):
+        launch(cluster_id, ami_id).execute(context)
+
+
+def test_one_run_instances_call_with_the_right_parameters(
+    queues, context, cluster_id, ami_id, instance_profile
+):
+    operator = launch(cluster_id, ami_id, volume_size_gb=20, tags={"team": "data"})
+    runs = record_calls(operator, "RunInstances")
+    descriptor = operator.execute(context)
+
+    assert len(runs) == 1
+    params = runs[0]
+    assert params["MinCount"] == params["MaxCount"] == 2
+    assert params["ClientToken"] == f"{cluster_id}-launch"
+    assert params["MetadataOptions"]["HttpTokens"] == "required"
+    assert params["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    assert params["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert params["IamInstanceProfile"] == {"Name": instance_profile}
+    assert params["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
+    ebs = params["BlockDeviceMappings"][0]["Ebs"]
+    assert ebs["Encrypted"] is True and ebs["VolumeSize"] == 20
+    assert {spec["ResourceType"] for spec in params["TagSpecifications"]} == {"instance", "volume"}
+    tags = {t["Key"]: t["Value"] for t in params["TagSpecifications"][0]["Tags"]}
+    assert (
+        tags[TAG_CLUSTER_ID] == cluster_id and tags["ec2cluster:role"] == "worker" and tags["team"] == "data"
+    )
+    assert "InstanceMarketOptions" not in params
+    user_data = params["UserData"]
+    script = parse_user_data(user_data if isinstance(user_data, bytes) else base64.b64decode(user_data))
+    assert cluster_id in script and queues["queue_url"] in script
+
+    ids = sorted(i["InstanceId"] for i in cluster_instances(cluster_id))
+    assert sorted(descriptor["instance_ids"]) == ids and len(ids) == 2
+    assert context["ti"].pushed["instance_ids"] == descriptor["instance_ids"]
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
+    assert sorted(meta["instance_ids"]) == ids and meta["num_workers"] == 2
+    assert descriptor["queue_url"] == queues["queue_url"] and descriptor["dlq_url"] == queues["dlq_url"]
+    assert descriptor["launch_spec"]["root_device_name"]
+
+
+def test_spot_and_public_ip_when_asked(queues, context, cluster_id, ami_id, instance_profile):
+    operator = launch(cluster_id, ami_id, spot=True, spot_max_price="0.05", associate_public_ip=True)
+    runs = record_calls(operator, "RunInstances")
+    operator.execute(context)
+    market = runs[0]["InstanceMarketOptions"]
+    assert market["MarketType"] == "spot" and market["SpotOptions"]["MaxPrice"] == "0.05"
+    assert runs[0]["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is True
+
+
+def test_retried_launch_finds_the_existing_cluster(queues, context, cluster_id, ami_id, instance_profile):
+    first = launch(cluster_id, ami_id).execute(context)
+    retry = launch(cluster_id, ami_id)
+    runs = record_calls(retry, "RunInstances")
+    second = retry.execute(context)
+    assert runs == [] and sorted(second["instance_ids"]) == sorted(first["instance_ids"])
+    assert len(cluster_instances(cluster_id)) == 2
+
+
+def test_retry_after_a_crash_before_recording_ids_finds_them_by_tag(
+    queues, context, cluster_id, ami_id, instance_profile
+):
+    first = launch(cluster_id, ami_id).execute(context)
+    hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
+    hook.update_meta(TABLE, cluster_id, set_values={"instance_ids": []})  # as if the first try died here
+    retry = launch(cluster_id, ami_id)
+    runs = record_calls(retry, "RunInstances")
+    second = retry.execute(context)
+    assert runs == [] and sorted(second["instance_ids"]) == sorted(first["instance_ids"])
+    assert sorted(hook.get_meta(TABLE, cluster_id)["instance_ids"]) == sorted(first["instance_ids"])
+
+
+def test_failure_after_launch_terminates_what_it_started(
+    queues, context, cluster_id, ami_id, instance_profile
+):
+    def broken_push(key, value):
+        raise RuntimeError("xcom backend down")
+
+    context["ti"].xcom_push = broken_push
+    with pytest.raises(RuntimeError, match="xcom backend down"):
+        launch(cluster_id, ami_id).execute(context)
+    assert cluster_instances(cluster_id) == []
+    assert len(cluster_instances(cluster_id, ("shutting-down", "terminated"))) == 2
+    # The ids were recorded before the failure, so nothing is orphaned even without the tag look-up.
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
+    assert len(meta["instance_ids"]) == 2
+
+
+def test_on_kill_terminates_launched_instances(queues, context, cluster_id, ami_id, instance_profile):
+    operator = launch(cluster_id, ami_id)
+    operator.execute(context)
+    operator.on_kill()
+    assert cluster_instances(cluster_id) == []
