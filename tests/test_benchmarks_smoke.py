@@ -1,0 +1,94 @@
+"""Every benchmark at a tiny size, so they cannot rot: they run, print one JSON object each, and meet the
+call-count targets (counts do not vary from run to run). Wall-clock figures are never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# drain-latency runs the whole local cloud and spends most of its time waiting between pokes: it runs in a
+# process of its own, beside the others.
+GROUPS = (
+    ("worker-calls", "request-cost", "poke-calls", "enqueue", "launch-calls"),
+    ("worker-throughput", "worker-memory", "enqueue-stream"),
+    ("drain-latency",),
+)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    env = {key: value for key, value in os.environ.items() if key != "AWS_ENDPOINT_URL"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", *names, "--json", "--size", "tiny"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for names in GROUPS
+    ]
+    found: dict[str, dict] = {}
+    for process in processes:
+        out, err = process.communicate(timeout=240)
+        assert process.returncode in (0, 1), err[-3000:]
+        for line in out.splitlines():
+            result = json.loads(line)
+            found[result["name"]] = result
+    return found
+
+
+def rows(result: dict) -> dict[str, dict]:
+    return {row["what"]: row for row in result["rows"]}
+
+
+def test_every_benchmark_ran(results):
+    assert sorted(results) == sorted(name for names in GROUPS for name in names)
+    for result in results.values():
+        assert result["rows"], result
+
+
+def test_worker_calls_per_task(results):
+    (row,) = [r for r in results["worker-calls"]["rows"] if r["what"].startswith("AWS calls per task")]
+    assert row["met"] and row["value"] <= 0.4
+    assert row["reference"] >= 4
+
+
+def test_request_cost_counts_items(results):
+    figures = {row["what"].strip(): row for row in results["request-cost"]["rows"]}
+    items = figures["DynamoDB items written per 1M tasks"]
+    # The naive loop writes two items per task; the worker one per task plus its status items.
+    assert items["reference"] == 2_000_000
+    assert 1_000_000 <= items["value"] < 1_100_000
+
+
+def test_poke_calls_flat_and_at_most_five(results):
+    calls = [row for row in results["poke-calls"]["rows"] if row["what"].startswith("calls per poke,")]
+    assert len(calls) == 4
+    assert {row["value"] for row in calls} == {calls[0]["value"]}
+    assert all(row["value"] <= 5 for row in calls)
+
+
+def test_enqueue_calls(results):
+    row = rows(results["enqueue"])["SQS send calls"]
+    assert row["value"] == 20 and row["reference"] == 200
+
+
+def test_launch_is_one_run_instances_call(results):
+    (row,) = [r for r in results["launch-calls"]["rows"] if r["what"].startswith("RunInstances")]
+    assert row["value"] == 1
+
+
+def test_process_benchmarks_report_figures(results):
+    assert any(row["what"].startswith("tasks/s") for row in results["worker-throughput"]["rows"])
+    assert all(row["value"] > 0 for row in results["worker-memory"]["rows"])
+    assert any(row["what"].startswith("peak RSS growth") for row in results["enqueue-stream"]["rows"])
+    (latency, *_) = results["drain-latency"]["rows"]
+    assert latency["value"] > 0
