@@ -1,0 +1,263 @@
+"""LocalCloud: a moto server subprocess plus the instance runner, as one context manager.
+
+    with LocalCloud() as cloud:
+        os.environ.update(cloud.env())      # boto3 now talks to the local cloud
+        ...                                 # RunInstances starts real worker processes
+
+On exit (normal, exception or Ctrl-C) it stops every instance's process group, then the server, and
+leaves no child process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+from airflow_ec2cluster.localcloud.runner import DEFAULT_GRACE_SECONDS, DEFAULT_POLL_SECONDS, InstanceRunner
+
+log = logging.getLogger(__name__)
+
+TEST_ACCESS_KEY_ID = "testing"
+TEST_SECRET_ACCESS_KEY = "testing"
+INSTANCE_PROFILE_NAME = "ec2cluster-worker"
+AMI_NAME = "ec2cluster-local-worker"
+SERVER_START_TIMEOUT_SECONDS = 60.0
+SERVER_STOP_TIMEOUT_SECONDS = 10.0
+EC2_ASSUME_ROLE_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}
+    ],
+}
+
+
+class LocalCloudError(RuntimeError):
+    """The local cloud could not start."""
+
+
+class LocalCloud:
+    """A moto server on 127.0.0.1 and an instance runner; see the module docstring."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        region: str = "us-east-1",
+        *,
+        work_dir: str | Path | None = None,
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        sqs_speedup: bool = True,
+    ):
+        self.port = port
+        self.region = region
+        self.poll_seconds = poll_seconds
+        self.grace_seconds = grace_seconds
+        self.sqs_speedup = sqs_speedup
+        self._given_work_dir = Path(work_dir) if work_dir is not None else None
+        self.work_dir: Path | None = None
+        self.endpoint_url: str | None = None
+        self.ami_id: str | None = None
+        self.instance_profile_name = INSTANCE_PROFILE_NAME
+        self._server: subprocess.Popen | None = None
+        self._runner: InstanceRunner | None = None
+
+    # Context manager
+
+    def __enter__(self) -> LocalCloud:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.work_dir = self._given_work_dir or Path(tempfile.mkdtemp(prefix="ec2cluster-localcloud-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.endpoint_url = self._start_server()
+            self._bootstrap_account()
+            self._runner = InstanceRunner(
+                self.endpoint_url,
+                self.region,
+                self.work_dir,
+                env=self.env(),
+                poll_seconds=self.poll_seconds,
+                grace_seconds=self.grace_seconds,
+            )
+            self._runner.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the workers' process groups, then the server. Safe to call twice."""
+        # A second Ctrl-C must not leave children behind: ignore SIGINT while cleaning up (main thread only).
+        restore = _ignore_sigint()
+        try:
+            if self._runner is not None:
+                self._runner.stop()
+                self._runner = None
+            if self._server is not None:
+                _stop_process(self._server, SERVER_STOP_TIMEOUT_SECONDS)
+                self._server = None
+            if self._given_work_dir is None and self.work_dir is not None:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+        finally:
+            restore()
+
+    # What clients need
+
+    def env(self) -> dict[str, str]:
+        """The environment a client (boto3, the AWS CLI, Airflow) needs to use the local cloud."""
+        self._require_started()
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_ACCESS_KEY,
+            "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def airflow_conn_env(self, conn_id: str = "aws_default") -> dict[str, str]:
+        """An ``AIRFLOW_CONN_<ID>`` variable pointing the amazon provider at the local cloud."""
+        self._require_started()
+        connection = {
+            "conn_type": "aws",
+            "login": TEST_ACCESS_KEY_ID,
+            "password": TEST_SECRET_ACCESS_KEY,
+            "extra": {"endpoint_url": self.endpoint_url, "region_name": self.region},
+        }
+        return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(connection)}
+
+    def worker_processes(self) -> dict[str, dict]:
+        """Instance id -> its process (pid, pgid, alive, returncode, home, log_path...)."""
+        return self._runner.processes() if self._runner is not None else {}
+
+    def client(self, service: str):
+        """A boto3 client for the local cloud."""
+        self._require_started()
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=TEST_ACCESS_KEY_ID,
+            aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
+            config=Config(retries={"mode": "standard"}),
+        )
+
+    # Start-up
+
+    def _require_started(self) -> None:
+        if self.endpoint_url is None:
+            raise LocalCloudError("the local cloud is not started: use it as a context manager")
+
+    def _start_server(self) -> str:
+        command = [sys.executable, "-m", "airflow_ec2cluster.localcloud.server", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port)]
+        if not self.sqs_speedup:
+            command.append("--no-sqs-speedup")
+        with open(self.work_dir / "server.log", "ab") as server_log:
+            self._server = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=server_log,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop it after the workers
+            )
+        endpoint_url = _read_ready_line(self._server, SERVER_START_TIMEOUT_SECONDS, self.work_dir)
+        _wait_until_answering(endpoint_url, SERVER_START_TIMEOUT_SECONDS)
+        return endpoint_url
+
+    def _bootstrap_account(self) -> None:
+        """What a real account would have: the worker instance profile and an AMI to launch."""
+        iam = self.client("iam")
+        iam.create_role(
+            RoleName=INSTANCE_PROFILE_NAME, AssumeRolePolicyDocument=json.dumps(EC2_ASSUME_ROLE_POLICY)
+        )
+        iam.create_instance_profile(InstanceProfileName=INSTANCE_PROFILE_NAME)
+        iam.add_role_to_instance_profile(
+            InstanceProfileName=INSTANCE_PROFILE_NAME, RoleName=INSTANCE_PROFILE_NAME
+        )
+        image = self.client("ec2").register_image(
+            Name=AMI_NAME,
+            Description="airflow-ec2cluster local worker image (runs the user data as a local process)",
+            Architecture="x86_64",
+            RootDeviceName="/dev/xvda",
+            VirtualizationType="hvm",
+        )
+        self.ami_id = image["ImageId"]
+
+
+def _read_ready_line(process: subprocess.Popen, timeout: float, work_dir: Path) -> str:
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([process.stdout], [], [], max(0.0, remaining))
+        if not ready:
+            raise LocalCloudError(
+                f"the local cloud's server did not start in {timeout:.0f} s; see {work_dir}/server.log"
+            )
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            raise LocalCloudError(
+                f"the local cloud's server exited (status {process.wait()}); see {work_dir}/server.log"
+            )
+        line += chunk
+    process.stdout.close()
+    # Imported here: importing the server module at package import would make `python -m ...server`
+    # import it twice (runpy warns).
+    from airflow_ec2cluster.localcloud.server import READY_PREFIX
+
+    text = line.decode().strip()
+    if not text.startswith(READY_PREFIX + " "):
+        raise LocalCloudError(f"unexpected first line from the local cloud's server: {text!r}")
+    return text.split(" ", 1)[1]
+
+
+def _wait_until_answering(endpoint_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{endpoint_url}/moto-api/", timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            if time.monotonic() > deadline:
+                raise LocalCloudError(f"the local cloud's server at {endpoint_url} does not answer") from None
+            time.sleep(0.05)
+
+
+def _stop_process(process: subprocess.Popen, timeout: float) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+
+
+def _ignore_sigint():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)

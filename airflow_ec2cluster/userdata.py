@@ -1,0 +1,285 @@
+"""The instance bootstrap: a gzip-compressed bash script that installs and runs the worker.
+
+cloud-init runs the script as root at first boot. It writes the worker's source (embedded in the script,
+or installed with pip from a spec) and the worker configuration into ``$EC2CLUSTER_HOME``, runs the worker,
+and shuts the instance down when the worker exits (the instance is launched with
+InstanceInitiatedShutdownBehavior=terminate, so shutting down terminates it). The local cloud's instance
+runner runs the same script with a few environment knobs (see DESIGN.md, "User data").
+
+The script carries no credentials: the worker gets them from the instance profile.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import re
+import shlex
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+# EC2 limit on user data before base64 encoding.
+USER_DATA_LIMIT_BYTES = 16_384
+DEFAULT_HOME = "/opt/ec2cluster"
+WORKER_PACKAGE = "ec2cluster_worker"
+EMBEDDED = "embedded"
+PIP_PREFIX = "pip:"
+CONFIG_FILE = "config.json"
+# The configuration is written between these heredoc delimiters; config_from_script() finds it again.
+CONFIG_DELIMITER = "EC2CLUSTER_CONFIG_JSON"
+GZIP_MAGIC = b"\x1f\x8b"
+HEREDOC_DELIMITER = "EC2CLUSTER_EOF"
+
+ACCESS_KEY_RE = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])")
+# An AWS secret key is 40 characters of base64; require mixed case and a digit so that ordinary
+# identifiers (cluster ids are lowercase) are not mistaken for one.
+SECRET_KEY_RE = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+SECRET_FIELD_RE = re.compile(r"(?i)secret|password|session_token|access_key|credential")
+
+
+class UserDataTooLarge(ValueError):
+    """The compressed script is over EC2's user data limit."""
+
+
+class CredentialsInUserData(ValueError):
+    """The configuration holds something that looks like AWS credentials."""
+
+
+def render_user_data(
+    config: dict, *, worker_source: str = EMBEDDED, requirements: Iterable[str] = ()
+) -> bytes:
+    """The gzip-compressed bootstrap script for an instance running the worker with ``config``."""
+    refuse_credentials(config)
+    requirements = list(requirements)
+    script = render_script(config, worker_source=worker_source, requirements=requirements)
+    data = gzip.compress(script.encode("utf-8"), compresslevel=9, mtime=0)
+    if len(data) > USER_DATA_LIMIT_BYTES:
+        raise UserDataTooLarge(
+            f"user data is {len(data):,} bytes gzip-compressed, over EC2's limit of "
+            f"{USER_DATA_LIMIT_BYTES:,} bytes ({len(requirements)} requirements, worker_source="
+            f"{worker_source!r}); list fewer requirements (put them in one wheel or a custom AMI), or "
+            f'install the worker from a package with worker_source="pip:<spec>" '
+            f"(a version pin, or an S3/HTTPS wheel URL) instead of embedding its source"
+        )
+    return data
+
+
+def parse_user_data(data: bytes) -> str:
+    """The script text of rendered user data (gunzipped when gzip-compressed)."""
+    if data[:2] == GZIP_MAGIC:
+        data = gzip.decompress(data)
+    return data.decode("utf-8")
+
+
+def config_from_script(script: str) -> dict:
+    """The worker configuration written by a rendered script."""
+    match = re.search(rf"<<'{CONFIG_DELIMITER}'\n(.*?)\n{CONFIG_DELIMITER}\n", script, flags=re.DOTALL)
+    if match is None:
+        raise ValueError("no worker configuration found in the script")
+    return json.loads(match.group(1))
+
+
+def refuse_credentials(config: dict) -> None:
+    """Raise CredentialsInUserData when any field of ``config`` looks like AWS credentials."""
+    for path, key, value in walk_fields(config):
+        if not isinstance(value, str) or not value:
+            continue
+        if key is not None and SECRET_FIELD_RE.search(key):
+            raise CredentialsInUserData(
+                f"config field {path} looks like a credential; user data must not carry credentials: "
+                f"the worker gets them from the instance profile"
+            )
+        if ACCESS_KEY_RE.search(value) or any(looks_like_secret_key(s) for s in SECRET_KEY_RE.findall(value)):
+            raise CredentialsInUserData(
+                f"config field {path} holds what looks like an AWS access or secret key; user data must "
+                f"not carry credentials: the worker gets them from the instance profile"
+            )
+
+
+def looks_like_secret_key(text: str) -> bool:
+    return all(any(test(c) for c in text) for test in (str.isupper, str.islower, str.isdigit))
+
+
+def walk_fields(value: object, path: str = "config", key: str | None = None) -> Iterator[tuple]:
+    """(path, key, value) for every value nested in ``value``, keys included as values."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{path}.{k}", None, k
+            yield from walk_fields(v, f"{path}.{k}", str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from walk_fields(v, f"{path}[{i}]", key)
+    else:
+        yield path, key, value
+
+
+def render_script(config: dict, *, worker_source: str, requirements: list[str]) -> str:
+    """The bootstrap script text (uncompressed)."""
+    config_json = json.dumps(config, sort_keys=True)
+    if "\n" in config_json:  # json.dumps escapes newlines; guards the heredoc all the same
+        raise ValueError("config JSON must be one line")
+    parts = [SCRIPT_HEAD]
+    if worker_source == EMBEDDED:
+        parts.append(embedded_worker_section(worker_source_files()))
+    elif worker_source.startswith(PIP_PREFIX) and worker_source[len(PIP_PREFIX) :].strip():
+        parts.append(pip_section("worker", [worker_source[len(PIP_PREFIX) :].strip()]))
+    else:
+        raise ValueError(
+            f'worker_source must be "embedded" or "pip:<spec>" (a version pin or a wheel URL), '
+            f"not {worker_source!r}"
+        )
+    if requirements:
+        parts.append(pip_section("requirements", requirements))
+    config_target = f'"$EC2CLUSTER_HOME/{CONFIG_FILE}"'
+    parts.append(f"cat > {config_target} <<'{CONFIG_DELIMITER}'\n{config_json}\n{CONFIG_DELIMITER}\n")
+    parts.append(SCRIPT_RUN)
+    return "\n".join(parts)
+
+
+def worker_source_files(*, minify: bool = True) -> list[tuple[str, str]]:
+    """(path relative to the package's parent, text) of every .py file of the installed worker, sorted.
+
+    Minified (no comments, docstrings or function annotations) so that the worker fits in user data.
+    """
+    import ec2cluster_worker
+
+    package_dir = Path(ec2cluster_worker.__file__).resolve().parent
+    files = sorted(p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts)
+    return [
+        (f"{WORKER_PACKAGE}/{p.relative_to(package_dir).as_posix()}", read_source(p, minify=minify))
+        for p in files
+    ]
+
+
+def read_source(path: Path, *, minify: bool) -> str:
+    text = path.read_text(encoding="utf-8")
+    return minify_python(text) if minify else text
+
+
+class _StripDocumentation(ast.NodeTransformer):
+    """Drops docstrings and function annotations: the worker reads neither at run time."""
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        return self._without_docstring(node)
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        # Class-level annotations stay: dataclasses need them.
+        return self._without_docstring(node)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
+        node.returns = None
+        arguments = node.args
+        for argument in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]:
+            argument.annotation = None
+        for argument in (arguments.vararg, arguments.kwarg):
+            if argument is not None:
+                argument.annotation = None
+        return self._without_docstring(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def _without_docstring(self, node):
+        first = node.body[0] if node.body else None
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            node.body = node.body[1:] or [ast.Pass()]
+        self.generic_visit(node)
+        return node
+
+
+def minify_python(text: str) -> str:
+    """The same module without comments, docstrings and function annotations (through the AST)."""
+    code = ast.unparse(_StripDocumentation().visit(ast.parse(text)))
+    # One space per indentation level instead of four, kept only if it parses to the very same tree
+    # (a line inside a multi-line string literal would not survive re-indenting).
+    reindented = "\n".join(_one_space_indent(line) for line in code.splitlines())
+    if ast.dump(ast.parse(reindented)) == ast.dump(ast.parse(code)):
+        code = reindented
+    return code + "\n"
+
+
+def _one_space_indent(line: str) -> str:
+    stripped = line.lstrip(" ")
+    return " " * ((len(line) - len(stripped)) // 4) + stripped
+
+
+def embedded_worker_section(files: list[tuple[str, str]]) -> str:
+    lines = [
+        "# The worker's source, embedded.",
+        'export PYTHONPATH="$EC2CLUSTER_HOME/src${PYTHONPATH:+:$PYTHONPATH}"',
+    ]
+    for directory in sorted({str(Path(path).parent) for path, _ in files}):
+        lines.append(f'mkdir -p "$EC2CLUSTER_HOME/src/{directory}"')
+    for path, text in files:
+        lines.append(heredoc(f'"$EC2CLUSTER_HOME/src/{path}"', text))
+    lines.append(
+        'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ] && ! "$PY" -c "import boto3" 2>/dev/null; then\n'
+        "  ensure_pip\n"
+        '  "$PY" -m pip install --quiet boto3\n'
+        "fi"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def heredoc(target: str, text: str) -> str:
+    if not text.endswith("\n"):
+        text += "\n"
+    # Quoted delimiter: no expansion inside. Lengthened until no line of the text equals it.
+    delimiter = HEREDOC_DELIMITER
+    while delimiter in text.splitlines():
+        delimiter += "_"
+    return f"cat > {target} <<'{delimiter}'\n{text}{delimiter}"
+
+
+def pip_section(what: str, specs: list[str]) -> str:
+    for spec in specs:
+        if not spec or "\n" in spec:
+            raise ValueError(f"invalid pip requirement {spec!r}")
+    quoted = " ".join(shlex.quote(spec) for spec in specs)
+    return (
+        f"# Install the {what} with pip.\n"
+        'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ]; then\n'
+        "  ensure_pip\n"
+        f'  "$PY" -m pip install --quiet {quoted}\n'
+        "fi\n"
+    )
+
+
+SCRIPT_HEAD = """\
+#!/bin/bash
+# airflow-ec2cluster worker bootstrap (generated by airflow_ec2cluster.userdata).
+set -euo pipefail
+export EC2CLUSTER_HOME="${EC2CLUSTER_HOME:-@DEFAULT_HOME@}"
+PY="${EC2CLUSTER_PYTHON:-python3}"
+
+# Whatever happens (the worker exits, or a step below fails), the instance shuts down: with
+# InstanceInitiatedShutdownBehavior=terminate that terminates it, so a broken bootstrap costs nothing.
+finish() {
+  status=$?
+  echo "ec2cluster: bootstrap finished with status $status" >&2
+  if [ "${EC2CLUSTER_NO_SHUTDOWN:-0}" != "1" ]; then
+    shutdown -h now
+  fi
+}
+trap finish EXIT
+
+ensure_pip() {
+  "$PY" -m pip --version >/dev/null 2>&1 && return 0
+  "$PY" -m ensurepip --upgrade >/dev/null 2>&1 && return 0
+  if command -v dnf >/dev/null; then dnf install -y -q python3-pip
+  elif command -v yum >/dev/null; then yum install -y -q python3-pip
+  elif command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q python3-pip
+  fi
+}
+
+mkdir -p "$EC2CLUSTER_HOME/src"
+""".replace("@DEFAULT_HOME@", DEFAULT_HOME)
+
+SCRIPT_RUN = f"""\
+# Run the worker; its exit ends the script (and the instance, through the EXIT trap).
+"$PY" -m {WORKER_PACKAGE} --config "$EC2CLUSTER_HOME/{CONFIG_FILE}"
+"""

@@ -1,0 +1,44 @@
+"""Shared helpers for the local cloud tests: waiting, and finding processes by process group."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def live_processes() -> dict[int, int]:
+    """pid -> process group id, for every live (not zombie) process visible in /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name (which may contain spaces): state, ppid, pgrp, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            found[int(entry.name)] = int(fields[2])
+    return found
+
+
+def processes_in_groups(groups: set[int]) -> list[int]:
+    return [pid for pid, group in live_processes().items() if group in groups]
+
+
+def pid_alive(pid: int) -> bool:
+    return pid in live_processes() and pid != os.getpid()
