@@ -25,6 +25,8 @@ DEFAULT_HOME = "/opt/ec2cluster"
 WORKER_PACKAGE = "ec2cluster_worker"
 EMBEDDED = "embedded"
 PIP_PREFIX = "pip:"
+# The worker's zip, fetched at boot from the state table (see airflow_ec2cluster.workerbundle).
+TABLE = "table"
 CONFIG_FILE = "config.json"
 # The configuration is written between these heredoc delimiters; config_from_script() finds it again.
 CONFIG_DELIMITER = "EC2CLUSTER_CONFIG_JSON"
@@ -47,12 +49,23 @@ class CredentialsInUserData(ValueError):
 
 
 def render_user_data(
-    config: dict, *, worker_source: str = EMBEDDED, requirements: Iterable[str] = ()
+    config: dict,
+    *,
+    worker_source: str = EMBEDDED,
+    requirements: Iterable[str] = (),
+    bundle_sha256: str | None = None,
 ) -> bytes:
-    """The gzip-compressed bootstrap script for an instance running the worker with ``config``."""
+    """The gzip-compressed bootstrap script for an instance running the worker with ``config``.
+
+    ``worker_source``: ``"embedded"`` (the worker's minified source in the script), ``"table"`` (a loader
+    that fetches the worker bundle with SHA-256 ``bundle_sha256`` from the state table), or
+    ``"pip:<spec>"``.
+    """
     refuse_credentials(config)
     requirements = list(requirements)
-    script = render_script(config, worker_source=worker_source, requirements=requirements)
+    script = render_script(
+        config, worker_source=worker_source, requirements=requirements, bundle_sha256=bundle_sha256
+    )
     data = gzip.compress(script.encode("utf-8"), compresslevel=9, mtime=0)
     if len(data) > USER_DATA_LIMIT_BYTES:
         raise UserDataTooLarge(
@@ -114,7 +127,9 @@ def walk_fields(value: object, path: str = "config", key: str | None = None) -> 
         yield path, key, value
 
 
-def render_script(config: dict, *, worker_source: str, requirements: list[str]) -> str:
+def render_script(
+    config: dict, *, worker_source: str, requirements: list[str], bundle_sha256: str | None = None
+) -> str:
     """The bootstrap script text (uncompressed)."""
     config_json = json.dumps(config, sort_keys=True)
     if "\n" in config_json:  # json.dumps escapes newlines; guards the heredoc all the same
@@ -122,11 +137,13 @@ def render_script(config: dict, *, worker_source: str, requirements: list[str]) 
     parts = [SCRIPT_HEAD]
     if worker_source == EMBEDDED:
         parts.append(embedded_worker_section(worker_source_files()))
+    elif worker_source == TABLE:
+        parts.append(table_worker_section(config, bundle_sha256))
     elif worker_source.startswith(PIP_PREFIX) and worker_source[len(PIP_PREFIX) :].strip():
         parts.append(pip_section("worker", [worker_source[len(PIP_PREFIX) :].strip()]))
     else:
         raise ValueError(
-            f'worker_source must be "embedded" or "pip:<spec>" (a version pin or a wheel URL), '
+            f'worker_source must be "table", "embedded" or "pip:<spec>" (a version pin or a wheel URL), '
             f"not {worker_source!r}"
         )
     if requirements:
@@ -223,6 +240,37 @@ def embedded_worker_section(files: list[tuple[str, str]]) -> str:
         "fi"
     )
     return "\n".join(lines) + "\n"
+
+
+def table_worker_section(config: dict, bundle_sha256: str | None) -> str:
+    """A loader that fetches the worker bundle from the state table (instance profile credentials)."""
+    if not bundle_sha256 or not re.fullmatch(r"[0-9a-f]{64}", bundle_sha256):
+        raise ValueError('worker_source="table" needs bundle_sha256: the SHA-256 of the stored bundle')
+    from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, bundle_key
+
+    key = {name: {"S": value} for name, value in bundle_key(config["cluster_id"]).items()}
+    table = config.get("state_table", "ec2cluster-state")
+    loader = f"""\
+import hashlib, io, sys, zipfile
+import boto3
+item = boto3.client("dynamodb", region_name={config["region"]!r}).get_item(
+    TableName={table!r}, Key={key!r}, ConsistentRead=True).get("Item")
+if item is None:
+    sys.exit("ec2cluster: no worker bundle in the state table")
+data = item[{BUNDLE_ATTRIBUTE!r}]["B"]
+if hashlib.sha256(data).hexdigest() != {bundle_sha256!r}:
+    sys.exit("ec2cluster: the worker bundle's SHA-256 differs from the launch's")
+zipfile.ZipFile(io.BytesIO(data)).extractall(sys.argv[1])
+"""
+    return (
+        "# The worker's code: a zip in the state table, checked against the SHA-256 the launch stored.\n"
+        'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ] && ! "$PY" -c "import boto3" 2>/dev/null; then\n'
+        "  ensure_pip\n"
+        '  "$PY" -m pip install --quiet boto3\n'
+        "fi\n"
+        'export PYTHONPATH="$EC2CLUSTER_HOME/src${PYTHONPATH:+:$PYTHONPATH}"\n'
+        f'"$PY" - "$EC2CLUSTER_HOME/src" <<\'{HEREDOC_DELIMITER}\'\n{loader}{HEREDOC_DELIMITER}\n'
+    )
 
 
 def heredoc(target: str, text: str) -> str:
