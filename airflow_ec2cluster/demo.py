@@ -60,14 +60,16 @@ def cluster_instances(cloud: LocalCloud, states: tuple[str, ...] | None = None) 
     ]
 
 
-def read_summary(cloud: LocalCloud, env: dict[str, str]) -> dict | None:
-    """What the run left in the cloud, read back through the hook as a downstream consumer would."""
+def read_summary(cloud: LocalCloud) -> dict | None:
+    """What the run left in the cloud, read back through the hook as a downstream consumer would.
+
+    The hook reads the ``aws_default`` connection: the caller's environment must point it at ``cloud``.
+    """
     instances = cluster_instances(cloud)
     tags = [tag for instance in instances for tag in instance.get("Tags", [])]
     cluster_ids = {tag["Value"] for tag in tags if tag["Key"] == TAG_CLUSTER_ID}
     if len(cluster_ids) != 1:
         return None
-    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "AIRFLOW_CONN_"))})
     from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 
     hook = EC2ClusterHook(aws_conn_id="aws_default")
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         conf = json.dumps(run_conf(cloud, args.workers))
         dag_status = airflow(["dags", "test", DAG_ID, "--conf", conf], env)
         left_running = cluster_instances(cloud, LIVE_STATES)
-        summary = read_summary(cloud, env)
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "AIRFLOW_CONN_"))})
+        summary = read_summary(cloud)
 
     print()
     print("=" * 72)
