@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-import tomllib
+from importlib.metadata import distribution
 from pathlib import Path
 
 import yaml
@@ -46,7 +46,9 @@ def test_every_path_the_dockerfile_copies_exists():
 def test_the_commands_it_runs_exist():
     services = compose()["services"]
     entrypoint = services["localcloud"]["entrypoint"]
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = {
+        e.name for e in distribution("airflow-ec2cluster").entry_points if e.group == "console_scripts"
+    }
     assert entrypoint[0] in scripts
     parser = cli.build_parser()
     parser.parse_args(entrypoint[1:])  # exits (SystemExit) if the subcommand or a flag does not exist

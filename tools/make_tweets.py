@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 WORDS = (
-    "airflow cluster spot queue worker data lake batch coffee monday deploy cloud pipeline retry "
-    "weekend launch python rust sunset teardown idle budget friday metrics dashboard"
-).split()
+    *("airflow", "cluster", "spot", "queue", "worker", "data", "lake", "batch", "coffee", "monday"),
+    *("deploy", "cloud", "pipeline", "retry", "weekend", "launch", "python", "rust", "sunset"),
+    *("teardown", "idle", "budget", "friday", "metrics", "dashboard"),
+)
 FACES = (":)", ":(", ";)", ":D", ":)")
 
 
