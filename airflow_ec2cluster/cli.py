@@ -13,6 +13,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from airflow_ec2cluster.commands import redrive, status
+
 
 def register_localcloud(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -54,6 +56,8 @@ def run_localcloud(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "localcloud": register_localcloud,
+    "status": status.register,
+    "redrive": redrive.register,
 }
 
 

@@ -41,4 +41,15 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_ec2cluster.sensors.ec2cluster"],
             }
         ],
+        "triggers": [
+            {
+                "integration-name": INTEGRATION_NAME,
+                "python-modules": ["airflow_ec2cluster.triggers.ec2cluster"],
+            }
+        ],
+        "extra-links": [
+            "airflow_ec2cluster.links.EC2ClusterInstancesLink",
+            "airflow_ec2cluster.links.EC2ClusterQueueLink",
+            "airflow_ec2cluster.links.EC2ClusterStateTableLink",
+        ],
     }

@@ -27,6 +27,9 @@ from botocore.exceptions import ClientError
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import (
+    META_INSTANCE_IDS,
+    META_REPLACEMENT_GENERATION,
+    META_REPLACEMENTS,
     TAG_CLUSTER_ID,
     LaunchSpec,
     cluster_tags,
@@ -47,6 +50,19 @@ DLQ_RETENTION_SECONDS = 14 * 24 * 3600
 DEFAULT_RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
 TERMINATED_WAITER_DELAY = 5
 TERMINATED_WAITER_MAX_ATTEMPTS = 120
+
+DYNAMODB_GET_BATCH = 100
+REDRIVE_VISIBILITY_SECONDS = 60
+QUEUE_COUNT_ATTRIBUTES = [
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+]
+DLQ_COUNT_ATTRIBUTE = "ApproximateNumberOfMessages"
+# META attribute: a replacement launch claimed but not yet recorded ({generation, count, token}).
+META_PENDING_LAUNCH = "pending_launch"
+# Tag on replacement instances: the launch's client token, so a re-run finds what a launch started.
+TAG_LAUNCH_TOKEN = "ec2cluster:launch-token"
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -259,13 +275,23 @@ class EC2ClusterHook(AwsBaseHook):
 
     def get_meta(self, table: str, cluster_id: str) -> dict[str, Any] | None:
         """The cluster's META item (strongly consistent read), or None."""
-        response = self.dynamodb.get_item(
-            TableName=table,
-            Key=serialize_item({records.PK: records.cluster_pk(cluster_id), records.SK: records.META_SK}),
-            ConsistentRead=True,
-        )
-        item = response.get("Item")
+        item = self.dynamodb.get_item(**get_meta_params(table, cluster_id)).get("Item")
         return deserialize_item(item) if item else None
+
+    def put_worker_bundle(self, table: str, cluster_id: str, data: bytes, sha256: str) -> None:
+        """Store the worker's zip for the cluster's instances to fetch at boot (see workerbundle)."""
+        from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, bundle_key
+
+        key = {name: {"S": value} for name, value in bundle_key(cluster_id).items()}
+        self.dynamodb.put_item(
+            TableName=table,
+            Item={
+                **key,
+                BUNDLE_ATTRIBUTE: {"B": data},
+                "sha256": {"S": sha256},
+                records.TTL_ATTRIBUTE: {"N": str(int(time.time()) + records.DEFAULT_RETENTION_SECONDS)},
+            },
+        )
 
     def update_meta(
         self,
@@ -277,48 +303,37 @@ class EC2ClusterHook(AwsBaseHook):
         retention_seconds: int = records.DEFAULT_RETENTION_SECONDS,
     ) -> dict[str, Any]:
         """SET and ADD attributes of the META item (created when missing); returns the item after."""
-        now = time.time()
-        set_values = {
-            "cluster_id": cluster_id,
-            records.TTL_ATTRIBUTE: int(now + retention_seconds),
-            **(set_values or {}),
-        }
-        names: dict[str, str] = {}
-        values: dict[str, Any] = {}
-        set_parts, add_parts = [], []
-        for index, (key, value) in enumerate(set_values.items()):
-            names[f"#s{index}"] = key
-            values[f":s{index}"] = value
-            set_parts.append(f"#s{index} = :s{index}")
-        set_parts.append("#created = if_not_exists(#created, :created)")
-        names["#created"] = "created_at"
-        values[":created"] = now
-        for index, (key, value) in enumerate((add_values or {}).items()):
-            names[f"#a{index}"] = key
-            values[f":a{index}"] = value
-            add_parts.append(f"#a{index} :a{index}")
-        expression = "SET " + ", ".join(set_parts)
-        if add_parts:
-            expression += " ADD " + ", ".join(add_parts)
         response = self.dynamodb.update_item(
-            TableName=table,
-            Key=serialize_item({records.PK: records.cluster_pk(cluster_id), records.SK: records.META_SK}),
-            UpdateExpression=expression,
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=serialize_item(values),
-            ReturnValues="ALL_NEW",
+            **update_meta_params(table, cluster_id, set_values, add_values, retention_seconds)
         )
         return deserialize_item(response["Attributes"])
 
+    def claim_replacement_launch(
+        self, table: str, cluster_id: str, generation: int, count: int, token: str
+    ) -> bool:
+        """Record the intent to launch replacement ``generation``; False when another round came first."""
+        try:
+            self.dynamodb.update_item(**claim_launch_params(table, cluster_id, generation, count, token))
+        except ClientError as error:
+            if error_code(error) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
+    def finish_replacement_launch(
+        self, table: str, cluster_id: str, generation: int, instance_ids: list[str]
+    ) -> bool:
+        """Append the launched ids and clear the intent; False when another round already finished it."""
+        try:
+            self.dynamodb.update_item(**finish_launch_params(table, cluster_id, generation, instance_ids))
+        except ClientError as error:
+            if error_code(error) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
     def _query(self, table: str, pk: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
-        paginator = self.dynamodb.get_paginator("query")
-        pages = paginator.paginate(
-            TableName=table,
-            KeyConditionExpression="#pk = :pk",
-            ExpressionAttributeNames={"#pk": records.PK, **kwargs.pop("ExpressionAttributeNames", {})},
-            ExpressionAttributeValues=serialize_item({":pk": pk}),
-            **kwargs,
-        )
+        pages = self.dynamodb.get_paginator("query").paginate(**query_params(table, pk, **kwargs))
         for page in pages:
             for item in page.get("Items", []):
                 yield deserialize_item(item)
@@ -364,6 +379,21 @@ class EC2ClusterHook(AwsBaseHook):
                 status = item.get("status")
                 counts[status] = counts.get(status, 0) + 1
         return counts
+
+    def task_log_items(
+        self, table: str, cluster_id: str, task_ids: list[str], shards: int = records.DEFAULT_LOG_SHARDS
+    ) -> dict[str, dict[str, Any]]:
+        """Task-log items of ``task_ids`` by task id (BatchGetItem, 100 keys a call; missing ids absent)."""
+        found: dict[str, dict[str, Any]] = {}
+        for batch in chunks(sorted(set(task_ids)), DYNAMODB_GET_BATCH):
+            request = batch_get_request(table, cluster_id, batch, shards)
+            while request:
+                response = self.dynamodb.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(table, []):
+                    item = deserialize_item(item)
+                    found[item[records.SK]] = item
+                request = response.get("UnprocessedKeys") or None
+        return found
 
     # -- SQS ------------------------------------------------------------------------------------------
 
@@ -418,23 +448,9 @@ class EC2ClusterHook(AwsBaseHook):
 
     def queue_counts(self, queue_url: str, dlq_url: str) -> QueueCounts:
         """Approximate visible / in-flight / delayed counts of the queue and visible of the DLQ (2 calls)."""
-        main = self.sqs.get_queue_attributes(
-            QueueUrl=queue_url,
-            AttributeNames=[
-                "ApproximateNumberOfMessages",
-                "ApproximateNumberOfMessagesNotVisible",
-                "ApproximateNumberOfMessagesDelayed",
-            ],
-        )["Attributes"]
-        dead = self.sqs.get_queue_attributes(
-            QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"]
-        )["Attributes"]
-        return QueueCounts(
-            visible=int(main.get("ApproximateNumberOfMessages", 0)),
-            in_flight=int(main.get("ApproximateNumberOfMessagesNotVisible", 0)),
-            delayed=int(main.get("ApproximateNumberOfMessagesDelayed", 0)),
-            dead_lettered=int(dead.get("ApproximateNumberOfMessages", 0)),
-        )
+        main = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=QUEUE_COUNT_ATTRIBUTES)
+        dead = self.sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=[DLQ_COUNT_ATTRIBUTE])
+        return counts_from_attributes(main["Attributes"], dead["Attributes"])
 
     def send_messages(
         self,
@@ -512,18 +528,72 @@ class EC2ClusterHook(AwsBaseHook):
         for _ in range(limit // SQS_BATCH_ENTRIES + 2):
             if len(seen) >= limit:
                 break
-            messages = self.sqs.receive_message(
-                QueueUrl=dlq_url,
-                MaxNumberOfMessages=SQS_BATCH_ENTRIES,
-                VisibilityTimeout=0,
-                WaitTimeSeconds=0,
-            ).get("Messages", [])
+            messages = self.sqs.receive_message(**peek_params(dlq_url)).get("Messages", [])
             new = [m for m in messages if m["MessageId"] not in seen]
             if not new:
                 break
             for message in new:
                 seen[message["MessageId"]] = task_id_of(message)
         return list(seen.values())[:limit]
+
+    def redrive_dead_letters(self, dlq_url: str, queue_url: str, limit: int | None = None) -> list[str]:
+        """Move dead-lettered messages back to the task queue; returns the moved task ids.
+
+        Receive (10 at a time) -> SendMessageBatch to the task queue -> DeleteMessageBatch of exactly the
+        entries that were sent, checking ``Failed`` of both: a message is deleted from the dead-letter queue
+        only once it is on the task queue (at worst it is on both, and the task id keys every write). Stops
+        after two empty long polls, or ``limit`` messages. Works on moto, which lacks StartMessageMoveTask;
+        see :meth:`start_dead_letter_move` for the server-side move on AWS.
+        """
+        moved: list[str] = []
+        empty_polls = 0
+        while empty_polls < 2 and (limit is None or len(moved) < limit):
+            wanted = SQS_BATCH_ENTRIES if limit is None else min(SQS_BATCH_ENTRIES, limit - len(moved))
+            messages = self.sqs.receive_message(
+                QueueUrl=dlq_url,
+                MaxNumberOfMessages=wanted,
+                VisibilityTimeout=REDRIVE_VISIBILITY_SECONDS,
+                WaitTimeSeconds=1,
+            ).get("Messages", [])
+            if not messages:
+                empty_polls += 1
+                continue
+            empty_polls = 0
+            moved.extend(self._move_batch(dlq_url, queue_url, messages))
+        return moved
+
+    def _move_batch(self, dlq_url: str, queue_url: str, messages: list[dict[str, Any]]) -> list[str]:
+        entries = {str(i): message for i, message in enumerate(messages)}
+        sent = self.sqs.send_message_batch(
+            QueueUrl=queue_url,
+            Entries=[{"Id": key, "MessageBody": m["Body"]} for key, m in entries.items()],
+        )
+        if sent.get("Failed"):
+            failures = ", ".join(f"{task_id_of(entries[f['Id']])}: {f.get('Code')}" for f in sent["Failed"])
+            self.log.warning("Not moved (left in the dead-letter queue): %s", failures)
+        ok = [entries[s["Id"]] for s in sent.get("Successful", [])]
+        if not ok:
+            return []
+        deleted = self.sqs.delete_message_batch(
+            QueueUrl=dlq_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(ok)],
+        )
+        if deleted.get("Failed"):
+            self.log.warning(
+                "%d moved message(s) could not be deleted from the dead-letter queue and will show up "
+                "there again (their tasks may run twice): %s",
+                len(deleted["Failed"]),
+                deleted["Failed"],
+            )
+        return [task_id_of(m) for m in ok]
+
+    def start_dead_letter_move(self, dlq_url: str, queue_url: str) -> str:
+        """Server-side move (SQS StartMessageMoveTask, AWS only); returns the task handle."""
+        arns = [
+            self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            for url in (dlq_url, queue_url)
+        ]
+        return self.sqs.start_message_move_task(SourceArn=arns[0], DestinationArn=arns[1])["TaskHandle"]
 
     # -- EC2 ------------------------------------------------------------------------------------------
 
@@ -541,13 +611,20 @@ class EC2ClusterHook(AwsBaseHook):
     ) -> list[dict[str, Any]]:
         """The cluster's instances (by tag) in ``states``: paginated DescribeInstances."""
         paginator = self.ec2.get_paginator("describe_instances")
-        filters = [
-            {"Name": f"tag:{TAG_CLUSTER_ID}", "Values": [cluster_id]},
-            {"Name": "instance-state-name", "Values": list(states)},
-        ]
+        filters = instance_filters(cluster_id, states)
         return [
             instance
             for page in paginator.paginate(Filters=filters)
+            for reservation in page["Reservations"]
+            for instance in reservation["Instances"]
+        ]
+
+    def instances_with_launch_token(self, cluster_id: str, token: str) -> list[str]:
+        """Ids of the instances a replacement launch with ``token`` already started (any state)."""
+        paginator = self.ec2.get_paginator("describe_instances")
+        return [
+            instance["InstanceId"]
+            for page in paginator.paginate(Filters=instance_filters(cluster_id, None, token))
             for reservation in page["Reservations"]
             for instance in reservation["Instances"]
         ]
@@ -712,3 +789,322 @@ def run_instances_params(
             spot_options["MaxPrice"] = spec.spot_max_price
         params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot_options}
     return params
+
+
+# -- request builders shared by the hook and AsyncClusterIO -----------------------------------------------
+
+
+def meta_key(cluster_id: str) -> dict[str, Any]:
+    return serialize_item({records.PK: records.cluster_pk(cluster_id), records.SK: records.META_SK})
+
+
+def get_meta_params(table: str, cluster_id: str) -> dict[str, Any]:
+    return {"TableName": table, "Key": meta_key(cluster_id), "ConsistentRead": True}
+
+
+def update_meta_params(
+    table: str,
+    cluster_id: str,
+    set_values: dict[str, Any] | None,
+    add_values: dict[str, int] | None,
+    retention_seconds: int = records.DEFAULT_RETENTION_SECONDS,
+) -> dict[str, Any]:
+    """UpdateItem arguments: SET ``set_values``, ADD ``add_values``, keep ``created_at``, refresh the TTL."""
+    now = time.time()
+    set_values = {
+        "cluster_id": cluster_id,
+        records.TTL_ATTRIBUTE: int(now + retention_seconds),
+        **(set_values or {}),
+    }
+    names: dict[str, str] = {"#created": "created_at"}
+    values: dict[str, Any] = {":created": now}
+    set_parts, add_parts = [], []
+    for index, (key, value) in enumerate(set_values.items()):
+        names[f"#s{index}"] = key
+        values[f":s{index}"] = value
+        set_parts.append(f"#s{index} = :s{index}")
+    set_parts.append("#created = if_not_exists(#created, :created)")
+    for index, (key, value) in enumerate((add_values or {}).items()):
+        names[f"#a{index}"] = key
+        values[f":a{index}"] = value
+        add_parts.append(f"#a{index} :a{index}")
+    expression = "SET " + ", ".join(set_parts)
+    if add_parts:
+        expression += " ADD " + ", ".join(add_parts)
+    return {
+        "TableName": table,
+        "Key": meta_key(cluster_id),
+        "UpdateExpression": expression,
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": serialize_item(values),
+        "ReturnValues": "ALL_NEW",
+    }
+
+
+def claim_launch_params(
+    table: str, cluster_id: str, generation: int, count: int, token: str
+) -> dict[str, Any]:
+    """One conditional UpdateItem: only the round that read generation ``generation``, with no launch
+    pending, may record the intent; it counts the replacements against the budget at once."""
+    return {
+        "TableName": table,
+        "Key": meta_key(cluster_id),
+        "UpdateExpression": "SET #p = :p ADD #g :one, #r :n",
+        "ConditionExpression": "attribute_not_exists(#p) AND (attribute_not_exists(#g) OR #g = :g)",
+        "ExpressionAttributeNames": {
+            "#p": META_PENDING_LAUNCH,
+            "#g": META_REPLACEMENT_GENERATION,
+            "#r": META_REPLACEMENTS,
+        },
+        "ExpressionAttributeValues": serialize_item(
+            {
+                ":p": {"generation": generation, "count": count, "token": token},
+                ":one": 1,
+                ":n": count,
+                ":g": generation,
+            }
+        ),
+    }
+
+
+def finish_launch_params(
+    table: str, cluster_id: str, generation: int, instance_ids: list[str]
+) -> dict[str, Any]:
+    return {
+        "TableName": table,
+        "Key": meta_key(cluster_id),
+        "UpdateExpression": "SET #ids = list_append(if_not_exists(#ids, :empty), :ids) REMOVE #p",
+        "ConditionExpression": "#p.#gen = :g",
+        "ExpressionAttributeNames": {
+            "#ids": META_INSTANCE_IDS,
+            "#p": META_PENDING_LAUNCH,
+            "#gen": "generation",
+        },
+        "ExpressionAttributeValues": serialize_item(
+            {":empty": [], ":ids": list(instance_ids), ":g": generation}
+        ),
+    }
+
+
+def query_params(table: str, pk: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "TableName": table,
+        "KeyConditionExpression": "#pk = :pk",
+        "ExpressionAttributeNames": {"#pk": records.PK, **extra.pop("ExpressionAttributeNames", {})},
+        "ExpressionAttributeValues": serialize_item({":pk": pk}),
+        **extra,
+    }
+
+
+def batch_get_request(table: str, cluster_id: str, task_ids: list[str], shards: int) -> dict[str, Any]:
+    keys = [serialize_item(records.task_log_key(cluster_id, task_id, shards)) for task_id in task_ids]
+    return {
+        table: {
+            "Keys": keys,
+            "ProjectionExpression": "#sk, task_id, #st, #err, finished_at, attempt",
+            "ExpressionAttributeNames": {"#sk": records.SK, "#st": "status", "#err": "error"},
+        }
+    }
+
+
+def counts_from_attributes(main: dict[str, str], dead: dict[str, str]) -> QueueCounts:
+    return QueueCounts(
+        visible=int(main.get("ApproximateNumberOfMessages", 0)),
+        in_flight=int(main.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        delayed=int(main.get("ApproximateNumberOfMessagesDelayed", 0)),
+        dead_lettered=int(dead.get(DLQ_COUNT_ATTRIBUTE, 0)),
+    )
+
+
+def peek_params(dlq_url: str) -> dict[str, Any]:
+    return {
+        "QueueUrl": dlq_url,
+        "MaxNumberOfMessages": SQS_BATCH_ENTRIES,
+        "VisibilityTimeout": 0,
+        "WaitTimeSeconds": 0,
+    }
+
+
+def instance_filters(
+    cluster_id: str, states: Iterable[str] | None = LIVE_STATES, token: str | None = None
+) -> list[dict[str, Any]]:
+    filters = [{"Name": f"tag:{TAG_CLUSTER_ID}", "Values": [cluster_id]}]
+    if states is not None:
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
+    if token is not None:
+        filters.append({"Name": f"tag:{TAG_LAUNCH_TOKEN}", "Values": [token]})
+    return filters
+
+
+# -- the same calls with aiobotocore, for the triggerer ----------------------------------------------------
+
+ASYNC_SERVICES = ("sqs", "ec2", "dynamodb")
+
+
+class AsyncClusterIO:
+    """The drain round's calls with aiobotocore clients, method for method like :class:`EC2ClusterHook`.
+
+    Made from a hook, so the clients use the same connection, region, endpoint and botocore config; open it
+    with ``async with AsyncClusterIO.open(hook) as io``. Nothing here blocks the event loop: the connection
+    look-up runs in a thread (as the provider's ``get_async_conn`` does) and every call is awaited.
+    """
+
+    def __init__(self, clients: dict[str, Any]) -> None:
+        self.sqs = clients["sqs"]
+        self.ec2 = clients["ec2"]
+        self.dynamodb = clients["dynamodb"]
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, hook: EC2ClusterHook):
+        from asgiref.sync import sync_to_async
+
+        session, client_kwargs = await sync_to_async(async_client_kwargs)(hook)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {
+                service: await stack.enter_async_context(session.create_client(**client_kwargs[service]))
+                for service in ASYNC_SERVICES
+            }
+            yield cls(clients)
+
+    async def get_meta(self, table: str, cluster_id: str) -> dict[str, Any] | None:
+        item = (await self.dynamodb.get_item(**get_meta_params(table, cluster_id))).get("Item")
+        return deserialize_item(item) if item else None
+
+    async def update_meta(
+        self,
+        table: str,
+        cluster_id: str,
+        *,
+        set_values: dict[str, Any] | None = None,
+        add_values: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        response = await self.dynamodb.update_item(
+            **update_meta_params(table, cluster_id, set_values, add_values)
+        )
+        return deserialize_item(response["Attributes"])
+
+    async def _conditional_update(self, params: dict[str, Any]) -> bool:
+        try:
+            await self.dynamodb.update_item(**params)
+        except ClientError as error:
+            if error_code(error) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True
+
+    async def claim_replacement_launch(
+        self, table: str, cluster_id: str, generation: int, count: int, token: str
+    ) -> bool:
+        return await self._conditional_update(
+            claim_launch_params(table, cluster_id, generation, count, token)
+        )
+
+    async def finish_replacement_launch(
+        self, table: str, cluster_id: str, generation: int, instance_ids: list[str]
+    ) -> bool:
+        return await self._conditional_update(
+            finish_launch_params(table, cluster_id, generation, instance_ids)
+        )
+
+    async def _query(self, table: str, pk: str, **extra: Any) -> list[dict[str, Any]]:
+        items = []
+        async for page in self.dynamodb.get_paginator("query").paginate(**query_params(table, pk, **extra)):
+            items.extend(deserialize_item(item) for item in page.get("Items", []))
+        return items
+
+    async def worker_statuses(self, table: str, cluster_id: str) -> list[dict[str, Any]]:
+        return await self._query(table, records.workers_pk(cluster_id))
+
+    async def count_task_log(
+        self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
+    ) -> dict[str, int]:
+        counts = {records.TASK_DONE: 0, records.TASK_FAILED: 0}
+        for pk in records.all_log_pks(cluster_id, shards):
+            items = await self._query(
+                table, pk, ProjectionExpression="#st", ExpressionAttributeNames={"#st": "status"}
+            )
+            for item in items:
+                counts[item.get("status")] = counts.get(item.get("status"), 0) + 1
+        return counts
+
+    async def task_log_items(
+        self, table: str, cluster_id: str, task_ids: list[str], shards: int = records.DEFAULT_LOG_SHARDS
+    ) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for batch in chunks(sorted(set(task_ids)), DYNAMODB_GET_BATCH):
+            request = batch_get_request(table, cluster_id, batch, shards)
+            while request:
+                response = await self.dynamodb.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(table, []):
+                    item = deserialize_item(item)
+                    found[item[records.SK]] = item
+                request = response.get("UnprocessedKeys") or None
+        return found
+
+    async def queue_counts(self, queue_url: str, dlq_url: str) -> QueueCounts:
+        main = await self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=QUEUE_COUNT_ATTRIBUTES)
+        dead = await self.sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=[DLQ_COUNT_ATTRIBUTE])
+        return counts_from_attributes(main["Attributes"], dead["Attributes"])
+
+    async def peek_dead_letters(self, dlq_url: str, limit: int = 100) -> list[str]:
+        seen: dict[str, str] = {}
+        for _ in range(limit // SQS_BATCH_ENTRIES + 2):
+            if len(seen) >= limit:
+                break
+            messages = (await self.sqs.receive_message(**peek_params(dlq_url))).get("Messages", [])
+            new = [m for m in messages if m["MessageId"] not in seen]
+            if not new:
+                break
+            for message in new:
+                seen[message["MessageId"]] = task_id_of(message)
+        return list(seen.values())[:limit]
+
+    async def _describe(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        instances = []
+        async for page in self.ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page["Reservations"]:
+                instances.extend(reservation["Instances"])
+        return instances
+
+    async def list_cluster_instances(
+        self, cluster_id: str, states: Iterable[str] = LIVE_STATES
+    ) -> list[dict[str, Any]]:
+        return await self._describe(instance_filters(cluster_id, states))
+
+    async def instances_with_launch_token(self, cluster_id: str, token: str) -> list[str]:
+        return [i["InstanceId"] for i in await self._describe(instance_filters(cluster_id, None, token))]
+
+    async def run_instances(
+        self, *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str
+    ) -> list[dict[str, Any]]:
+        params = run_instances_params(
+            cluster_id=cluster_id, spec=spec, count=count, client_token=client_token
+        )
+        return (await self.ec2.run_instances(**params))["Instances"]
+
+    async def terminate_instances(self, instance_ids: Iterable[str], *, wait: bool = False) -> list[str]:
+        # The drain round never waits for termination: teardown does, in the sync hook.
+        ids = sorted(set(instance_ids))
+        for batch in chunks(ids, EC2_ID_BATCH):
+            await self.ec2.terminate_instances(InstanceIds=batch)
+        return ids
+
+
+def async_client_kwargs(hook: EC2ClusterHook) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """An aiobotocore session from the hook's connection, and create_client arguments per service.
+
+    Blocking (connection look-up, credentials): call it in a thread from async code.
+    """
+    session = hook.get_session(region_name=hook.region_name, deferrable=True)
+    kwargs = {
+        service: {
+            "service_name": service,
+            "region_name": hook.region_name,
+            "endpoint_url": hook.conn_config.get_service_endpoint_url(service_name=service),
+            "config": hook.client_config(),
+            "verify": hook.verify,
+        }
+        for service in ASYNC_SERVICES
+    }
+    return session, kwargs

@@ -5,7 +5,13 @@ from __future__ import annotations
 from airflow_ec2cluster.operators.ec2cluster import (
     EC2ClusterEnqueueOperator,
     EC2ClusterLaunchOperator,
+    EC2ClusterRedriveOperator,
     EC2ClusterTeardownOperator,
 )
 
-__all__ = ["EC2ClusterEnqueueOperator", "EC2ClusterLaunchOperator", "EC2ClusterTeardownOperator"]
+__all__ = [
+    "EC2ClusterEnqueueOperator",
+    "EC2ClusterLaunchOperator",
+    "EC2ClusterRedriveOperator",
+    "EC2ClusterTeardownOperator",
+]

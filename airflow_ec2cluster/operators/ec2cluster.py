@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.providers.common.compat.sdk import AirflowException
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from airflow_ec2cluster.cluster import (
     DEFAULT_INSTANCE_PROFILE,
@@ -43,6 +43,9 @@ from airflow_ec2cluster.hooks.ec2cluster import (
     OutgoingMessage,
     error_code,
 )
+from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
+from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
+from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -75,6 +78,20 @@ class _ClusterOperatorMixin:
             return cluster_id_from_context(self.cluster_id, context)
         except ValueError as error:
             raise AirflowException(str(error)) from error
+
+    def persist_links(
+        self, context: Context, hook: EC2ClusterHook, cluster_id: str, state_table: str
+    ) -> None:
+        """Console links for the UI (hidden on a custom endpoint); a link never fails the task."""
+        if uses_custom_endpoint(hook):
+            return
+        try:
+            queue_url = hook.get_queue_url(task_queue_name(cluster_id))
+            persist_cluster_links(
+                context, self, hook, cluster_id=cluster_id, queue_url=queue_url, state_table=state_table
+            )
+        except (ClientError, BotoCoreError) as error:
+            self.log.warning("Console links not recorded: %s", error)  # type: ignore[attr-defined]
 
 
 class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
@@ -308,6 +325,7 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         "volume_size_gb",
     )
     template_fields_renderers = {"handler": "json", "worker_options": "json"}
+    operator_extra_links = CLUSTER_LINKS
     ui_color = "#ffcc80"
 
     def __init__(
@@ -330,7 +348,7 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         associate_public_ip: bool = False,
         metadata_hop_limit: int = 1,
         volume_size_gb: int | None = None,
-        worker_source: str = "embedded",
+        worker_source: str = WORKER_FROM_TABLE,
         requirements: list[str] | None = None,
         tags: dict[str, str] | None = None,
         terminate_on_failure: bool = True,
@@ -364,14 +382,18 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         cluster_id = self.resolve_cluster_id(context)
         hook = self.hook
         hook.ensure_state_table(self.state_table)
+        self.persist_links(context, hook, cluster_id, self.state_table)
         existing = self.existing_cluster(hook, cluster_id)
         if existing is not None:
             return existing.to_dict()
 
         queue_url, dlq_url = self.resolve_queues(hook, cluster_id)
         config = self.worker_config(cluster_id, hook.region, queue_url)
-        spec = self.validated_spec(hook, config)
+        bundle = build_worker_bundle() if self.worker_source == WORKER_FROM_TABLE else None
+        spec = self.validated_spec(hook, config, bundle)
         num_workers = int(self.num_workers)
+        if bundle is not None:
+            hook.put_worker_bundle(self.state_table, cluster_id, bundle.data, bundle.sha256)
         hook.update_meta(
             self.state_table,
             cluster_id,
@@ -479,7 +501,9 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
             "handler": self.handler,
         }
 
-    def validated_spec(self, hook: EC2ClusterHook, config: dict[str, Any]) -> LaunchSpec:
+    def validated_spec(
+        self, hook: EC2ClusterHook, config: dict[str, Any], bundle: WorkerBundle | None = None
+    ) -> LaunchSpec:
         """The launch spec, or an AirflowException listing every problem (nothing is launched)."""
         from ec2cluster_worker.config import ConfigError, WorkerConfig
 
@@ -496,7 +520,10 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         try:
             WorkerConfig.from_dict(config)
             user_data = render_user_data(
-                config, worker_source=self.worker_source, requirements=self.requirements
+                config,
+                worker_source=self.worker_source,
+                requirements=self.requirements,
+                bundle_sha256=bundle.sha256 if bundle else None,
             )
         except ConfigError as error:
             problems.append(f"worker configuration: {error}")
@@ -574,6 +601,7 @@ class EC2ClusterTeardownOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Clust
 
     aws_hook_class = EC2ClusterHook
     template_fields: Sequence[str] = aws_template_fields("cluster_id", "delete_queues", "state_table")
+    operator_extra_links = CLUSTER_LINKS
     ui_color = "#e0e0e0"
 
     def __init__(
@@ -598,6 +626,7 @@ class EC2ClusterTeardownOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Clust
     def execute(self, context: Context) -> dict[str, Any]:
         cluster_id = self.resolve_cluster_id(context)
         hook = self.hook
+        self.persist_links(context, hook, cluster_id, self.state_table)
         states = (*LIVE_STATES, "shutting-down")
         instance_ids = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id, states)]
         if instance_ids:
@@ -631,3 +660,49 @@ class EC2ClusterTeardownOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Clust
             )
         except ClientError as error:
             _ignore_missing_table(error)
+
+
+class EC2ClusterRedriveOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
+    """Move the cluster's dead-lettered tasks back to its task queue, for another run.
+
+    Run it before launching (or re-running launch and drain) again: the next workers pick the tasks up, and
+    their task-log items (``status=failed`` with the last ``error``) are overwritten by the new outcome.
+    Moves with receive / SendMessageBatch / DeleteMessageBatch (checking ``Failed``), at most
+    ``max_messages`` (default all). Returns ``{"cluster_id", "redriven": n, "task_ids": [...]}``.
+    """
+
+    aws_hook_class = EC2ClusterHook
+    template_fields: Sequence[str] = aws_template_fields("cluster_id", "state_table", "max_messages")
+    operator_extra_links = CLUSTER_LINKS
+    ui_color = "#ffab91"
+
+    def __init__(
+        self,
+        *,
+        cluster_id: str | None = None,
+        state_table: str = DEFAULT_STATE_TABLE,
+        max_messages: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.cluster_id = cluster_id
+        self.state_table = state_table
+        self.max_messages = max_messages
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        cluster_id = self.resolve_cluster_id(context)
+        hook = self.hook
+        self.persist_links(context, hook, cluster_id, self.state_table)
+        queue_url = hook.get_queue_url(task_queue_name(cluster_id))
+        dlq_url = hook.get_queue_url(dead_letter_queue_name(cluster_id))
+        if not queue_url or not dlq_url:
+            raise AirflowException(
+                f"cluster {cluster_id} has no task queue or dead-letter queue (deleted at teardown?): "
+                "nothing to re-drive"
+            )
+        limit = None if self.max_messages is None else int(self.max_messages)
+        moved = hook.redrive_dead_letters(dlq_url, queue_url, limit=limit)
+        self.log.info(
+            "Cluster %s: %d dead-lettered task(s) moved back to %s", cluster_id, len(moved), queue_url
+        )
+        return {"cluster_id": cluster_id, "redriven": len(moved), "task_ids": moved}

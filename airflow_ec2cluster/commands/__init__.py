@@ -1,0 +1,1 @@
+"""``ec2cluster`` subcommands beyond the local cloud: each module has a ``register(subparsers)``."""

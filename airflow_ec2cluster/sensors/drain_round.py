@@ -1,0 +1,330 @@
+"""One drain round (read -> decide -> act), written once for the sync sensor and the async trigger.
+
+``drain_round`` is a generator: it yields each AWS call it needs as a :class:`Call` (a method name of
+:class:`~airflow_ec2cluster.hooks.ec2cluster.EC2ClusterHook` / ``AsyncClusterIO`` and its arguments) and is
+sent the result. ``run_sync`` drives it with the hook (a poke); ``run_async`` awaits the same calls on
+aiobotocore clients (the trigger). So both paths share the snapshot, :func:`decide`, the acting and the
+summary, and differ only in how a call is made.
+
+Acting is safe to repeat (a triggerer restart, two triggerers, a poke retried): terminating is idempotent,
+and a replacement launch is first *claimed* in the META item with a conditional write (only the round that
+read the current replacement generation, with no launch pending, wins), then launched with a ClientToken
+and a tag derived from that generation, then recorded. A round that finds a claimed launch not yet
+recorded finishes it: it looks for instances with the launch's tag first and launches only if there are
+none (the ClientToken gives the same guarantee on AWS), so the cluster never grows past its size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ec2cluster_worker import records
+
+from airflow_ec2cluster.cluster import (
+    DEFAULT_STATE_TABLE,
+    META_CONSECUTIVE_EMPTY,
+    META_DLQ_URL,
+    META_ENQUEUE_COMPLETE,
+    META_ENQUEUED,
+    META_INSTANCE_IDS,
+    META_LAUNCH_SPEC,
+    META_LAUNCHED_AT,
+    META_LOG_SHARDS,
+    META_NUM_WORKERS,
+    META_QUEUE_URL,
+    META_REAPED,
+    META_REPLACEMENT_GENERATION,
+    META_REPLACEMENTS,
+    LaunchSpec,
+    launch_client_token,
+)
+from airflow_ec2cluster.decisions import (
+    Decision,
+    InstanceInfo,
+    Policy,
+    QueueCounts,
+    Snapshot,
+    WorkerStatus,
+    decide,
+)
+from airflow_ec2cluster.hooks.ec2cluster import META_PENDING_LAUNCH, TAG_LAUNCH_TOKEN
+
+# Dead-lettered task ids whose last error is looked up for the summary (BatchGetItem, 100 a call).
+MAX_DEAD_LETTER_ERRORS = 100
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """The sensor's thresholds: everything a round needs besides the cluster id (JSON-safe)."""
+
+    state_table: str = DEFAULT_STATE_TABLE
+    idle_timeout: float = 600
+    heartbeat_timeout: float = 120
+    max_task_seconds: float = 3600
+    boot_timeout: float = 600
+    drained_checks: int = 3
+    replace_reaped: bool = True
+    cluster_size: int | None = None
+    max_replacements: int | None = None
+    dead_letter_sample: int = 100
+    exact_summary: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DrainSettings:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def policy(self, meta: dict[str, Any]) -> Policy:
+        size = self.cluster_size if self.cluster_size is not None else meta.get(META_NUM_WORKERS) or 0
+        return Policy(
+            idle_timeout=float(self.idle_timeout),
+            heartbeat_timeout=float(self.heartbeat_timeout),
+            max_task_seconds=float(self.max_task_seconds),
+            boot_timeout=float(self.boot_timeout),
+            drained_checks=int(self.drained_checks),
+            cluster_size=int(size),
+            replace_reaped=bool(self.replace_reaped) and bool(meta.get(META_LAUNCH_SPEC)),
+            max_replacements=None if self.max_replacements is None else int(self.max_replacements),
+        )
+
+
+@dataclass(frozen=True)
+class Call:
+    """One AWS call of a round: a method of the hook (sync) or of AsyncClusterIO (async)."""
+
+    name: str
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def call(name: str, *args: Any, **kwargs: Any) -> Call:
+    return Call(name, args, kwargs)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """How a round ended: drained (with the summary), failed (with the reason), or keep waiting."""
+
+    drained: bool = False
+    failure: str | None = None
+    summary: dict[str, Any] | None = None
+    progress: str = ""
+    decision: Decision | None = None
+    launched: tuple[str, ...] = ()
+
+
+Round = Generator[Call, Any, RoundOutcome]
+
+
+def run_sync(round_: Round, io: Any) -> RoundOutcome:
+    """Drive a round with blocking calls on ``io`` (the hook)."""
+    try:
+        request = next(round_)
+        while True:
+            request = round_.send(getattr(io, request.name)(*request.args, **request.kwargs))
+    except StopIteration as stop:
+        return stop.value
+
+
+async def run_async(round_: Round, io: Any) -> RoundOutcome:
+    """Drive a round with awaited calls on ``io`` (an AsyncClusterIO)."""
+    try:
+        request = next(round_)
+        while True:
+            request = round_.send(await getattr(io, request.name)(*request.args, **request.kwargs))
+    except StopIteration as stop:
+        return stop.value
+
+
+def missing_meta_message(cluster_id: str, table: str) -> str:
+    return (
+        f"cluster {cluster_id} has no META item in {table}: run the enqueue and launch operators with the "
+        "same cluster_id and state_table first"
+    )
+
+
+def drain_round(
+    cluster_id: str, settings: DrainSettings, log: logging.Logger | Any, now: float | None = None
+) -> Round:
+    """One poke: read the cluster, decide, reap, replace, record; see the module docstring."""
+    table = settings.state_table
+    meta = yield call("get_meta", table, cluster_id)
+    if not meta or not meta.get(META_QUEUE_URL):
+        return RoundOutcome(failure=missing_meta_message(cluster_id, table))
+    shards = int(meta.get(META_LOG_SHARDS) or records.DEFAULT_LOG_SHARDS)
+    finished_pending: list[str] = []
+    if meta.get(META_PENDING_LAUNCH):
+        # A launch claimed by an earlier (or concurrent) round and not recorded: finish it, launch no more.
+        finished_pending = yield from finish_launch(cluster_id, table, meta, meta[META_PENDING_LAUNCH], log)
+
+    counts = yield call("queue_counts", meta[META_QUEUE_URL], meta[META_DLQ_URL])
+    instances = yield call("list_cluster_instances", cluster_id)
+    workers = yield call("worker_statuses", table, cluster_id)
+    snapshot = build_snapshot(meta, counts, instances, workers, settings.policy(meta), now or time.time())
+    decision = decide(snapshot)
+    if decision.needs_exact_count:
+        exact = yield call("count_task_log", table, cluster_id, shards)
+        log.info("Queue empty; exact task-log count: %s", exact)
+        snapshot = replace(snapshot, exact_finished=sum(exact.values()))
+        decision = decide(snapshot)
+
+    for reap in decision.reap:
+        log.warning("Reaping %s: %s (%s)", reap.instance_id, reap.reason, reap.detail)
+    if decision.reap:
+        yield call("terminate_instances", [r.instance_id for r in decision.reap], wait=False)
+    launched: list[str] = []
+    if decision.launch > 0 and not decision.failure and not finished_pending:
+        launched = yield from launch_replacements(cluster_id, table, meta, decision.launch, log)
+    yield from record(cluster_id, table, meta, decision)
+    log.info("Cluster %s: %s", cluster_id, decision.progress)
+
+    outcome = RoundOutcome(
+        progress=decision.progress, decision=decision, launched=tuple(finished_pending or launched)
+    )
+    if decision.failure:
+        return replace(outcome, failure=f"cluster {cluster_id}: {decision.failure}")
+    if not decision.drained:
+        return outcome
+    summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards)
+    log.info("Cluster %s drained: %s", cluster_id, json.dumps(summary))
+    return replace(outcome, drained=True, summary=summary)
+
+
+def build_snapshot(
+    meta: dict[str, Any],
+    counts: QueueCounts,
+    instances: list[dict[str, Any]],
+    worker_items: list[dict[str, Any]],
+    policy: Policy,
+    now: float,
+) -> Snapshot:
+    enqueued = meta.get(META_ENQUEUED)
+    return Snapshot(
+        counts=counts,
+        instances=tuple(
+            InstanceInfo(i["InstanceId"], i["State"]["Name"], i["LaunchTime"].timestamp()) for i in instances
+        ),
+        workers=tuple(WorkerStatus.from_item(item) for item in worker_items),
+        now=now,
+        policy=policy,
+        enqueued=None if enqueued is None else int(enqueued),
+        enqueue_complete=bool(meta.get(META_ENQUEUE_COMPLETE, enqueued is None)),
+        consecutive_empty=int(meta.get(META_CONSECUTIVE_EMPTY) or 0),
+        replacements_launched=int(meta.get(META_REPLACEMENTS) or 0),
+        reaped_total=int(meta.get(META_REAPED) or 0),
+        started_at=meta.get(META_LAUNCHED_AT),
+    )
+
+
+def launch_replacements(
+    cluster_id: str, table: str, meta: dict[str, Any], count: int, log: Any
+) -> Generator[Call, Any, list[str]]:
+    generation = int(meta.get(META_REPLACEMENT_GENERATION) or 0)
+    token = launch_client_token(cluster_id, generation, count)
+    claimed = yield call("claim_replacement_launch", table, cluster_id, generation, count, token)
+    if not claimed:
+        log.info("Replacement launch %d was claimed by another drain round; not launching", generation)
+        return []
+    pending = {"generation": generation, "count": count, "token": token}
+    return (yield from finish_launch(cluster_id, table, meta, pending, log))
+
+
+def finish_launch(
+    cluster_id: str, table: str, meta: dict[str, Any], pending: dict[str, Any], log: Any
+) -> Generator[Call, Any, list[str]]:
+    """Launch a claimed replacement batch unless it already exists, then record its ids."""
+    generation, count, token = int(pending["generation"]), int(pending["count"]), str(pending["token"])
+    ids = yield call("instances_with_launch_token", cluster_id, token)
+    if ids:
+        log.info("Replacement launch %d already started %s", generation, ", ".join(ids))
+    else:
+        spec = LaunchSpec.from_dict(json.loads(meta[META_LAUNCH_SPEC]))
+        spec = replace(spec, extra_tags={**spec.extra_tags, TAG_LAUNCH_TOKEN: token})
+        instances = yield call(
+            "run_instances", cluster_id=cluster_id, spec=spec, count=count, client_token=token
+        )
+        ids = [i["InstanceId"] for i in instances]
+        log.info("Launched %d replacement(s): %s", len(ids), ", ".join(ids))
+    yield call("finish_replacement_launch", table, cluster_id, generation, ids)
+    return list(ids)
+
+
+def meta_changes(meta: dict[str, Any], decision: Decision) -> tuple[dict[str, Any], dict[str, int]]:
+    """(SET, ADD) for the META item after a round; launches record themselves (claim and finish)."""
+    set_values: dict[str, Any] = {}
+    add_values: dict[str, int] = {}
+    if decision.consecutive_empty != int(meta.get(META_CONSECUTIVE_EMPTY) or 0):
+        set_values[META_CONSECUTIVE_EMPTY] = decision.consecutive_empty
+    if decision.reap:
+        add_values[META_REAPED] = len(decision.reap)
+    return set_values, add_values
+
+
+def record(
+    cluster_id: str, table: str, meta: dict[str, Any], decision: Decision
+) -> Generator[Call, Any, None]:
+    set_values, add_values = meta_changes(meta, decision)
+    if set_values or add_values:
+        yield call("update_meta", table, cluster_id, set_values=set_values, add_values=add_values)
+
+
+def build_summary(
+    cluster_id: str, settings: DrainSettings, meta: dict[str, Any], snapshot: Snapshot, shards: int
+) -> Generator[Call, Any, dict[str, Any]]:
+    table = settings.state_table
+    if settings.exact_summary:
+        exact = yield call("count_task_log", table, cluster_id, shards)
+        done, failed = exact.get(records.TASK_DONE, 0), exact.get(records.TASK_FAILED, 0)
+    else:
+        done = sum(w.tasks_done for w in snapshot.workers)
+        failed = sum(w.tasks_failed for w in snapshot.workers)
+    dead_ids: list[str] = []
+    errors: dict[str, dict[str, Any]] = {}
+    if snapshot.counts.dead_lettered:
+        dead_ids = yield call("peek_dead_letters", meta[META_DLQ_URL], settings.dead_letter_sample)
+        if dead_ids:
+            errors = yield call(
+                "task_log_items", table, cluster_id, dead_ids[:MAX_DEAD_LETTER_ERRORS], shards
+            )
+    launched = set(meta.get(META_INSTANCE_IDS) or []) | {w.worker_id for w in snapshot.workers}
+    started_at = snapshot.started_at
+    return {
+        "cluster_id": cluster_id,
+        "enqueued": snapshot.enqueued,
+        "tasks_done": done,
+        "tasks_failed": failed,
+        "dead_lettered": snapshot.counts.dead_lettered,
+        "dead_lettered_task_ids": dead_ids,
+        "dead_letters": dead_letter_errors(dead_ids, errors),
+        "workers_used": len(launched),
+        "instance_seconds": instance_seconds(snapshot),
+        "replacements_launched": snapshot.replacements_launched,
+        "reaped": snapshot.reaped_total,
+        "elapsed_seconds": None if not started_at else round(snapshot.now - started_at, 1),
+        "counts_exact": bool(settings.exact_summary),
+    }
+
+
+def dead_letter_errors(task_ids: list[str], items: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{task_id, error}]``: the last error the task log holds for each dead-lettered task (or None)."""
+    return [{"task_id": task_id, "error": (items.get(task_id) or {}).get("error")} for task_id in task_ids]
+
+
+def instance_seconds(snapshot: Snapshot) -> float:
+    """Approximate instance time: per instance from launch (or the worker's start) to now or its last beat.
+
+    Live instances count from their EC2 launch time to now; instances already gone count from their
+    worker's start to its last heartbeat (their boot time and final seconds are not recorded anywhere).
+    """
+    live = {i.instance_id: i for i in snapshot.instances}
+    total = sum(snapshot.now - i.launch_time for i in live.values())
+    total += sum(max(0.0, w.heartbeat_at - w.started_at) for w in snapshot.workers if w.worker_id not in live)
+    return round(total, 1)
