@@ -25,19 +25,24 @@ STATE_TABLE = "ec2cluster-state"
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 
 
+def base_airflow_env(airflow_home: Path) -> dict[str, str]:
+    """Airflow's settings for the demo: its own AIRFLOW_HOME (SQLite) and this repository's dags/."""
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
+    }
+
+
 def airflow_env(cloud: LocalCloud, airflow_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(cloud.env())
-    env.update(cloud.airflow_conn_env())
-    env.update(
-        {
-            "AIRFLOW_HOME": str(airflow_home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
-        }
-    )
-    return env
+    """The demo's Airflow settings plus the local cloud's endpoint, credentials and connection."""
+    return {**base_airflow_env(airflow_home), **cloud.env(), **cloud.airflow_conn_env()}
+
+
+def migrate_airflow_db(airflow_home: Path) -> bool:
+    return airflow(["db", "migrate"], base_airflow_env(airflow_home), quiet=True) == 0
 
 
 def airflow(args: list[str], env: dict[str, str], *, quiet: bool = False) -> int:
@@ -87,8 +92,9 @@ def read_summary(cloud: LocalCloud) -> dict | None:
     }
 
 
-def run_conf(cloud: LocalCloud, workers: int) -> dict:
+def run_conf(cloud: LocalCloud, workers: int, tweets: int = 3000) -> dict:
     return {
+        "tweets": tweets,
         "workers": workers,
         "ami_id": cloud.ami_id,
         "instance_profile": cloud.instance_profile_name,
@@ -117,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args.airflow_home.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    if not migrate_airflow_db(args.airflow_home):
+        print("airflow db migrate failed; run it with AIRFLOW_HOME set to see why", file=sys.stderr)
+        return 1
     shutil.rmtree(args.work_dir, ignore_errors=True)
     with LocalCloud(work_dir=args.work_dir) as cloud:
         print(f"local cloud at {cloud.endpoint_url} (region {cloud.region})", flush=True)
         env = airflow_env(cloud, args.airflow_home)
-        if airflow(["db", "migrate"], env, quiet=True) != 0:
-            print("airflow db migrate failed; run it with AIRFLOW_HOME set to see why", file=sys.stderr)
-            return 1
         conf = json.dumps(run_conf(cloud, args.workers))
         dag_status = airflow(["dags", "test", DAG_ID, "--conf", conf], env)
         left_running = cluster_instances(cloud, LIVE_STATES)

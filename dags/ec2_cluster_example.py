@@ -7,6 +7,7 @@ triggering from the UI; `make demo` runs this DAG on the local cloud with `airfl
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -25,13 +26,12 @@ TOP_TWEETS = 3
 STATE_TABLE = "ec2cluster-state"
 
 
-def read_tweets():
-    """The job's tasks: one payload per tweet, streamed from the data file (never all in memory)."""
+def read_tweets(limit: int | None = None):
+    """The job's tasks: one payload per tweet (the first ``limit``), streamed from the data file."""
     with TWEETS.open(encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                tweet = json.loads(line)
-                yield {"id": tweet["id"], "text": tweet["text"]}
+        tweets = (json.loads(line) for line in lines if line.strip())
+        for tweet in itertools.islice(tweets, limit):
+            yield {"id": tweet["id"], "text": tweet["text"]}
 
 
 with DAG(
@@ -42,6 +42,7 @@ with DAG(
     render_template_as_native_obj=True,
     tags=["ec2cluster", "example"],
     params={
+        "tweets": Param(3000, type="integer", minimum=1, description="How many tweets to process"),
         "workers": Param(3, type="integer", minimum=1, maximum=100, description="EC2 workers to launch"),
         "instance_type": Param("t3.micro", type="string"),
         "ami_id": Param("", type="string", description="AMI with Python 3.9+ and boto3"),
@@ -53,7 +54,12 @@ with DAG(
         ),
     },
 ) as dag:
-    enqueue = EC2ClusterEnqueueOperator(task_id="enqueue", tasks_callable=read_tweets, id_field="id")
+    enqueue = EC2ClusterEnqueueOperator(
+        task_id="enqueue",
+        tasks_callable=read_tweets,
+        tasks_callable_kwargs={"limit": "{{ params.tweets }}"},
+        id_field="id",
+    )
 
     launch = EC2ClusterLaunchOperator(
         task_id="launch",

@@ -113,7 +113,7 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
 
     aws_hook_class = EC2ClusterHook
     template_fields: Sequence[str] = aws_template_fields(
-        "cluster_id", "tasks", "s3_uri", "state_table", "id_field"
+        "cluster_id", "tasks", "tasks_callable_kwargs", "s3_uri", "state_table", "id_field"
     )
     ui_color = "#f3e5ab"
 

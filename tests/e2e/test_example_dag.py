@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
 from airflow_ec2cluster import demo
 from airflow_ec2cluster.localcloud import LocalCloud
+from tests.e2e.conftest import TWEETS
 
 pytestmark = pytest.mark.e2e
 
 
 def tweet_ids() -> set[str]:
     with (demo.REPO_ROOT / "dags" / "data" / "tweets.jsonl").open() as lines:
-        return {json.loads(line)["id"] for line in lines if line.strip()}
+        return {json.loads(line)["id"] for line in itertools.islice(lines, TWEETS)}
 
 
-def test_example_dag_processes_every_tweet_and_leaves_nothing_running(tmp_path, monkeypatch):
-    airflow_home = tmp_path / "airflow"
-    airflow_home.mkdir()
+def test_example_dag_processes_every_tweet_and_leaves_nothing_running(tmp_path, monkeypatch, airflow_home):
     with LocalCloud(work_dir=tmp_path / "cloud") as cloud:
         env = demo.airflow_env(cloud, airflow_home)
-        assert demo.airflow(["db", "migrate"], env, quiet=True) == 0
-        conf = json.dumps(demo.run_conf(cloud, workers=2))
+        conf = json.dumps(demo.run_conf(cloud, workers=2, tweets=TWEETS))
         assert demo.airflow(["dags", "test", demo.DAG_ID, "--conf", conf], env, quiet=True) == 0
 
         assert demo.cluster_instances(cloud, demo.LIVE_STATES) == []

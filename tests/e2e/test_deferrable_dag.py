@@ -12,17 +12,17 @@ import pytest
 
 from airflow_ec2cluster import demo
 from airflow_ec2cluster.localcloud import LocalCloud
+from tests.e2e.conftest import TWEETS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
-def test_example_dag_with_a_deferrable_drain(tmp_path, monkeypatch):
+def test_example_dag_with_a_deferrable_drain(tmp_path, monkeypatch, airflow_home):
     started = time.monotonic()
     with LocalCloud(work_dir=tmp_path / "cloud") as cloud:
-        env = demo.airflow_env(cloud, tmp_path / "airflow")
+        env = demo.airflow_env(cloud, airflow_home)
         env["AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"] = "true"
-        assert demo.airflow(["db", "migrate"], env, quiet=True) == 0
-        conf = json.dumps(demo.run_conf(cloud, workers=3))
+        conf = json.dumps(demo.run_conf(cloud, workers=3, tweets=TWEETS))
         run = subprocess.run(
             [str(Path(sys.executable).with_name("airflow")), "dags", "test", demo.DAG_ID, "--conf", conf],
             env=env,
@@ -40,6 +40,6 @@ def test_example_dag_with_a_deferrable_drain(tmp_path, monkeypatch):
     assert run.returncode == 0, output[-5000:]
     assert "running trigger in line" in output, "the drain did not defer"
     assert "QueueDrainedTrigger" in output or "Trigger completed" in output
-    assert summary is not None and summary["tasks_done"] == summary["enqueued"] == 3000, summary
+    assert summary is not None and summary["tasks_done"] == summary["enqueued"] == TWEETS, summary
     assert left_running == []
     print(f"deferrable e2e: {elapsed:.1f} s")
