@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from airflow_ec2cluster.commands import redrive, status
+from airflow_ec2cluster.commands import iam_policy, redrive, status
 
 
 def register_localcloud(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +58,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "localcloud": register_localcloud,
     "status": status.register,
     "redrive": redrive.register,
+    "iam-policy": iam_policy.register,
 }
 
 

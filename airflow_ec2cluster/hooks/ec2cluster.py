@@ -598,11 +598,19 @@ class EC2ClusterHook(AwsBaseHook):
     # -- EC2 ------------------------------------------------------------------------------------------
 
     def run_instances(
-        self, *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str
+        self,
+        *,
+        cluster_id: str,
+        spec: LaunchSpec,
+        count: int,
+        client_token: str,
+        min_count: int | None = None,
     ) -> list[dict[str, Any]]:
-        """One RunInstances call for ``count`` workers (all or nothing: MinCount = MaxCount)."""
+        """One RunInstances call for up to ``count`` workers; EC2 fails it if fewer than ``min_count`` fit."""
         response = self.ec2.run_instances(
-            **run_instances_params(cluster_id=cluster_id, spec=spec, count=count, client_token=client_token)
+            **run_instances_params(
+                cluster_id=cluster_id, spec=spec, count=count, client_token=client_token, min_count=min_count
+            )
         )
         return response["Instances"]
 
@@ -688,6 +696,15 @@ class EC2ClusterHook(AwsBaseHook):
                 missing.append(group_id)
         return missing
 
+    def table_exists(self, table: str) -> bool:
+        try:
+            self.dynamodb.describe_table(TableName=table)
+        except ClientError as error:
+            if error_code(error) == "ResourceNotFoundException":
+                return False
+            raise
+        return True
+
     def instance_profile_exists(self, name_or_arn: str) -> bool:
         name = name_or_arn.rsplit("/", 1)[-1] if name_or_arn.startswith("arn:") else name_or_arn
         try:
@@ -737,7 +754,7 @@ def describe_failures(failed: list[dict[str, Any]], entries: dict[str, OutgoingM
 
 
 def run_instances_params(
-    *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str
+    *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str, min_count: int | None = None
 ) -> dict[str, Any]:
     """RunInstances arguments: IMDSv2 only, encrypted root volume, tags, terminate on shutdown."""
     tags = [{"Key": key, "Value": value} for key, value in cluster_tags(cluster_id, spec.extra_tags).items()]
@@ -754,7 +771,7 @@ def run_instances_params(
     params: dict[str, Any] = {
         "ImageId": spec.image_id,
         "InstanceType": spec.instance_type,
-        "MinCount": count,
+        "MinCount": min_count or count,
         "MaxCount": count,
         "ClientToken": client_token,
         "UserData": base64.b64decode(spec.user_data_b64),

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -19,6 +20,8 @@ import time
 READY_PREFIX = "EC2CLUSTER_LOCALCLOUD_READY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 PARENT_CHECK_SECONDS = 1.0
+CREDENTIAL_SCOPE_RE = re.compile(r"Credential=[^/]+/\d{8}/[^/]+/([a-z0-9-]+)/aws4_request")
+SERIALISED_SERVICES = ("ec2",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +54,31 @@ def raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def signed_service(environ: dict) -> str | None:
+    """The AWS service a SigV4-signed request is for (its credential scope names it)."""
+    match = CREDENTIAL_SCOPE_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    return match.group(1) if match else None
+
+
+def serialised(app, services: tuple[str, ...], lock: threading.Lock | None = None):
+    """``app`` with every request to ``services`` handled one at a time.
+
+    moto's EC2 backend is not thread-safe under the threaded server: two TerminateInstances of one
+    instance at once (the runner's and a teardown's) fail with InvalidNetworkInterfaceID.NotFound, which
+    AWS never answers. EC2 calls are short (no long polling), so one lock costs little.
+    """
+    lock = lock or threading.Lock()
+
+    def application(environ, start_response):
+        if signed_service(environ) not in services:
+            return app(environ, start_response)
+        with lock:
+            # Consume the response inside the lock: moto computes it lazily in some handlers.
+            return list(app(environ, start_response))
+
+    return application
+
+
 def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -65,7 +93,7 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
         speedup.apply()
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app = DomainDispatcherApplication(create_backend_app)
+    app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES)
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     print(f"{READY_PREFIX} http://127.0.0.1:{server.server_port}", flush=True)
     # Nothing else goes to stdout: the owner reads only the ready line (and may stop reading it).

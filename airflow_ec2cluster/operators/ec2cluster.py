@@ -101,7 +101,9 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
     iterable; called with ``tasks_callable_kwargs``), or ``s3_uri`` (a JSON-lines object, streamed, one
     payload per non-blank line). Each payload becomes ``{"task_id": ..., "payload": ...}``; the task id is
     ``payload[id_field]`` when ``id_field`` is set, else ``t`` + the 9-digit position in the sequence, so the
-    same sequence always gets the same ids.
+    same sequence always gets the same ids. Positional ids are unique by construction, so the enqueue streams
+    in constant memory; with ``id_field`` it keeps every id in a set to refuse duplicates (about 100 bytes
+    per task: ~20 MB for 200,000 tasks).
 
     A retried enqueue resumes: the count of messages sent without a gap is recorded in the cluster's META
     item as it goes, a retry skips that many, and a finished enqueue is not repeated. The source must yield
@@ -205,12 +207,15 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         return {**result, "enqueued": total}
 
     def messages(self, hook: EC2ClusterHook) -> Iterator[OutgoingMessage]:
-        seen: set[str] = set()
+        # Positional ids cannot collide, so only user-given ids are remembered to catch duplicates: memory
+        # then grows with the number of tasks (about 100 bytes per id), constant otherwise.
+        seen: set[str] | None = set() if self.id_field else None
         for index, (origin, payload) in enumerate(self.payloads(hook)):
             task_id = self.task_id_for(index, origin, payload)
-            if task_id in seen:
-                raise ValueError(f"duplicate task id {task_id!r} ({origin}): task ids must be unique")
-            seen.add(task_id)
+            if seen is not None:
+                if task_id in seen:
+                    raise ValueError(f"duplicate task id {task_id!r} ({origin}): task ids must be unique")
+                seen.add(task_id)
             try:
                 body = json.dumps({"task_id": task_id, "payload": payload}, separators=(",", ":"))
             except (TypeError, ValueError) as error:
@@ -305,6 +310,7 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
     template_fields: Sequence[str] = aws_template_fields(
         "cluster_id",
         "num_workers",
+        "min_workers",
         "image_id",
         "instance_type",
         "handler",
@@ -332,6 +338,7 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         self,
         *,
         num_workers: int,
+        min_workers: int | None = None,
         image_id: str,
         instance_type: str,
         handler: dict[str, Any],
@@ -356,6 +363,7 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
     ) -> None:
         super().__init__(**kwargs)
         self.num_workers = num_workers
+        self.min_workers = min_workers
         self.image_id = image_id
         self.instance_type = instance_type
         self.handler = handler
@@ -415,7 +423,11 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
             spec.image_id,
         )
         instances = hook.run_instances(
-            cluster_id=cluster_id, spec=spec, count=num_workers, client_token=launch_client_token(cluster_id)
+            cluster_id=cluster_id,
+            spec=spec,
+            count=num_workers,
+            min_count=int(self.min_workers) if self.min_workers else None,
+            client_token=launch_client_token(cluster_id),
         )
         self._launched_ids = [i["InstanceId"] for i in instances]
         try:
@@ -516,6 +528,14 @@ class EC2ClusterLaunchOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
                 raise ValueError
         except (TypeError, ValueError):
             problems.append(f"num_workers: {self.num_workers!r} is not a positive integer")
+        problems.extend(min_workers_problems(self.min_workers, self.num_workers))
+        problems.extend(queue_region_problems(config["queue_url"], hook.region))
+        output_table = (config.get("output") or {}).get("table")
+        if output_table and not hook.table_exists(output_table):
+            problems.append(
+                f"worker_options.output.table: DynamoDB table {output_table!r} not found in {hook.region}; "
+                "create it (pk and sk string keys) or leave 'table' out to store results in the state table"
+            )
         user_data = b""
         try:
             WorkerConfig.from_dict(config)
@@ -706,3 +726,35 @@ class EC2ClusterRedriveOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             "Cluster %s: %d dead-lettered task(s) moved back to %s", cluster_id, len(moved), queue_url
         )
         return {"cluster_id": cluster_id, "redriven": len(moved), "task_ids": moved}
+
+
+def min_workers_problems(min_workers: Any, num_workers: Any) -> list[str]:
+    """What is wrong with ``min_workers`` (RunInstances MinCount) given ``num_workers`` (MaxCount)."""
+    if min_workers in (None, ""):
+        return []
+    try:
+        minimum, maximum = int(min_workers), int(num_workers)
+    except (TypeError, ValueError):
+        return [f"min_workers: {min_workers!r} is not a positive integer"]
+    if minimum < 1:
+        return [f"min_workers: {minimum} is below 1; give at least 1, or leave it out for all-or-nothing"]
+    if minimum > maximum:
+        return [f"min_workers: {minimum} is more than num_workers ({maximum}); lower it or raise num_workers"]
+    return []
+
+
+SQS_HOST_REGION_RE = re.compile(
+    r"^https?://(?:sqs\.([a-z0-9-]+)\.amazonaws\.com|([a-z0-9-]+)\.queue\.amazonaws\.com)/"
+)
+
+
+def queue_region_problems(queue_url: str, region: str) -> list[str]:
+    """A queue in another region than the cluster's: workers there would poll the wrong endpoint."""
+    match = SQS_HOST_REGION_RE.match(queue_url or "")
+    queue_region = match and (match.group(1) or match.group(2))
+    if queue_region and queue_region != region:
+        return [
+            f"queue_url: {queue_url!r} is in {queue_region}, the cluster in {region}; use a queue of "
+            f"{region} (let EC2ClusterEnqueueOperator create it) or set region_name={queue_region!r}"
+        ]
+    return []

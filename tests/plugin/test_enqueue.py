@@ -156,3 +156,31 @@ def test_cluster_id_defaults_to_the_dag_run(aws, context):
 def test_exactly_one_source():
     with pytest.raises(ValueError, match="exactly one"):
         EC2ClusterEnqueueOperator(task_id="x", tasks=[1], s3_uri="s3://a/b")
+
+
+def message_ids_peak_bytes(operator: EC2ClusterEnqueueOperator) -> int:
+    """Peak memory allocated while the operator's messages are generated (and dropped) one by one."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        for _ in operator.messages(hook=None):
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_positional_ids_keep_no_set_so_memory_stays_flat():
+    def source(count):
+        return ({"id": f"u{i}"} for i in range(count))
+
+    def peak(count, **kwargs):
+        operator = EC2ClusterEnqueueOperator(
+            task_id="enqueue", tasks_callable=source, tasks_callable_kwargs={"count": count}, **kwargs
+        )
+        return message_ids_peak_bytes(operator)
+
+    # Positional: the same peak for 2,000 and 40,000 tasks. With id_field: every id is kept (duplicates).
+    assert peak(40_000) < peak(2_000) + 64 * 1024
+    assert peak(40_000, id_field="id") > peak(2_000, id_field="id") + 1_000_000

@@ -97,6 +97,13 @@ def test_user_data_too_large_is_a_validation_error(queues, context, cluster_id, 
     assert cluster_instances(cluster_id) == []
 
 
+def test_min_workers_becomes_min_count(queues, context, cluster_id, ami_id, instance_profile):
+    operator = launch(cluster_id, ami_id, min_workers=1)
+    runs = record_calls(operator, "RunInstances")
+    operator.execute(context)
+    assert (runs[0]["MinCount"], runs[0]["MaxCount"]) == (1, 2)
+
+
 def test_missing_queue_is_reported(aws, context, cluster_id, ami_id, instance_profile):
     with pytest.raises(AirflowException, match="run EC2ClusterEnqueueOperator"):
         launch(cluster_id, ami_id).execute(context)

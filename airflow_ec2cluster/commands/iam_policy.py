@@ -1,0 +1,56 @@
+"""``ec2cluster iam-policy``: print the least-privilege IAM policies for the controller and the workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from airflow_ec2cluster.cluster import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
+from airflow_ec2cluster.iam import PolicyScope, controller_policy, worker_policy
+
+SIDES = ("controller", "worker", "both")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "iam-policy",
+        help="print the least-privilege IAM policies (Airflow side and worker instance profile)",
+        description="Print IAM policy documents scoped to the clusters' queues, state table and tag: one for "
+        "the Airflow connection (controller), one for the worker instance profile's role.",
+    )
+    parser.add_argument("--side", choices=SIDES, default="both", help="which policy to print (default both)")
+    parser.add_argument("--region", default="*", help="AWS region of the clusters (default any)")
+    parser.add_argument("--account-id", default="*", help="AWS account id (default any)")
+    parser.add_argument(
+        "--cluster-prefix",
+        default="",
+        help="cluster ids start with this (the DAG id's slug, e.g. 'my-dag-'); default: any cluster",
+    )
+    parser.add_argument("--state-table", default=DEFAULT_STATE_TABLE, help="the state table's name")
+    parser.add_argument("--worker-role", default=DEFAULT_INSTANCE_PROFILE, help="the worker profile's role")
+    parser.add_argument("--instance-profile", default=DEFAULT_INSTANCE_PROFILE, help="the worker profile")
+    parser.add_argument("--manifest-bucket", default="*", help="bucket of S3 task manifests (default any)")
+    parser.add_argument("--output-bucket", default="*", help="bucket of the workers' S3 output (default any)")
+    parser.set_defaults(handler=run)
+
+
+def scope_from(args: argparse.Namespace) -> PolicyScope:
+    return PolicyScope(
+        region=args.region,
+        account_id=args.account_id,
+        cluster_prefix=args.cluster_prefix,
+        state_table=args.state_table,
+        worker_role=args.worker_role,
+        instance_profile=args.instance_profile,
+        manifest_bucket=args.manifest_bucket,
+        output_bucket=args.output_bucket,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    scope = scope_from(args)
+    documents = {"controller": controller_policy(scope), "worker": worker_policy(scope)}
+    if args.side != "both":
+        documents = {args.side: documents[args.side]}
+    print(json.dumps(documents if len(documents) > 1 else next(iter(documents.values())), indent=2))
+    return 0

@@ -1,0 +1,167 @@
+"""Least-privilege IAM policies: the Airflow side (controller) and the worker instance profile.
+
+The action lists are exactly the AWS calls each side's code makes (``tests/reliability/test_iam_policy.py``
+checks them against the code), and every statement that can be scoped is: queues and the state table by
+name, instances by the ``ec2cluster:cluster-id`` tag, PassRole to EC2 only and only for the worker role.
+Describe* calls of EC2 cannot be scoped to resources (AWS does not support it), so they use ``*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_ec2cluster.cluster import (
+    DEAD_LETTER_QUEUE_SUFFIX,
+    DEFAULT_INSTANCE_PROFILE,
+    DEFAULT_STATE_TABLE,
+    TAG_CLUSTER_ID,
+    TASK_QUEUE_SUFFIX,
+)
+
+POLICY_VERSION = "2012-10-17"
+
+# The controller's calls: hook, operators, sensor, trigger, CLI commands (IAM action names).
+CONTROLLER_QUEUE_ACTIONS = (
+    "sqs:CreateQueue",
+    "sqs:TagQueue",  # CreateQueue with tags
+    "sqs:GetQueueUrl",
+    "sqs:GetQueueAttributes",
+    "sqs:SendMessage",  # SendMessageBatch
+    "sqs:ReceiveMessage",  # peeking at dead-lettered task ids; message move tasks
+    "sqs:DeleteMessage",  # DeleteMessageBatch; message move tasks
+    "sqs:DeleteQueue",
+    "sqs:StartMessageMoveTask",  # re-drive from the dead-letter queue
+)
+CONTROLLER_TABLE_ACTIONS = (
+    "dynamodb:CreateTable",
+    "dynamodb:DescribeTable",
+    "dynamodb:DescribeTimeToLive",
+    "dynamodb:UpdateTimeToLive",
+    "dynamodb:GetItem",
+    "dynamodb:BatchGetItem",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:Query",
+)
+CONTROLLER_DESCRIBE_ACTIONS = (
+    "ec2:DescribeImages",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeInstances",
+    "ec2:DescribeSecurityGroups",
+    "ec2:DescribeSubnets",
+)
+WORKER_QUEUE_ACTIONS = (
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",  # DeleteMessageBatch
+    "sqs:ChangeMessageVisibility",  # ChangeMessageVisibilityBatch
+)
+# GetItem: the boot loader fetches the worker bundle (see workerbundle.py) before the worker starts.
+WORKER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:BatchWriteItem")
+
+
+@dataclass(frozen=True)
+class PolicyScope:
+    """What the policies are scoped to; ``*`` parts widen them (e.g. any account)."""
+
+    region: str = "*"
+    account_id: str = "*"
+    cluster_prefix: str = ""  # cluster ids start with this (cluster_id_for uses the DAG id's slug)
+    state_table: str = DEFAULT_STATE_TABLE
+    worker_role: str = DEFAULT_INSTANCE_PROFILE
+    instance_profile: str = DEFAULT_INSTANCE_PROFILE
+    manifest_bucket: str = "*"  # S3 manifests the enqueue operator reads
+    output_bucket: str = "*"  # the workers' s3 output, when used
+
+    def arn(self, service: str, resource: str, *, regional: bool = True) -> str:
+        region = self.region if regional else ""
+        return f"arn:aws:{service}:{region}:{self.account_id}:{resource}"
+
+    def queue_arns(self) -> list[str]:
+        return [
+            self.arn("sqs", f"{self.cluster_prefix}*{suffix}")
+            for suffix in (TASK_QUEUE_SUFFIX, DEAD_LETTER_QUEUE_SUFFIX)
+        ]
+
+    def table_arn(self) -> str:
+        return self.arn("dynamodb", f"table/{self.state_table}")
+
+    def cluster_tag_value(self) -> str:
+        return f"{self.cluster_prefix}*"
+
+
+def statement(sid: str, actions: tuple[str, ...] | list[str], resources: Any, **extra: Any) -> dict[str, Any]:
+    return {"Sid": sid, "Effect": "Allow", "Action": sorted(actions), "Resource": resources, **extra}
+
+
+def controller_policy(scope: PolicyScope) -> dict[str, Any]:
+    """The Airflow connection's policy."""
+    tag_condition = {"StringLike": {f"aws:ResourceTag/{TAG_CLUSTER_ID}": scope.cluster_tag_value()}}
+    request_tag = {"StringLike": {f"aws:RequestTag/{TAG_CLUSTER_ID}": scope.cluster_tag_value()}}
+    ec2 = lambda resource: scope.arn("ec2", resource)  # noqa: E731
+    return {
+        "Version": POLICY_VERSION,
+        "Statement": [
+            statement("ClusterQueues", CONTROLLER_QUEUE_ACTIONS, scope.queue_arns()),
+            statement("StateTable", CONTROLLER_TABLE_ACTIONS, scope.table_arn()),
+            statement("DescribeEC2", CONTROLLER_DESCRIBE_ACTIONS, "*"),
+            # New instances and volumes must carry the cluster tag; what they are made from is not tagged.
+            statement(
+                "LaunchTaggedWorkers",
+                ["ec2:RunInstances"],
+                [ec2("instance/*"), ec2("volume/*")],
+                Condition=request_tag,
+            ),
+            statement(
+                "LaunchFrom",
+                ["ec2:RunInstances"],
+                [
+                    f"arn:aws:ec2:{scope.region}::image/*",  # AMIs belong to their owner, not this account
+                    ec2("subnet/*"),
+                    ec2("network-interface/*"),
+                    ec2("security-group/*"),
+                    ec2("key-pair/*"),
+                ],
+            ),
+            statement(
+                "TagAtLaunchOnly",
+                ["ec2:CreateTags"],
+                [ec2("instance/*"), ec2("volume/*")],
+                Condition={"StringEquals": {"ec2:CreateAction": "RunInstances"}},
+            ),
+            statement(
+                "TerminateClusterInstances",
+                ["ec2:TerminateInstances"],
+                ec2("instance/*"),
+                Condition=tag_condition,
+            ),
+            statement(
+                "PassWorkerRole",
+                ["iam:PassRole"],
+                scope.arn("iam", f"role/{scope.worker_role}", regional=False),
+                Condition={"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+            ),
+            statement(
+                "CheckInstanceProfile",
+                ["iam:GetInstanceProfile"],
+                scope.arn("iam", f"instance-profile/{scope.instance_profile}", regional=False),
+            ),
+            statement("ReadManifests", ["s3:GetObject"], f"arn:aws:s3:::{scope.manifest_bucket}/*"),
+        ],
+    }
+
+
+def worker_policy(scope: PolicyScope) -> dict[str, Any]:
+    """The worker instance profile's role policy."""
+    return {
+        "Version": POLICY_VERSION,
+        "Statement": [
+            statement("TaskQueue", WORKER_QUEUE_ACTIONS, scope.queue_arns()[0]),
+            statement("StatusAndTaskLog", WORKER_TABLE_ACTIONS, scope.table_arn()),
+            statement("S3Output", ["s3:PutObject"], f"arn:aws:s3:::{scope.output_bucket}/*"),
+        ],
+    }
+
+
+def policy_actions(policy: dict[str, Any]) -> set[str]:
+    return {action for item in policy["Statement"] for action in item["Action"]}

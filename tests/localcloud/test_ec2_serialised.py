@@ -1,0 +1,28 @@
+"""The local cloud's server handles EC2 requests one at a time (moto's EC2 backend is not thread-safe)."""
+
+from __future__ import annotations
+
+import threading
+
+from airflow_ec2cluster.localcloud.server import serialised, signed_service
+
+EC2_HEADER = "AWS4-HMAC-SHA256 Credential=testing/20261124/us-east-1/ec2/aws4_request, SignedHeaders=host"
+SQS_HEADER = EC2_HEADER.replace("/ec2/", "/sqs/")
+
+
+def test_signed_service_reads_the_credential_scope():
+    assert signed_service({"HTTP_AUTHORIZATION": EC2_HEADER}) == "ec2"
+    assert signed_service({"HTTP_AUTHORIZATION": SQS_HEADER}) == "sqs"
+    assert signed_service({}) is None
+
+
+def test_only_the_named_services_run_under_the_lock():
+    lock = threading.Lock()
+
+    def app(environ, start_response):
+        return [b"locked" if lock.locked() else b"free"]
+
+    wrapped = serialised(app, ("ec2",), lock)
+    assert wrapped({"HTTP_AUTHORIZATION": EC2_HEADER}, None) == [b"locked"]
+    assert wrapped({"HTTP_AUTHORIZATION": SQS_HEADER}, None) == [b"free"]
+    assert not lock.locked()

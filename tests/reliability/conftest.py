@@ -1,0 +1,21 @@
+"""One local cloud for the whole reliability suite (its start-up costs seconds); a job per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_ec2cluster.localcloud import LocalCloud
+
+
+@pytest.fixture(scope="session")
+def cloud(tmp_path_factory):
+    with LocalCloud(work_dir=tmp_path_factory.mktemp("reliability-cloud"), grace_seconds=3) as started:
+        yield started
+
+
+@pytest.fixture
+def cloud_env(cloud, monkeypatch):
+    """Point boto3 and the Airflow connection ``aws_default`` at the local cloud."""
+    for name, value in {**cloud.env(), **cloud.airflow_conn_env()}.items():
+        monkeypatch.setenv(name, value)
+    return cloud

@@ -1,0 +1,208 @@
+"""Driving a whole job on the local cloud through the operators and the sensor, and faults to inject.
+
+A ``Job`` is one cluster: enqueue, launch, drain (the sensor's poke loop, with a hook called between pokes to
+inject faults), teardown; then what the cloud holds afterwards (task log, worker logs, live instances).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.common.compat.sdk import PokeReturnValue
+
+from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.localcloud import LocalCloud
+from airflow_ec2cluster.operators.ec2cluster import (
+    EC2ClusterEnqueueOperator,
+    EC2ClusterLaunchOperator,
+    EC2ClusterTeardownOperator,
+)
+from airflow_ec2cluster.sensors.ec2cluster import QueueDrainedSensor
+
+# Every state in which an instance still costs something or could come back.
+NOT_GONE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+INSTANCE_TYPE = "t3.micro"
+# Short worker timings: a killed worker's messages come back within seconds, idle workers leave soon.
+FAST_WORKER = {
+    "wait_time_seconds": 1,
+    "heartbeat_seconds": 1,
+    "idle_shutdown_seconds": 6,
+    "visibility_timeout_seconds": 15,
+    "task_timeout_seconds": 10,
+}
+FAST_SENSOR = {
+    "idle_timeout": 60,
+    "heartbeat_timeout": 15,
+    "boot_timeout": 30,
+    "drained_checks": 2,
+    "poke_interval": 0.5,
+}
+
+
+class TaskInstance:
+    """What the operators use of ``ti``: dag/run ids and XCom push (kept, so tests can scan them)."""
+
+    def __init__(self, dag_id: str, run_id: str) -> None:
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def worker_pids(cloud: LocalCloud, instance_ids: set[str] | None = None) -> dict[str, int]:
+    """Instance id -> pid of its live ``python -m ec2cluster_worker`` process (child of the user data)."""
+    groups = {
+        info["pgid"]: iid
+        for iid, info in cloud.worker_processes().items()
+        if info["alive"] and (instance_ids is None or iid in instance_ids)
+    }
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) in groups and b"ec2cluster_worker" in cmdline:
+            found[groups[int(fields[2])]] = int(entry.name)
+    return found
+
+
+class Job:
+    """One cluster on the local cloud, driven as the example DAG drives it."""
+
+    def __init__(self, cloud: LocalCloud, name: str, *, aws_conn_id: str = "aws_default") -> None:
+        self.cloud = cloud
+        self.cluster_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.state_table = f"rel-state-{uuid.uuid4().hex[:8]}"
+        self.ti = TaskInstance("reliability", f"manual__{uuid.uuid4().hex}")
+        self.context: dict[str, Any] = {"ti": self.ti, "run_id": self.ti.run_id}
+        self.common = {
+            "cluster_id": self.cluster_id,
+            "state_table": self.state_table,
+            "aws_conn_id": aws_conn_id,
+        }
+        self.hook = EC2ClusterHook(aws_conn_id=aws_conn_id)
+        self.xcom: dict[str, Any] = {}
+        self.pokes = 0
+
+    # -- the DAG's tasks --------------------------------------------------------------------------------
+
+    def enqueue(self, tasks: list[Any], **options: Any) -> dict[str, Any]:
+        operator = EC2ClusterEnqueueOperator(task_id="enqueue", tasks=tasks, **self.common, **options)
+        self.xcom["enqueue"] = operator.execute(self.context)
+        return self.xcom["enqueue"]
+
+    def launch(self, num_workers: int, handler: str, **worker_options: Any) -> dict[str, Any]:
+        operator = EC2ClusterLaunchOperator(
+            task_id="launch",
+            num_workers=num_workers,
+            image_id=self.cloud.ami_id,
+            instance_type=INSTANCE_TYPE,
+            instance_profile=self.cloud.instance_profile_name,
+            handler={"type": "python", "target": handler},
+            worker_options={**FAST_WORKER, **worker_options},
+            **self.common,
+        )
+        self.xcom["launch"] = operator.execute(self.context)
+        return self.xcom["launch"]
+
+    def sensor(self, **options: Any) -> QueueDrainedSensor:
+        return QueueDrainedSensor(task_id="drain", **self.common, **{**FAST_SENSOR, **options})
+
+    def drain(
+        self, timeout: float, between_pokes: Callable[[], None] | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Poke until drained (the summary), as the sensor's poke loop would; fail after ``timeout`` s."""
+        sensor = self.sensor(**options)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pokes += 1
+            answer = sensor.poke(self.context)
+            if isinstance(answer, PokeReturnValue) and answer.is_done:
+                self.xcom["drain"] = answer.xcom_value
+                return answer.xcom_value
+            if between_pokes is not None:
+                between_pokes()
+            time.sleep(float(sensor.poke_interval))
+        raise AssertionError(f"cluster {self.cluster_id} did not drain in {timeout} s")
+
+    def teardown(self, **options: Any) -> dict[str, Any]:
+        operator = EC2ClusterTeardownOperator(task_id="teardown", waiter_delay=1, **self.common, **options)
+        self.xcom["teardown"] = operator.execute(self.context)
+        return self.xcom["teardown"]
+
+    # -- what the cloud holds ---------------------------------------------------------------------------
+
+    def instances(self, states: tuple[str, ...] = NOT_GONE_STATES) -> list[dict[str, Any]]:
+        return self.hook.list_cluster_instances(self.cluster_id, states)
+
+    def instance_ids(self) -> set[str]:
+        every = ("pending", "running", "shutting-down", "stopping", "stopped", "terminated")
+        return {i["InstanceId"] for i in self.instances(every)}
+
+    def results(self) -> list[dict[str, Any]]:
+        return list(self.hook.iter_results(self.state_table, self.cluster_id))
+
+    def live_processes(self) -> list[str]:
+        ids = self.instance_ids()
+        return [iid for iid, info in self.cloud.worker_processes().items() if iid in ids and info["alive"]]
+
+    def worker_events(self, event: str) -> list[dict[str, Any]]:
+        """Every ``event`` line the cluster's workers logged (their instance logs, JSON lines)."""
+        found = []
+        for iid in self.instance_ids():
+            path = Path(self.cloud.work_dir) / "logs" / f"{iid}.log"
+            if not path.exists():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                if f'"event":"{event}"' not in line:
+                    continue
+                try:
+                    found.append(json.loads(line))
+                except ValueError:
+                    continue
+        return found
+
+    def executions(self) -> Counter:
+        """How many times each task ran to completion (duplicates are allowed: SQS is at-least-once)."""
+        return Counter(e["task_id"] for e in self.worker_events("task.done"))
+
+    def assert_nothing_left(self) -> None:
+        """No instance of the cluster in a billable state, and no worker process alive."""
+        wait_for(lambda: not self.live_processes(), 30, "the cluster's worker processes to end")
+        left = [(i["InstanceId"], i["State"]["Name"]) for i in self.instances()]
+        assert left == [], f"instances left: {left}"
+
+
+def kill_worker(pid: int, signum: int = signal.SIGKILL) -> None:
+    os.kill(pid, signum)
+
+
+def tagged(cluster_id: str) -> list[dict[str, Any]]:
+    return [{"Name": f"tag:{TAG_CLUSTER_ID}", "Values": [cluster_id]}]

@@ -1,0 +1,69 @@
+"""Graceful stop under load: SIGTERM to every worker mid-run; new workers finish; no message is held back."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from .harness import Job, kill_worker, wait_for, worker_pids
+
+TASKS = 1000
+WORKERS = 4
+# Long: a message a stopping worker kept would show as in flight and delay the end by this much.
+VISIBILITY_SECONDS = 60
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_sigterm_to_every_worker_hands_back_its_messages(cloud_env):
+    job = Job(cloud_env, "sigterm")
+    job.enqueue([{"n": n, "sleep": 0.01} for n in range(TASKS)], visibility_timeout=VISIBILITY_SECONDS)
+    job.launch(WORKERS, "tests.reliability.handlers:double", visibility_timeout_seconds=VISIBILITY_SECONDS)
+    launched_at = time.monotonic()
+    observed: dict[str, object] = {}
+
+    def stop_everyone() -> None:
+        if "signalled_at" in observed or time.monotonic() - launched_at < 5:
+            return
+        pids = worker_pids(job.cloud, job.instance_ids())
+        if len(pids) < WORKERS:
+            return
+        for pid in pids.values():
+            kill_worker(pid, signal.SIGTERM)
+        observed["signalled_at"] = time.monotonic()
+        observed["stopped"] = sorted(pids)
+        wait_for(lambda: not set(worker_pids(job.cloud)) & set(pids), 20, "the signalled workers to exit")
+        observed["exit_seconds"] = round(time.monotonic() - observed["signalled_at"], 1)
+        # Nothing the stopped workers held stays invisible: they finished their task and released the rest.
+        counts = job.hook.queue_counts(job.xcom["enqueue"]["queue_url"], job.xcom["enqueue"]["dlq_url"])
+        observed["in_flight_after_stop"] = counts.in_flight
+        observed["visible_after_stop"] = counts.visible
+
+    summary = job.drain(timeout=150, between_pokes=stop_everyone)
+    finished_after = time.monotonic() - observed["signalled_at"]
+    job.teardown()
+    job.assert_nothing_left()
+
+    assert observed["in_flight_after_stop"] == 0, observed
+    assert 0 < observed["visible_after_stop"] < TASKS, observed
+    assert finished_after < VISIBILITY_SECONDS, (
+        f"the job waited for visibility timeouts ({finished_after:.0f} s)"
+    )
+    results = job.results()
+    assert sorted(r["task_id"] for r in results) == [f"t{n:09d}" for n in range(TASKS)]
+    assert all(r["status"] == "done" and r["result"] == {"n": 2 * int(r["task_id"][1:])} for r in results)
+    stops = job.worker_events("worker.stopped")
+    by_signal = [e for e in stops if e["worker_id"] in observed["stopped"]]
+    assert sorted(e["worker_id"] for e in by_signal) == observed["stopped"]
+    assert {e["reason"] for e in by_signal} == {"signal:SIGTERM"}
+    assert all(e["exit_code"] == 0 for e in by_signal)
+    executions = job.executions()
+    print(
+        f"\nRELIABILITY graceful-stop: tasks={TASKS} sigterm={len(by_signal)} "
+        f"exit_within_s={observed['exit_seconds']} in_flight_after_stop={observed['in_flight_after_stop']} "
+        f"finished_after_signal_s={finished_after:.1f} visibility_s={VISIBILITY_SECONDS} "
+        f"replacements={summary['replacements_launched']} "
+        f"duplicate_executions={sum(c - 1 for c in executions.values())} results={len(results)} lost=0"
+    )

@@ -1,0 +1,172 @@
+"""Every AWS action the code calls is in the policy of the side that calls it, and nothing more."""
+
+from __future__ import annotations
+
+import ast
+import json
+from functools import cache
+from pathlib import Path
+
+import botocore.session
+from botocore import xform_name
+
+from airflow_ec2cluster.commands.iam_policy import register
+from airflow_ec2cluster.iam import PolicyScope, controller_policy, policy_actions, worker_policy
+from airflow_ec2cluster.userdata import parse_user_data, render_user_data
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("sqs", "ec2", "dynamodb", "s3", "iam")
+# IAM action names that differ from the API's (batch calls are authorised as their single form).
+ACTION_NAMES = {
+    "sqs:SendMessageBatch": "sqs:SendMessage",
+    "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility",
+}
+# Further actions a call needs, from the arguments the code passes.
+IMPLIED = {
+    "sqs:CreateQueue": {"sqs:TagQueue"},  # tags=
+    "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole"},  # TagSpecifications=, IamInstanceProfile=
+}
+# Files of each side; the local cloud, the demo and benchmarks are local tools, never run against AWS.
+CONTROLLER_EXCLUDED = ("localcloud", "demo.py")
+
+
+@cache
+def operations() -> dict[str, dict[str, str]]:
+    """service -> {snake_case method: API operation name}."""
+    session = botocore.session.get_session()
+    return {
+        service: {xform_name(op): op for op in session.get_service_model(service).operation_names}
+        for service in SERVICES
+    }
+
+
+@cache
+def waiter_operations() -> dict[str, str]:
+    session = botocore.session.get_session()
+    found = {}
+    for service in SERVICES:
+        try:
+            model = session.get_waiter_model(service)
+        except Exception:  # a service without waiters
+            continue
+        for name in model.waiter_names:
+            found[xform_name(name)] = f"{service}:{model.get_waiter(name).operation}"
+    return found
+
+
+def service_of(receiver: str, method: str) -> str | None:
+    candidates = [service for service in SERVICES if method in operations()[service]]
+    for service in candidates:
+        if service in receiver.lower():
+            return service
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def calls_in(source: Path | str) -> set[str]:
+    """``service:Operation`` of every AWS call in a file or source text (methods, paginators, waiters...)."""
+    found = set()
+    text = source.read_text() if isinstance(source, Path) else source
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        method, receiver = node.func.attr, ast.unparse(node.func.value)
+        argument = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
+        if method == "batch_writer":
+            found.add("dynamodb:BatchWriteItem")
+        elif method == "get_paginator" and isinstance(argument, str):
+            service = service_of(receiver, argument)
+            if service:
+                found.add(f"{service}:{operations()[service][argument]}")
+        elif method == "get_waiter" and isinstance(argument, str):
+            found.add(waiter_operations()[argument])
+        else:
+            service = service_of(receiver, method)
+            if service and method not in ("get_paginator", "get_waiter", "can_paginate"):
+                found.add(f"{service}:{operations()[service][method]}")
+    return found
+
+
+def actions_called(sources: list[Path | str]) -> set[str]:
+    actions = set()
+    for source in sources:
+        for call in calls_in(source):
+            action = ACTION_NAMES.get(call, call)
+            actions |= {action, *IMPLIED.get(action, ())}
+    return actions
+
+
+def controller_files() -> list[Path]:
+    root = REPO_ROOT / "airflow_ec2cluster"
+    return [
+        p
+        for p in sorted(root.rglob("*.py"))
+        if not any(part in CONTROLLER_EXCLUDED for part in p.relative_to(root).parts)
+    ]
+
+
+def boot_loader_source() -> str:
+    """The Python the user data runs on the instance to fetch the worker bundle (instance profile)."""
+    config = {"cluster_id": "c", "region": "us-east-1", "queue_url": "q", "state_table": "t"}
+    script = parse_user_data(render_user_data(config, worker_source="table", bundle_sha256="0" * 64))
+    return script.split("<<'EC2CLUSTER_EOF'\n", 1)[1].split("\nEC2CLUSTER_EOF", 1)[0]
+
+
+def worker_files() -> list[Path | str]:
+    return [*sorted((REPO_ROOT / "worker" / "ec2cluster_worker").rglob("*.py")), boot_loader_source()]
+
+
+def test_the_analysis_finds_known_calls():
+    assert {
+        "sqs:SendMessage",
+        "ec2:RunInstances",
+        "dynamodb:Query",
+        "ec2:DescribeInstances",
+    } <= actions_called(controller_files())
+    assert {"sqs:ReceiveMessage", "dynamodb:BatchWriteItem"} <= actions_called(worker_files())
+
+
+def test_controller_policy_is_exactly_what_the_airflow_side_calls():
+    assert policy_actions(controller_policy(PolicyScope())) == actions_called(controller_files())
+
+
+def test_worker_policy_is_exactly_what_the_worker_calls():
+    assert policy_actions(worker_policy(PolicyScope())) == actions_called(worker_files())
+
+
+def test_policies_are_scoped_to_the_clusters_names_and_tag():
+    scope = PolicyScope(region="eu-west-1", account_id="123456789012", cluster_prefix="etl-")
+    controller = {s["Sid"]: s for s in controller_policy(scope)["Statement"]}
+    worker = {s["Sid"]: s for s in worker_policy(scope)["Statement"]}
+    assert controller["ClusterQueues"]["Resource"] == [
+        "arn:aws:sqs:eu-west-1:123456789012:etl-*-tasks",
+        "arn:aws:sqs:eu-west-1:123456789012:etl-*-dlq",
+    ]
+    assert worker["TaskQueue"]["Resource"] == "arn:aws:sqs:eu-west-1:123456789012:etl-*-tasks"
+    assert (
+        worker["StatusAndTaskLog"]["Resource"]
+        == "arn:aws:dynamodb:eu-west-1:123456789012:table/ec2cluster-state"
+    )
+    terminate = controller["TerminateClusterInstances"]
+    assert terminate["Condition"] == {"StringLike": {"aws:ResourceTag/ec2cluster:cluster-id": "etl-*"}}
+    assert controller["LaunchTaggedWorkers"]["Condition"] == {
+        "StringLike": {"aws:RequestTag/ec2cluster:cluster-id": "etl-*"}
+    }
+    assert controller["PassWorkerRole"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}
+    }
+    # Only EC2's Describe* calls, which AWS cannot scope, are on every resource.
+    wide = [s["Sid"] for s in controller_policy(scope)["Statement"] if s["Resource"] == "*"]
+    assert wide == ["DescribeEC2"]
+
+
+def test_the_command_prints_both_policies(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ec2cluster")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["iam-policy", "--cluster-prefix", "etl-", "--region", "us-east-1"])
+    assert args.handler(args) == 0
+    documents = json.loads(capsys.readouterr().out)
+    assert set(documents) == {"controller", "worker"}
+    assert all(doc["Version"] == "2012-10-17" for doc in documents.values())
