@@ -49,6 +49,9 @@ with DAG(
         "instance_profile": Param("ec2cluster-worker", type="string"),
         "spot": Param(False, type="boolean", description="Launch spot instances"),
         "idle_timeout": Param(300, type="integer", minimum=1, description="Reap a worker idle this long (s)"),
+        "fail_on_dead_letters": Param(
+            False, type="boolean", description="Fail the run when any task ends in the dead-letter queue"
+        ),
         "worker_idle_shutdown": Param(
             600, type="integer", minimum=1, description="A worker with no message this long stops itself (s)"
         ),
@@ -75,6 +78,7 @@ with DAG(
     drain = QueueDrainedSensor(
         task_id="drain",
         idle_timeout="{{ params.idle_timeout }}",
+        fail_on_dead_letters="{{ params.fail_on_dead_letters }}",
         poke_interval=5,
         timeout=6 * 3600,
     )
