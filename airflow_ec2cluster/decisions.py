@@ -8,8 +8,10 @@ Worker ids are instance ids (the worker takes its id from instance metadata on E
 ``EC2CLUSTER_WORKER_ID`` to the instance id), so a status item is matched to its instance by id.
 
 Counting "done" for the drained cross-check. The queue's counts are approximate, so "drained" needs all three
-counts at zero on ``drained_checks`` consecutive pokes *and* the tasks accounted for: done + failed +
-dead-lettered >= enqueued. Two sources for done + failed:
+counts at zero on ``drained_checks`` consecutive pokes (default 2) *and* the tasks accounted for: done +
+failed + dead-lettered >= enqueued. The second condition is what makes two reads enough: a stale zero while
+messages are still queued or held cannot also show every enqueued task finished. Without an enqueued count
+(no cross-check possible) three reads are required. Two sources for done + failed:
 
 - the sum of the workers' ``tasks_done + tasks_failed`` over their status items: free (the sensor reads the
   status items anyway), but it lags for a worker killed between heartbeats and counts a task twice when SQS
@@ -49,6 +51,12 @@ REASON_INSTANCE_STOPPED = "instance-stopped"
 
 # The exact task-log count is retried every ``drained_checks`` empty pokes, this many times at most.
 EXACT_COUNT_ROUNDS = 3
+# Two consecutive empty reads: enough because "drained" also needs the tasks accounted for (done + failed +
+# dead-lettered >= enqueued), a check that a stale zero cannot pass while messages are still queued or held.
+# Each extra read costs a poke interval of idle instances (drain latency <= 2 intervals + teardown).
+DEFAULT_DRAINED_CHECKS = 2
+# Without an enqueued count there is no cross-check: the queue counts alone must read empty this many times.
+UNCHECKED_DRAINED_CHECKS = 3
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ class Policy:
     heartbeat_timeout: float = 120
     max_task_seconds: float = 3600
     boot_timeout: float = 600
-    drained_checks: int = 3
+    drained_checks: int = DEFAULT_DRAINED_CHECKS
     cluster_size: int = 1
     replace_reaped: bool = True
     # Replacement instances allowed over the whole job: a bound on churn when workers keep dying.
@@ -223,10 +231,12 @@ def finished_count(snapshot: Snapshot) -> int:
 def drain_state(snapshot: Snapshot, consecutive_empty: int, finished: int) -> tuple[bool, bool, str | None]:
     """(drained, needs_exact_count, failure) for the queue-empty side of the decision."""
     checks = snapshot.policy.drained_checks
+    if snapshot.enqueued is None:
+        # Nothing to cross-check against: only the (approximate) queue counts, so more of them.
+        unchecked = max(checks, UNCHECKED_DRAINED_CHECKS)
+        return consecutive_empty >= unchecked and snapshot.enqueue_complete, False, None
     if consecutive_empty < checks or not snapshot.enqueue_complete:
         return False, False, None
-    if snapshot.enqueued is None:
-        return True, False, None
     accounted = finished + snapshot.counts.dead_lettered
     if accounted >= snapshot.enqueued:
         return True, False, None

@@ -44,6 +44,7 @@ from airflow_ec2cluster.cluster import (
     launch_client_token,
 )
 from airflow_ec2cluster.decisions import (
+    DEFAULT_DRAINED_CHECKS,
     Decision,
     InstanceInfo,
     Policy,
@@ -67,7 +68,7 @@ class DrainSettings:
     heartbeat_timeout: float = 120
     max_task_seconds: float = 3600
     boot_timeout: float = 600
-    drained_checks: int = 3
+    drained_checks: int = DEFAULT_DRAINED_CHECKS
     replace_reaped: bool = True
     cluster_size: int | None = None
     max_replacements: int | None = None

@@ -14,8 +14,10 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 from botocore.exceptions import BotoCoreError, ClientError
 
 from airflow_ec2cluster.cluster import DEFAULT_STATE_TABLE, META_QUEUE_URL, cluster_id_from_context
+from airflow_ec2cluster.decisions import DEFAULT_DRAINED_CHECKS
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
+from airflow_ec2cluster.operators.ec2cluster import as_bool
 from airflow_ec2cluster.sensors.drain_round import DrainSettings, drain_round, instance_seconds, run_sync
 from airflow_ec2cluster.triggers.ec2cluster import (
     STATUS_FAILURE,
@@ -36,9 +38,11 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     and dead-letter counts (two GetQueueAttributes), the cluster's instances (DescribeInstances by tag), the
     worker status items (one Query); then :func:`airflow_ec2cluster.decisions.decide`, TerminateInstances for
     reaped workers, one RunInstances for replacements, one UpdateItem of the META item, and a progress line.
-    Only at the end, when the queue has read empty ``drained_checks`` times and the workers' counters fall
-    short of the enqueued count, is the task log counted exactly (see ``decisions``). Everything the sensor
-    remembers between pokes lives in the META item, so reschedule mode and retries work.
+    Drained: the queue has read empty ``drained_checks`` times in a row (default 2, enough because the tasks
+    must also be accounted for: done + failed + dead-lettered >= enqueued). Only at the end, when the queue
+    has read empty and the workers' counters fall short of the enqueued count, is the task log counted
+    exactly (see ``decisions``). Everything the sensor remembers between pokes lives in the META item, so
+    reschedule mode and retries work.
 
     Reaping: a worker idle longer than ``idle_timeout``, silent longer than ``heartbeat_timeout``, busy on one
     task longer than ``max_task_seconds``, an instance with no status ``boot_timeout`` after launch, a worker
@@ -59,6 +63,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     workers_used, instance_seconds, replacements_launched, reaped, elapsed_seconds, counts_exact}``.
     ``tasks_done``/``tasks_failed`` are distinct task ids in the task log when ``exact_summary`` (one count at
     the end), else the workers' counters.
+
+    Dead-lettered tasks are reported in the summary; with ``fail_on_dead_letters`` the sensor fails
+    (without retry) once the queue is drained and any task was dead-lettered.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -72,6 +79,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         "drained_checks",
         "cluster_size",
         "max_replacements",
+        "fail_on_dead_letters",
     )
     operator_extra_links = CLUSTER_LINKS
     ui_color = "#b3e5fc"
@@ -85,12 +93,13 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         heartbeat_timeout: float = 120,
         max_task_seconds: float = 3600,
         boot_timeout: float = 600,
-        drained_checks: int = 3,
+        drained_checks: int = DEFAULT_DRAINED_CHECKS,
         replace_reaped: bool = True,
         cluster_size: int | None = None,
         max_replacements: int | None = None,
         dead_letter_sample: int = 100,
         exact_summary: bool = True,
+        fail_on_dead_letters: bool = False,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -107,6 +116,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         self.max_replacements = max_replacements
         self.dead_letter_sample = dead_letter_sample
         self.exact_summary = exact_summary
+        self.fail_on_dead_letters = fail_on_dead_letters
         self.deferrable = deferrable
 
     def settings(self) -> DrainSettings:
@@ -154,7 +164,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         event = event or {}
         status = event.get("status")
         if status == STATUS_SUCCESS:
-            return event["summary"]
+            return self.drained(event["summary"])
         if status == STATUS_FAILURE:
             raise AirflowFailException(event.get("message"))
         raise AirflowException(f"drain trigger ended with {event!r}")
@@ -166,7 +176,19 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
             raise AirflowFailException(outcome.failure)
         if not outcome.drained:
             return False
-        return PokeReturnValue(is_done=True, xcom_value=outcome.summary)
+        return PokeReturnValue(is_done=True, xcom_value=self.drained(outcome.summary))
+
+    def drained(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The drained cluster's summary; fails the task instead when dead letters must fail the run."""
+        if as_bool(self.fail_on_dead_letters) and summary.get("dead_lettered"):
+            sample = ", ".join(summary.get("dead_lettered_task_ids") or []) or "see the dead-letter queue"
+            # No retry: re-running the sensor would find the same dead letters. Redrive them first.
+            raise AirflowFailException(
+                f"cluster {summary.get('cluster_id')}: {summary['dead_lettered']} task(s) dead-lettered "
+                f"({sample}); fix the handler and redrive them (ec2cluster redrive), or set "
+                "fail_on_dead_letters=False to let the run succeed with them reported"
+            )
+        return summary
 
     def persist_links(self, context: Context, cluster_id: str) -> None:
         """Console links for the UI; a link never fails the task."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from airflow_ec2cluster.decisions import (
+    DEFAULT_DRAINED_CHECKS,
     EXACT_COUNT_ROUNDS,
     REASON_HUNG,
     REASON_IDLE,
     REASON_INSTANCE_STOPPED,
     REASON_NEVER_REPORTED,
     REASON_STOPPED,
+    UNCHECKED_DRAINED_CHECKS,
     InstanceInfo,
     Policy,
     QueueCounts,
@@ -235,3 +237,33 @@ def test_worker_status_from_item():
     item = {"worker_id": "i-9", "state": "running", "started_at": 10, "heartbeat_at": 20, "busy": False}
     status = WorkerStatus.from_item(item)
     assert status.heartbeat_at == 20.0 and status.last_completion_at is None and status.last_activity == 10
+
+
+def test_default_is_two_empty_reads_with_the_task_log_agreeing():
+    policy = replace(POLICY, drained_checks=DEFAULT_DRAINED_CHECKS)
+    done = [worker("i-1", busy=False, tasks_done=100)]
+    assert DEFAULT_DRAINED_CHECKS == 2
+    assert decide(snapshot([instance("i-1")], done, counts=EMPTY, policy=policy, consecutive_empty=1)).drained
+    once = decide(snapshot([instance("i-1")], done, counts=EMPTY, policy=policy, consecutive_empty=0))
+    assert not once.drained
+
+
+def test_two_empty_reads_are_not_enough_when_tasks_are_unaccounted_for():
+    # A stale zero while messages are held: the counters show work missing, so no drain on the queue alone.
+    policy = replace(POLICY, drained_checks=DEFAULT_DRAINED_CHECKS)
+    short = [worker("i-1", busy=False, tasks_done=60)]
+    base = snapshot([instance("i-1")], short, counts=EMPTY, policy=policy, consecutive_empty=1)
+    assert not decide(base).drained and decide(base).needs_exact_count
+    assert not decide(replace(base, exact_finished=60)).drained
+
+
+def test_without_an_enqueued_count_three_empty_reads_are_required():
+    policy = replace(POLICY, drained_checks=DEFAULT_DRAINED_CHECKS)
+    ws = [worker("i-1", busy=False, tasks_done=0)]
+    reads = [
+        decide(
+            snapshot([instance("i-1")], ws, counts=EMPTY, policy=policy, enqueued=None, consecutive_empty=n)
+        ).drained
+        for n in range(UNCHECKED_DRAINED_CHECKS)
+    ]
+    assert reads == [False] * (UNCHECKED_DRAINED_CHECKS - 1) + [True]

@@ -47,10 +47,6 @@ def test_poison_messages_are_dead_lettered_and_reported(cloud_env):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QueueDrainedSensor has no option to fail the run on dead-lettered tasks (fail_on_dead_letters)",
-)
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_a_dag_option_fails_the_run_on_dead_letters(cloud_env):
