@@ -109,15 +109,7 @@ def create_state_table(name: str | None = None) -> str:
     dynamodb = client("dynamodb")
     dynamodb.create_table(
         TableName=name,
-        AttributeDefinitions=[
-            {"AttributeName": records.PK, "AttributeType": "S"},
-            {"AttributeName": records.SK, "AttributeType": "S"},
-        ],
-        KeySchema=[
-            {"AttributeName": records.PK, "KeyType": "HASH"},
-            {"AttributeName": records.SK, "KeyType": "RANGE"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
+        **records.STATE_TABLE_SCHEMA,
     )
     dynamodb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 30})
     return name

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from ec2cluster_worker import records
 
 from airflow_ec2cluster.userdata import USER_DATA_LIMIT_BYTES, parse_user_data, render_user_data
 from airflow_ec2cluster.workerbundle import build_worker_bundle, worker_source_files
@@ -64,9 +65,7 @@ def state_table(moto_server):
     dynamodb = boto3.client("dynamodb", endpoint_url=moto_server, region_name="us-east-1")
     dynamodb.create_table(
         TableName=name,
-        AttributeDefinitions=[{"AttributeName": k, "AttributeType": "S"} for k in ("pk", "sk")],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        BillingMode="PAY_PER_REQUEST",
+        **records.STATE_TABLE_SCHEMA,
     )
     return dynamodb, name
 

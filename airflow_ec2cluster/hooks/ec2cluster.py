@@ -251,15 +251,7 @@ class EC2ClusterHook(AwsBaseHook):
         try:
             self.dynamodb.create_table(
                 TableName=table,
-                AttributeDefinitions=[
-                    {"AttributeName": records.PK, "AttributeType": "S"},
-                    {"AttributeName": records.SK, "AttributeType": "S"},
-                ],
-                KeySchema=[
-                    {"AttributeName": records.PK, "KeyType": "HASH"},
-                    {"AttributeName": records.SK, "KeyType": "RANGE"},
-                ],
-                BillingMode="PAY_PER_REQUEST",
+                **records.STATE_TABLE_SCHEMA,
             )
         except ClientError as error:
             # Another task created it first: wait for theirs.

@@ -22,15 +22,7 @@ WORKERS = 3
 def create_state_table(dynamodb, name: str) -> None:
     dynamodb.create_table(
         TableName=name,
-        KeySchema=[
-            {"AttributeName": records.PK, "KeyType": "HASH"},
-            {"AttributeName": records.SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": records.PK, "AttributeType": "S"},
-            {"AttributeName": records.SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
+        **records.STATE_TABLE_SCHEMA,
     )
 
 

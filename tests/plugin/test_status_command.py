@@ -111,12 +111,7 @@ def test_status_of_an_unknown_cluster_fails(aws, capsys):
     args = parser.parse_args(["status", "nope", "--state-table", TABLE, "--region", REGION])
     boto3.client("dynamodb", region_name=REGION).create_table(
         TableName=TABLE,
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        BillingMode="PAY_PER_REQUEST",
+        **records.STATE_TABLE_SCHEMA,
     )
     assert args.handler(args) == 1
     assert "has no META item" in capsys.readouterr().err

@@ -23,6 +23,16 @@ META_SK = "META"
 TTL_ATTRIBUTE = "expires_at"
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 
+# CreateTable arguments of a state table (besides TableName): string keys, on-demand billing.
+STATE_TABLE_SCHEMA = {
+    "AttributeDefinitions": [
+        {"AttributeName": PK, "AttributeType": "S"},
+        {"AttributeName": SK, "AttributeType": "S"},
+    ],
+    "KeySchema": [{"AttributeName": PK, "KeyType": "HASH"}, {"AttributeName": SK, "KeyType": "RANGE"}],
+    "BillingMode": "PAY_PER_REQUEST",
+}
+
 # Worker status item: the attributes a worker writes and the controller reads.
 STATE_STARTING = "starting"
 STATE_RUNNING = "running"
