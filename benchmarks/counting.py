@@ -25,6 +25,8 @@ class CallCounter:
         self.items_written = 0
         self.write_units = 0
         self.sqs_billed_requests = 0
+        # DynamoDB writes per operation: {"BatchWriteItem": [items, write units, bytes], ...}
+        self.writes_by_operation: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
 
     # -- attaching ------------------------------------------------------------------------------------
 
@@ -59,7 +61,7 @@ class CallCounter:
     def _before_call(self, event_name: str, model: Any, params: dict[str, Any], **_: Any) -> None:
         service = event_name.split(".")[1]
         body = decode_body(params.get("body"))
-        items, units = dynamodb_writes(model.name, body) if service == "dynamodb" else (0, 0)
+        items, units, size = dynamodb_writes(model.name, body) if service == "dynamodb" else (0, 0, 0)
         billed = 0
         if service == "sqs" and model.name != "ReceiveMessage":
             billed = sqs_chunks(sqs_request_bytes(model.name, body))
@@ -67,6 +69,11 @@ class CallCounter:
             self.calls[f"{service}.{model.name}"] += 1
             self.items_written += items
             self.write_units += units
+            if items:
+                written = self.writes_by_operation[model.name]
+                written[0] += items
+                written[1] += units
+                written[2] += size
             self.sqs_billed_requests += billed
 
     def _after_receive(self, parsed: dict[str, Any], **_: Any) -> None:
@@ -96,22 +103,24 @@ def sqs_request_bytes(operation: str, body: dict[str, Any]) -> int:
     return 0
 
 
-def dynamodb_writes(operation: str, body: dict[str, Any]) -> tuple[int, int]:
-    """(items written, write request units) of one DynamoDB request, from its wire parameters."""
+def dynamodb_writes(operation: str, body: dict[str, Any]) -> tuple[int, int, int]:
+    """(items written, write request units, item bytes) of one DynamoDB request, from its wire parameters."""
     if operation == "PutItem":
-        return 1, write_units(body.get("Item", {}))
+        item = body.get("Item", {})
+        return 1, write_units(item), item_bytes(item)
     if operation in ("UpdateItem", "DeleteItem"):
         # The size of an updated item is not in the request; count the minimum of one unit.
-        return 1, 1
+        return 1, 1, 0
     if operation == "BatchWriteItem":
-        items = units = 0
+        items = units = size = 0
         for requests in body.get("RequestItems", {}).values():
             for request in requests:
                 items += 1
                 put = request.get("PutRequest")
                 units += write_units(put["Item"]) if put else 1
-        return items, units
-    return 0, 0
+                size += item_bytes(put["Item"]) if put else 0
+        return items, units, size
+    return 0, 0, 0
 
 
 def write_units(item: dict[str, Any]) -> int:

@@ -17,7 +17,12 @@ from .result import Result
 MIN_SPEEDUP = 4.0
 MAX_STREAM_GROWTH_MB = 50
 ENQUEUE_SIZES = {"tiny": 200, "full": 10_000}
-STREAM_SIZES = {"tiny": (500, 5_000), "full": (2_000, 200_000)}
+# SqsPublishOperator makes one call per task (~9 ms each on moto): half the tasks measure its rate as well and
+# keep the pair inside two minutes. Rates are per task, each side timed over its own tasks.
+PROVIDER_TASKS = 5_000
+# The issue asks for 200,000 lines; moto takes its messages at ~1,300/s here, so 200,000 lines take ~170 s,
+# over the two-minute budget. 100,000 fit; the growth per extra line shows whether memory is constant.
+STREAM_SIZES = {"tiny": (200, 2_000), "full": (2_000, 100_000)}
 PAGE_SIZE = 4096
 
 
@@ -66,12 +71,18 @@ def enqueue_rate(size: str) -> Result:
     with cloud.moto_server():
         table = cloud.create_state_table()
         ours_s, ours = enqueue_ours(table, items)
-        theirs_s, theirs = enqueue_provider(items)
-    speedup = theirs_s / ours_s
+        provider_items = items[:PROVIDER_TASKS]
+        theirs_s, theirs = enqueue_provider(provider_items)
+    ours_rate, theirs_rate = count / ours_s, len(provider_items) / theirs_s
+    speedup = ours_rate / theirs_rate
     batches = ours.count("SendMessageBatch")
     expected = math.ceil(count / 10)
     result = Result("enqueue", size)
-    result.add(f"tasks/s, {count:,} tasks", round(count / ours_s), round(count / theirs_s))
+    result.add(
+        f"tasks/s, {count:,} tasks (SqsPublishOperator {len(provider_items):,})",
+        round(ours_rate),
+        round(theirs_rate),
+    )
     result.add(
         "speed-up over SqsPublishOperator",
         round(speedup, 2),
@@ -79,8 +90,18 @@ def enqueue_rate(size: str) -> Result:
         f">= {MIN_SPEEDUP:g}x",
         speedup >= MIN_SPEEDUP,
     )
-    result.add("SQS send calls", batches, theirs.count("SendMessage"), f"= {expected:,}", batches == expected)
-    result.add("all calls (with queue, table and META set-up)", ours.total, theirs.total)
+    result.add(
+        f"SQS send calls for {count:,} tasks (SqsPublishOperator: one per task)",
+        batches,
+        count,
+        f"= {expected:,}",
+        batches == expected,
+    )
+    result.add(
+        f"all calls (ours with queue, table and META set-up; SqsPublishOperator for {len(provider_items):,})",
+        ours.total,
+        theirs.total,
+    )
     result.details = {"our calls": ours.by_operation(), "provider calls": theirs.by_operation()}
     return result
 
