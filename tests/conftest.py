@@ -40,3 +40,15 @@ def aws_endpoint(moto_server, monkeypatch):
     """Point boto3 (and child processes) at the session's moto server."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
+
+
+# Tests that run a whole local cloud with many worker processes share one xdist worker (`make test` runs
+# two): side by side they would starve each other's heartbeats and idle timers on a 2-core machine.
+LOCAL_CLOUD_SUITES = ("tests/reliability/", "tests/e2e/", "tests/localcloud/test_e2e_workers.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.replace("\\", "/")
+        if path.startswith(LOCAL_CLOUD_SUITES):
+            item.add_marker(pytest.mark.xdist_group("local-cloud"))
