@@ -1,13 +1,14 @@
 """AWS list prices used to turn counted requests and items into money: the one place they are written.
 
-us-east-1 list prices as published on the SQS and DynamoDB pricing pages, read 2025-06 (check before
-relying on a figure): standard-queue requests, each 64 KB chunk of a request's payload billed as one
-request; on-demand write request units, one per KB (rounded up) of each item written.
+us-east-1 on-demand list prices as we know them (not re-checked against AWS's pricing pages from this
+offline machine: check before relying on a figure): standard-queue requests, each 64 KB chunk of a
+request's payload billed as one request; on-demand write request units, one per KB (rounded up) of each
+item written.
 """
 
 from __future__ import annotations
 
-PRICES_AS_OF = "2025-06, us-east-1 list prices"
+PRICES_AS_OF = "us-east-1 list prices, assumed (not re-checked offline)"
 SQS_STANDARD_USD_PER_MILLION_REQUESTS = 0.40
 SQS_BILLING_CHUNK_BYTES = 64 * 1024
 DYNAMODB_ON_DEMAND_USD_PER_MILLION_WRU = 0.625
