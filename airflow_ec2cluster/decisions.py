@@ -214,10 +214,17 @@ def can_work(instance: InstanceInfo, worker: WorkerStatus | None) -> bool:
 def replacements_to_launch(snapshot: Snapshot, capacity: int) -> int:
     """New instances for remaining work, never above the cluster size nor the job's replacement budget."""
     policy = snapshot.policy
-    if not policy.replace_reaped or snapshot.counts.work == 0:
+    counts = snapshot.counts
+    if not policy.replace_reaped or counts.work == 0:
         return 0
-    # One worker per remaining message at most: no fleet for the last few tasks.
-    wanted = min(policy.cluster_size, snapshot.counts.work) - capacity
+    # A new worker can only take what it can receive: in-flight messages are held by a live worker (they
+    # keep the cluster from scaling to zero, but launching for them buys idle instances). With no worker
+    # left, held messages come back when their visibility expires, so one must be there to take them.
+    receivable = counts.visible + counts.delayed
+    if capacity == 0:
+        receivable = max(receivable, 1)
+    # One worker per receivable message at most: no fleet for the last few tasks.
+    wanted = min(policy.cluster_size - capacity, receivable)
     budget = policy.replacement_budget - snapshot.replacements_launched
     return max(0, min(wanted, budget))
 

@@ -130,12 +130,29 @@ def test_booting_and_replacement_instances_count_toward_the_size():
 
 
 def test_in_flight_messages_count_as_work():
+    # The only worker is reaped while it holds the last messages: they come back when their visibility
+    # expires, so one worker must be there to take them; not a drain, not a failure.
     in_flight_only = QueueCounts(visible=0, in_flight=2, delayed=0, dead_lettered=0)
     decision = decide(
         snapshot([instance("i-1")], [worker("i-1", heartbeat_at=NOW - 500)], counts=in_flight_only)
     )
-    assert decision.launch == 2  # capped by the remaining messages (2), under the cluster size (3)
-    assert decision.consecutive_empty == 0
+    assert decision.launch == 1
+    assert decision.consecutive_empty == 0 and not decision.drained and decision.failure is None
+
+
+def test_no_replacement_for_messages_a_live_worker_holds():
+    # Two workers exited idle at the tail while the third holds the last 10 messages: new workers could
+    # receive nothing, so none is launched.
+    tail = QueueCounts(visible=0, in_flight=10, delayed=0, dead_lettered=0)
+    gone = [instance("i-1", state="terminated"), instance("i-2", state="terminated")]
+    decision = decide(snapshot([*gone, instance("i-3")], [worker("i-3")], counts=tail))
+    assert decision.launch == 0 and decision.failure is None
+
+
+def test_replacements_only_for_messages_a_new_worker_can_receive():
+    some_visible = QueueCounts(visible=1, in_flight=10, delayed=0, dead_lettered=0)
+    decision = decide(snapshot([instance("i-3")], [worker("i-3")], counts=some_visible))
+    assert decision.launch == 1
 
 
 def test_no_replacements_without_work():

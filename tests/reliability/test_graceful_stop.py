@@ -21,11 +21,17 @@ def test_sigterm_to_every_worker_hands_back_its_messages(cloud_env):
     job = Job(cloud_env, "sigterm")
     job.enqueue([{"n": n, "sleep": 0.01} for n in range(TASKS)], visibility_timeout=VISIBILITY_SECONDS)
     job.launch(WORKERS, "tests.reliability.handlers:double", visibility_timeout_seconds=VISIBILITY_SECONDS)
-    launched_at = time.monotonic()
     observed: dict[str, object] = {}
 
+    def queue_counts():
+        return job.hook.queue_counts(job.xcom["enqueue"]["queue_url"], job.xcom["enqueue"]["dlq_url"])
+
     def stop_everyone() -> None:
-        if "signalled_at" in observed or time.monotonic() - launched_at < 5:
+        if "signalled_at" in observed:
+            return
+        # Mid-run: once some tasks are done (deleted), not before the workers have started (a slow boot).
+        counts = queue_counts()
+        if counts.visible + counts.in_flight >= TASKS:
             return
         pids = worker_pids(job.cloud, job.instance_ids())
         if len(pids) < WORKERS:
@@ -37,7 +43,7 @@ def test_sigterm_to_every_worker_hands_back_its_messages(cloud_env):
         wait_for(lambda: not set(worker_pids(job.cloud)) & set(pids), 20, "the signalled workers to exit")
         observed["exit_seconds"] = round(time.monotonic() - observed["signalled_at"], 1)
         # Nothing the stopped workers held stays invisible: they finished their task and released the rest.
-        counts = job.hook.queue_counts(job.xcom["enqueue"]["queue_url"], job.xcom["enqueue"]["dlq_url"])
+        counts = queue_counts()
         observed["in_flight_after_stop"] = counts.in_flight
         observed["visible_after_stop"] = counts.visible
 
