@@ -57,3 +57,24 @@ def ami_id(aws):
 def instance_profile(aws):
     boto3.client("iam", region_name=REGION).create_instance_profile(InstanceProfileName="ec2cluster-worker")
     return "ec2cluster-worker"
+
+
+def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks: int) -> dict:
+    """A cluster on moto: ``tasks`` tasks enqueued and 2 workers launched; the XComs of both, merged."""
+    from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+
+    common = {"state_table": table, "aws_conn_id": None, "region_name": REGION}
+    enqueued = EC2ClusterEnqueueOperator(
+        task_id="enqueue", cluster_id=cluster_id, tasks=[{"n": i} for i in range(tasks)], **common
+    ).execute(context)
+    descriptor = EC2ClusterLaunchOperator(
+        task_id="launch",
+        cluster_id=cluster_id,
+        num_workers=2,
+        image_id=ami_id,
+        instance_type="t3.micro",
+        handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
+        worker_source="pip:ec2cluster-worker==0.1.0",
+        **common,
+    ).execute(context)
+    return {**enqueued, **descriptor}

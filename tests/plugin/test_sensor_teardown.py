@@ -18,7 +18,7 @@ from airflow_ec2cluster.operators.ec2cluster import (
     EC2ClusterTeardownOperator,
 )
 from airflow_ec2cluster.sensors.ec2cluster import QueueDrainedSensor
-from tests.plugin.conftest import REGION
+from tests.plugin.conftest import REGION, enqueue_and_launch
 
 TABLE = "ec2cluster-state-test"
 COMMON = {"state_table": TABLE, "aws_conn_id": None, "region_name": REGION}
@@ -26,20 +26,7 @@ COMMON = {"state_table": TABLE, "aws_conn_id": None, "region_name": REGION}
 
 @pytest.fixture
 def cluster(aws, context, cluster_id, ami_id, instance_profile):
-    enqueued = EC2ClusterEnqueueOperator(
-        task_id="enqueue", cluster_id=cluster_id, tasks=[{"n": i} for i in range(20)], **COMMON
-    ).execute(context)
-    descriptor = EC2ClusterLaunchOperator(
-        task_id="launch",
-        cluster_id=cluster_id,
-        num_workers=2,
-        image_id=ami_id,
-        instance_type="t3.micro",
-        handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
-        worker_source="pip:ec2cluster-worker==0.1.0",
-        **COMMON,
-    ).execute(context)
-    return {**enqueued, **descriptor}
+    return enqueue_and_launch(context, cluster_id, ami_id, TABLE, tasks=20)
 
 
 def sensor(cluster_id: str, **kwargs) -> QueueDrainedSensor:

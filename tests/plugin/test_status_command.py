@@ -11,31 +11,17 @@ import pytest
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.commands import status
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
-from tests.plugin.conftest import REGION
+from tests.plugin.conftest import REGION, enqueue_and_launch
 
 TABLE = "ec2cluster-state-status"
-COMMON = {"state_table": TABLE, "aws_conn_id": None, "region_name": REGION}
 
 
 @pytest.fixture
 def known_cluster(aws, context, cluster_id, ami_id, instance_profile):
-    enqueued = EC2ClusterEnqueueOperator(
-        task_id="enqueue", cluster_id=cluster_id, tasks=[{"n": i} for i in range(10)], **COMMON
-    ).execute(context)
-    descriptor = EC2ClusterLaunchOperator(
-        task_id="launch",
-        cluster_id=cluster_id,
-        num_workers=2,
-        image_id=ami_id,
-        instance_type="t3.micro",
-        handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
-        worker_source="pip:ec2cluster-worker==0.1.0",
-        **COMMON,
-    ).execute(context)
+    cluster = enqueue_and_launch(context, cluster_id, ami_id, TABLE, tasks=10)
     now = int(time.time())
     table = boto3.resource("dynamodb", region_name=REGION).Table(TABLE)
-    busy_id, idle_id = descriptor["instance_ids"]
+    busy_id, idle_id = cluster["instance_ids"]
     base = {"pk": records.workers_pk(cluster_id), "state": "running", "started_at": now - 100}
     table.put_item(
         Item={
@@ -72,13 +58,13 @@ def known_cluster(aws, context, cluster_id, ami_id, instance_profile):
         }
     )
     sqs = boto3.client("sqs", region_name=REGION)
-    taken = sqs.receive_message(QueueUrl=enqueued["queue_url"], MaxNumberOfMessages=5)["Messages"]
+    taken = sqs.receive_message(QueueUrl=cluster["queue_url"], MaxNumberOfMessages=5)["Messages"]
     sqs.delete_message_batch(
-        QueueUrl=enqueued["queue_url"],
+        QueueUrl=cluster["queue_url"],
         Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(taken[:4])],
     )
-    sqs.send_message(QueueUrl=enqueued["dlq_url"], MessageBody=json.dumps({"task_id": "t000000007"}))
-    return {**enqueued, **descriptor, "busy_id": busy_id, "idle_id": idle_id}
+    sqs.send_message(QueueUrl=cluster["dlq_url"], MessageBody=json.dumps({"task_id": "t000000007"}))
+    return {**cluster, "busy_id": busy_id, "idle_id": idle_id}
 
 
 def test_status_output_on_a_known_cluster(known_cluster, capsys):

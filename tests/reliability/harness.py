@@ -27,6 +27,7 @@ from airflow_ec2cluster.operators.ec2cluster import (
     EC2ClusterTeardownOperator,
 )
 from airflow_ec2cluster.sensors.ec2cluster import QueueDrainedSensor
+from tests.localcloud.helpers import wait_for
 
 # Every state in which an instance still costs something or could come back.
 NOT_GONE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
@@ -58,17 +59,6 @@ class TaskInstance:
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.pushed[key] = value
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def worker_pids(cloud: LocalCloud, instance_ids: set[str] | None = None) -> dict[str, int]:
