@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import boto3
@@ -78,3 +79,26 @@ def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks:
         **common,
     ).execute(context)
     return {**enqueued, **descriptor}
+
+
+def write_worker_status(table: str, cluster_id: str, worker_id: str, **fields) -> None:
+    """A worker status item as the worker writes it: running, busy, fresh heartbeat; ``fields`` override."""
+    from ec2cluster_worker import records
+
+    now = time.time()
+    item = {
+        "pk": records.workers_pk(cluster_id),
+        "sk": worker_id,
+        "worker_id": worker_id,
+        "cluster_id": cluster_id,
+        "state": "running",
+        "started_at": int(now - 60),
+        "heartbeat_at": int(now - 1),
+        "busy": True,
+        "busy_task_id": "t000000000",
+        "busy_since": int(now - 1),
+        "tasks_done": 0,
+        "tasks_failed": 0,
+        **fields,
+    }
+    boto3.resource("dynamodb", region_name=REGION).Table(table).put_item(Item=item)

@@ -13,12 +13,11 @@ from ec2cluster_worker import records
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators.ec2cluster import (
-    EC2ClusterEnqueueOperator,
     EC2ClusterLaunchOperator,
     EC2ClusterTeardownOperator,
 )
 from airflow_ec2cluster.sensors.ec2cluster import QueueDrainedSensor
-from tests.plugin.conftest import REGION, enqueue_and_launch
+from tests.plugin.conftest import REGION, enqueue_and_launch, write_worker_status
 
 TABLE = "ec2cluster-state-test"
 COMMON = {"state_table": TABLE, "aws_conn_id": None, "region_name": REGION}
@@ -36,23 +35,7 @@ def sensor(cluster_id: str, **kwargs) -> QueueDrainedSensor:
 
 
 def write_status(cluster_id: str, worker_id: str, **fields) -> None:
-    now = time.time()
-    item = {
-        "pk": records.workers_pk(cluster_id),
-        "sk": worker_id,
-        "worker_id": worker_id,
-        "cluster_id": cluster_id,
-        "state": "running",
-        "started_at": int(now - 60),
-        "heartbeat_at": int(now - 1),
-        "busy": True,
-        "busy_task_id": "t000000000",
-        "busy_since": int(now - 1),
-        "tasks_done": 0,
-        "tasks_failed": 0,
-    }
-    item.update(fields)
-    boto3.resource("dynamodb", region_name=REGION).Table(TABLE).put_item(Item=item)
+    write_worker_status(TABLE, cluster_id, worker_id, **fields)
 
 
 def write_task_log(cluster_id: str, count: int, status: str = "done") -> None:
@@ -145,17 +128,7 @@ def test_api_calls_per_poke_do_not_grow_with_logged_tasks(aws, context, ami_id, 
     counts = []
     for logged in (100, 10_000):
         cid = f"calls-{logged}-{int(time.time() * 1000) % 100000}"
-        EC2ClusterEnqueueOperator(task_id="e", cluster_id=cid, tasks=[1, 2, 3], **COMMON).execute(context)
-        descriptor = EC2ClusterLaunchOperator(
-            task_id="l",
-            cluster_id=cid,
-            num_workers=2,
-            image_id=ami_id,
-            instance_type="t3.micro",
-            handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
-            worker_source="pip:ec2cluster-worker==0.1.0",
-            **COMMON,
-        ).execute(context)
+        descriptor = enqueue_and_launch(context, cid, ami_id, TABLE, tasks=3)
         write_task_log(cid, logged)
         for iid in descriptor["instance_ids"]:
             write_status(cid, iid, tasks_done=logged // 2)

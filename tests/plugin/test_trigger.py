@@ -17,7 +17,7 @@ from airflow_ec2cluster.hooks.ec2cluster import AsyncClusterIO, EC2ClusterHook
 from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.sensors.drain_round import DrainSettings, drain_round, run_async
 from airflow_ec2cluster.triggers.ec2cluster import QueueDrainedTrigger
-from tests.plugin.conftest import MOTO_AMI_ID, REGION, FakeTaskInstance
+from tests.plugin.conftest import MOTO_AMI_ID, REGION, FakeTaskInstance, write_worker_status
 
 TABLE = "ec2cluster-state-trigger"
 COMMON = {"state_table": TABLE, "aws_conn_id": None, "region_name": REGION}
@@ -50,21 +50,7 @@ def hook() -> EC2ClusterHook:
 
 
 def write_status(cluster_id: str, worker_id: str, **fields) -> None:
-    now = time.time()
-    item = {
-        "pk": records.workers_pk(cluster_id),
-        "sk": worker_id,
-        "worker_id": worker_id,
-        "state": "running",
-        "started_at": int(now - 60),
-        "heartbeat_at": int(now - 1),
-        "busy": True,
-        "busy_since": int(now - 1),
-        "tasks_done": 0,
-        "tasks_failed": 0,
-        **fields,
-    }
-    boto3.resource("dynamodb", region_name=REGION).Table(TABLE).put_item(Item=item)
+    write_worker_status(TABLE, cluster_id, worker_id, **fields)
 
 
 def live_ids(cluster_id: str) -> set[str]:
