@@ -19,7 +19,7 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import controller, enqueue, workers
+    from . import controller, enqueue, localcloud_sqs, workers
 
     return {
         "worker-calls": workers.worker_calls,
@@ -31,6 +31,7 @@ def registry() -> dict[str, Callable[[str], Result]]:
         "worker-memory": workers.worker_memory,
         "enqueue-stream": enqueue.enqueue_stream,
         "launch-calls": controller.launch_calls,
+        "localcloud-sqs": localcloud_sqs.localcloud_sqs,
     }
 
 
@@ -44,6 +45,7 @@ NAMES = (
     "worker-memory",
     "enqueue-stream",
     "launch-calls",
+    "localcloud-sqs",
 )
 
 

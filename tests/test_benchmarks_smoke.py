@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GROUPS = (
     ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream"),
     ("poke-calls", "worker-throughput", "worker-memory"),
-    ("drain-latency",),
+    ("drain-latency", "localcloud-sqs"),
 )
 
 
