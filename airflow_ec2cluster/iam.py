@@ -57,7 +57,13 @@ WORKER_QUEUE_ACTIONS = (
     "sqs:ChangeMessageVisibility",  # ChangeMessageVisibilityBatch
 )
 # GetItem: the boot loader fetches the worker bundle (see workerbundle.py) before the worker starts.
-WORKER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:BatchWriteItem")
+# BatchGetItem: a redelivered message's task-log item, so tasks already done are not run again.
+WORKER_TABLE_ACTIONS = (
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:BatchWriteItem",
+    "dynamodb:BatchGetItem",
+)
 
 
 @dataclass(frozen=True)

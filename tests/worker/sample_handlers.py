@@ -67,3 +67,9 @@ class BrokenSink:
 
     def write(self, completed: list[Any]) -> dict[str, dict[str, Any]]:
         raise RuntimeError("sink is broken")
+
+
+def fail_first_attempt(payload: Any, context: Any) -> Any:
+    if isinstance(payload, dict) and payload.get("fail_once") and context.attempt == 1:
+        raise ValueError("fails on the first attempt only")
+    return fail_if_asked(payload, context)

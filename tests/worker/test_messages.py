@@ -1,11 +1,18 @@
-"""Parsing task messages: good bodies become Tasks, anything else a Malformed value, never an exception."""
+"""Parsing task messages: good bodies become TaskMessages, anything else Malformed, never an exception."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from ec2cluster_worker.messages import Malformed, Task, parse_message, task_body
+from ec2cluster_worker.messages import (
+    MAX_TASKS_PER_MESSAGE,
+    Malformed,
+    TaskMessage,
+    group_body,
+    parse_message,
+    task_body,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,8 +28,10 @@ def message(body: str, receive_count: str = "1") -> dict:
 
 def test_a_task():
     parsed = parse_message(message(task_body("t000000042", {"id": 1, "text": ":)"}), "3"))
-    assert isinstance(parsed, Task)
-    assert (parsed.task_id, parsed.payload) == ("t000000042", {"id": 1, "text": ":)"})
+    assert isinstance(parsed, TaskMessage)
+    assert not parsed.grouped and parsed.log_key == "t000000042" and parsed.redelivered
+    [task] = parsed.tasks
+    assert (task.task_id, task.payload) == ("t000000042", {"id": 1, "text": ":)"})
     assert (parsed.delivery.message_id, parsed.delivery.receipt_handle, parsed.delivery.attempt) == (
         "m-1",
         "rh-1",
@@ -32,12 +41,25 @@ def test_a_task():
 
 @pytest.mark.parametrize("payload", [None, 0, "text", [1, 2], {"nested": {"a": [None]}}])
 def test_any_json_payload(payload):
-    assert parse_message(message(task_body("a.b:c_d-e", payload))).payload == payload
+    assert parse_message(message(task_body("a.b:c_d-e", payload))).tasks[0].payload == payload
 
 
 def test_extra_keys_are_ignored():
     body = json.dumps({"task_id": "t1", "payload": 1, "enqueued_at": 5})
-    assert isinstance(parse_message(message(body)), Task)
+    assert isinstance(parse_message(message(body)), TaskMessage)
+
+
+def test_a_group_keeps_its_order_and_is_logged_under_its_first_id():
+    parsed = parse_message(message(group_body([("t2", {"a": 1}), ("t1", None), ("t3", [1])])))
+    assert isinstance(parsed, TaskMessage) and parsed.grouped and not parsed.redelivered
+    assert [(t.task_id, t.payload) for t in parsed.tasks] == [("t2", {"a": 1}), ("t1", None), ("t3", [1])]
+    assert parsed.log_key == "t2"
+    assert {t.delivery for t in parsed.tasks} == {parsed.delivery}
+
+
+def test_a_group_of_one_is_still_a_group():
+    parsed = parse_message(message(group_body([("only", 1)])))
+    assert parsed.grouped and len(parsed.tasks) == 1
 
 
 @pytest.mark.parametrize(
@@ -58,11 +80,31 @@ def test_extra_keys_are_ignored():
     ],
 )
 def test_malformed_bodies(body, error_part):
+    check_malformed(body, error_part)
+
+
+def check_malformed(body, error_part):
     parsed = parse_message(message(body, "2"))
     assert isinstance(parsed, Malformed)
     assert error_part in parsed.error
     assert parsed.task_id == "malformed-m-1"
     assert parsed.delivery.attempt == 2
+
+
+@pytest.mark.parametrize(
+    ("tasks", "error_part"),
+    [
+        ([], "not a list of 1-100 task objects"),
+        ("t1", "not a list of 1-100 task objects"),
+        ([{"task_id": f"t{i}", "payload": i} for i in range(MAX_TASKS_PER_MESSAGE + 1)], "1-100"),
+        ([{"task_id": "t1", "payload": 1}, {"task_id": "t1", "payload": 2}], "repeat a task_id"),
+        ([{"task_id": "t1", "payload": 1}, {"payload": 2}], "tasks[1] has no task_id"),
+        ([{"task_id": "t1", "payload": 1}, "x"], "tasks[1] is a JSON str"),
+        ([{"task_id": "bad id", "payload": 1}], "tasks[0]: task_id 'bad id'"),
+    ],
+)
+def test_malformed_groups_are_refused_whole(tasks, error_part):
+    check_malformed(json.dumps({"tasks": tasks}), error_part)
 
 
 def test_missing_receive_count_means_first_attempt():
@@ -73,4 +115,4 @@ def test_missing_receive_count_means_first_attempt():
 
 @given(st.text(max_size=300))
 def test_no_body_raises(body):
-    assert isinstance(parse_message(message(body)), (Task, Malformed))
+    assert isinstance(parse_message(message(body)), (TaskMessage, Malformed))

@@ -10,12 +10,18 @@ from ec2cluster_worker import records
 from ec2cluster_worker.aws import AwsClients
 from ec2cluster_worker.config import CustomOutputSpec, DynamoDBOutputSpec, S3OutputSpec
 from ec2cluster_worker.handlers import HandlerError
+from ec2cluster_worker.messages import Delivery
 from ec2cluster_worker.results import done_result, failed_result
 from ec2cluster_worker.sinks import MAX_INLINE_RESULT_BYTES, SinkContext, build_sink, write_results
-from ec2cluster_worker.tasklog import TaskLog, task_log_item
+from ec2cluster_worker.tasklog import MessageRun, TaskLog, task_log_item
 from moto import mock_aws
 
 from .cloud import REGION, create_state_table
+
+
+def single_run(result):
+    delivery = Delivery(result.message_id, f"rh-{result.task_id}", result.attempt)
+    return MessageRun(result.task_id, delivery, grouped=False, task_count=1, results=[result])
 
 
 @pytest.fixture
@@ -132,9 +138,7 @@ def test_unserialisable_results_fail():
 
 def test_task_log_items_and_one_batch_write(clients):
     table = create_state_table("state-for-log")
-    log = TaskLog(
-        clients.dynamodb_resource.Table(table), cluster_id="c-1", log_shards=4, retention_seconds=100
-    )
+    log = TaskLog(clients.dynamodb_resource, table, cluster_id="c-1", log_shards=4, retention_seconds=100)
     failure = failed_result(
         task_id="dup",
         attempt=2,
@@ -149,7 +153,8 @@ def test_task_log_items_and_one_batch_write(clients):
         "before-call.dynamodb.BatchWriteItem", lambda **kw: calls.append(1)
     )
     outcomes = [done("a", 1), done("dup", 2), failure] + [done(f"t{n}", n) for n in range(20)]
-    log.write(outcomes, {"a": {"result": "1"}, "dup": {"result": "2"}})
+    runs = [single_run(result) for result in outcomes]
+    log.write(log.items(runs, {"a": {"result": "1"}, "dup": {"result": "2"}}, worker_id="w-1", now=3.0))
     assert len(calls) == 1  # 22 distinct items: one BatchWriteItem
     stored = boto3.resource("dynamodb", region_name=REGION).Table(table)
     dup = stored.get_item(Key=records.task_log_key("c-1", "dup", 4))["Item"]

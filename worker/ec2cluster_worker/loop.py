@@ -1,9 +1,11 @@
 """The worker loop: receive a batch, run its tasks, store results, log them, delete what is done.
 
-Per received batch of up to 10 tasks the loop makes three AWS calls (ReceiveMessage, one BatchWriteItem for
-every task-log item, one DeleteMessageBatch), plus a ChangeMessageVisibilityBatch only when something
-failed or must be handed back. Failed tasks are logged and left undeleted with a short visibility, so SQS
-retries them and redrive moves them to the dead-letter queue after maxReceiveCount receives.
+Per received batch of messages (each one task or a group of tasks) the loop makes three AWS calls
+(ReceiveMessage, one BatchWriteItem for every message's task-log item, one DeleteMessageBatch), plus a
+ChangeMessageVisibilityBatch only when something failed or must be handed back, and one BatchGetItem only
+when a message is a redelivery (its tasks already logged done are not run again). A message with a failed
+task is left undeleted with a short visibility, so SQS retries it and redrive moves it to the dead-letter
+queue after maxReceiveCount receives.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -23,12 +24,12 @@ from .config import WorkerConfig
 from .handlers import Handler, TaskContext, TaskFailure, TaskTimeout
 from .lifecycle import SpotWatcher, StopRequest, due_stop_reason, install_signal_handlers
 from .logs import EventLog
-from .messages import Delivery, Malformed, Parsed, Task, parse_message
+from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, parse_message
 from .results import TaskResult, done_result, failed_result
 from .sinks import Sink, write_results
 from .status import Heartbeat, StatusWriter, WorkerStatus
-from .tasklog import TaskLog
-from .taskqueue import TaskQueue
+from .tasklog import STATUS_PARTIAL, MessageRun, TaskLog, fit_inline_results
+from .taskqueue import TaskQueue, messages_to_request
 from .visibility import VisibilityKeeper
 
 MAX_RETRY_DELAY_SECONDS = 60
@@ -41,14 +42,6 @@ EXIT_ERROR = 1
 def retry_delay_seconds(attempt: int, visibility_timeout: int) -> int:
     """How long a failed task's message stays hidden before SQS offers it again: 1, 2, 4, ... s."""
     return int(min(2 ** max(attempt - 1, 0), MAX_RETRY_DELAY_SECONDS, visibility_timeout))
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One message of a batch and what came of it."""
-
-    delivery: Delivery
-    result: TaskResult
 
 
 class Worker:
@@ -81,7 +74,8 @@ class Worker:
         self.keeper = VisibilityKeeper(clients.sqs, config.queue_url, config.visibility_timeout_seconds, log)
         self.heartbeat = Heartbeat(status_writer, config.heartbeat_seconds)
         self.task_log = TaskLog(
-            clients.dynamodb_resource.Table(config.state_table),
+            clients.dynamodb_resource,
+            config.state_table,
             cluster_id=config.cluster_id,
             log_shards=config.log_shards,
             retention_seconds=config.retention_seconds,
@@ -90,6 +84,7 @@ class Worker:
         self.last_activity_at = self.started_at
         self.exit_code = EXIT_OK
         self._receive_errors = 0
+        self._tasks_per_message = 1  # the largest message of the last batch
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -139,7 +134,7 @@ class Worker:
     def _receive(self) -> list[dict[str, Any]]:
         try:
             messages = self.queue.receive(
-                max_messages=self.config.max_messages,
+                max_messages=messages_to_request(self.config.max_messages, self._tasks_per_message),
                 wait_time_seconds=self.config.wait_time_seconds,
                 visibility_timeout=self.config.visibility_timeout_seconds,
             )
@@ -166,42 +161,81 @@ class Worker:
 
     def process_batch(self, messages: list[dict[str, Any]]) -> None:
         parsed = [parse_message(message) for message in messages]
+        self._tasks_per_message = max(
+            len(item.tasks) if isinstance(item, TaskMessage) else 1 for item in parsed
+        )
         self.keeper.hold([item.delivery for item in parsed], self.clock())
-        attempts: list[Attempt] = []
-        not_started: list[Delivery] = []
-        for index, item in enumerate(parsed):
-            if self._stopping(between_batches=False):
-                not_started = [later.delivery for later in parsed[index:]]
-                break
-            attempts.append(Attempt(item.delivery, self.run_task(item)))
+        done_before = self._done_before(parsed)
+        runs: list[MessageRun] = []
+        for item in parsed:
+            run = MessageRun(
+                key=item.log_key,
+                delivery=item.delivery,
+                grouped=isinstance(item, TaskMessage) and item.grouped,
+                task_count=len(item.tasks) if isinstance(item, TaskMessage) else 1,
+                kept=done_before.get(item.log_key, {}),
+            )
+            self.run_message(item, run)
+            runs.append(run)
+        not_started = [run.delivery for run in runs if run.not_run and not run.results and not run.kept]
         if not_started:
             refused = self.keeper.set_visibility(not_started, 0)
             self.log.info("batch.released", messages=len(not_started), refused=len(refused))
-        self.finish(attempts)
+        self.finish([run for run in runs if run.delivery not in not_started])
         self.last_activity_at = self.clock()
 
-    def run_task(self, item: Parsed) -> TaskResult:
-        delivery = item.delivery
+    def _done_before(self, parsed: list[Parsed]) -> dict[str, dict[str, dict[str, Any]]]:
+        """Tasks of redelivered messages that an earlier delivery logged done: one read, redeliveries only."""
+        keys = [item.log_key for item in parsed if isinstance(item, TaskMessage) and item.redelivered]
+        if not keys:
+            return {}
+        try:
+            return self.task_log.done_before(keys)
+        except (BotoCoreError, ClientError) as error:
+            # Not fatal: the tasks run again (at-least-once), and their items are overwritten.
+            self.log.warning("tasklog.read_failed", error=str(error), messages=len(keys))
+            return {}
+
+    def run_message(self, item: Parsed, run: MessageRun) -> None:
+        """Run the message's tasks in order, skipping those done before; stop starting new ones on a stop."""
+        if isinstance(item, Malformed):
+            now = time.time()
+            self.log.warning(
+                "message.malformed", task_id=item.task_id, error=item.error, attempt=item.delivery.attempt
+            )
+            run.results.append(
+                failed_result(
+                    task_id=item.task_id,
+                    attempt=item.delivery.attempt,
+                    worker_id=self.worker_id,
+                    message_id=item.delivery.message_id,
+                    started_at=now,
+                    finished_at=now,
+                    error=f"malformed message: {item.error}",
+                )
+            )
+            return
+        for task in item.tasks:
+            if task.task_id in run.kept:
+                continue
+            if self._stopping(between_batches=False):
+                run.not_run += 1
+                continue
+            run.results.append(self.run_task(task))
+
+    def run_task(self, task: Task) -> TaskResult:
+        delivery = task.delivery
         common = dict(
-            task_id=item.task_id,
+            task_id=task.task_id,
             attempt=delivery.attempt,
             worker_id=self.worker_id,
             message_id=delivery.message_id,
         )
-        if isinstance(item, Malformed):
-            now = time.time()
-            self.log.warning(
-                "message.malformed", task_id=item.task_id, error=item.error, attempt=delivery.attempt
-            )
-            return failed_result(
-                started_at=now, finished_at=now, error=f"malformed message: {item.error}", **common
-            )
-        assert isinstance(item, Task)
         started_at = time.time()
-        self.status.task_started(item.task_id, started_at)
-        context = TaskContext(item.task_id, delivery.attempt, self.worker_id, self.config.cluster_id)
+        self.status.task_started(task.task_id, started_at)
+        context = TaskContext(task.task_id, delivery.attempt, self.worker_id, self.config.cluster_id)
         try:
-            value = self.handler(item.payload, context, self.config.task_timeout_seconds)
+            value = self.handler(task.payload, context, self.config.task_timeout_seconds)
         except TaskTimeout:
             error = f"timed out after {self.config.task_timeout_seconds:g} s (task_timeout_seconds)"
         except TaskFailure as failure:
@@ -227,36 +261,56 @@ class Worker:
         else:
             self.log.warning("task.failed", error=result.error, **fields)
 
-    def finish(self, attempts: list[Attempt]) -> None:
-        """Store results, write the batch's task log, delete what is done, let failures come back soon."""
-        if not attempts:
+    def finish(self, runs: list[MessageRun]) -> None:
+        """Store results, write the batch's task log, delete what is done, let the rest come back."""
+        if not runs:
             return
-        completed = [attempt.result for attempt in attempts if attempt.result.done]
-        stored, attributes = write_results(self.sink, completed)
-        for result in stored:
-            if not result.done:
-                self.log.warning("task.output_failed", task_id=result.task_id, error=result.error)
-        outcomes = [attempt.result for attempt in attempts if not attempt.result.done] + stored
-        deliveries = {attempt.delivery.message_id: attempt.delivery for attempt in attempts}
+        attributes = self._store_results(runs)
         try:
-            self.task_log.write(outcomes, attributes)
+            self.task_log.write(
+                self.task_log.items(runs, attributes, worker_id=self.worker_id, now=time.time())
+            )
         except (BotoCoreError, ClientError) as error:
             # Nothing deleted: every message of the batch comes back after its visibility timeout.
-            self.keeper.forget(deliveries.values())
-            self.log.error("tasklog.write_failed", error=str(error), tasks=len(outcomes))
+            self.keeper.forget(run.delivery for run in runs)
+            self.log.error("tasklog.write_failed", error=str(error), messages=len(runs))
             return
-        done = [deliveries[result.message_id] for result in outcomes if result.done]
-        failed = [deliveries[result.message_id] for result in outcomes if not result.done]
-        self.keeper.forget(done)
-        self._delete(done)
+        done = [run for run in runs if run.status == records.TASK_DONE]
+        failed = [run for run in runs if run.status == records.TASK_FAILED]
+        handed_back = [run.delivery for run in runs if run.status == STATUS_PARTIAL]
+        self.keeper.forget(run.delivery for run in done)
+        self._delete([run.delivery for run in done])
         if failed:
             self.keeper.set_visibility(
-                failed,
+                [run.delivery for run in failed],
                 lambda delivery: retry_delay_seconds(
                     delivery.attempt, self.config.visibility_timeout_seconds
                 ),
             )
-        self.status.count(len(done), len(failed), time.time())
+        if handed_back:
+            refused = self.keeper.set_visibility(handed_back, 0)
+            self.log.info("batch.released", messages=len(handed_back), refused=len(refused), partly_run=True)
+        self.status.count(
+            done=sum(len(run.results) - run.tasks_failed for run in runs),
+            failed=sum(run.tasks_failed for run in runs),
+            messages_done=sum(1 for run in done if not run.finished_before),
+            messages_failed=len(failed),
+            now=time.time(),
+        )
+
+    def _store_results(self, runs: list[MessageRun]) -> dict[str, dict[str, Any]]:
+        """Hand done results to the sink; what it could not store (or what overflows an item) fails."""
+        completed = [result for run in runs for result in run.results if result.done]
+        stored, attributes = write_results(self.sink, completed)
+        stored_by_id = {result.task_id: result for result in stored}
+        for result in stored:
+            if not result.done:
+                self.log.warning("task.output_failed", task_id=result.task_id, error=result.error)
+        for run in runs:
+            run.results = [stored_by_id.get(r.task_id, r) if r.done else r for r in run.results]
+            if run.grouped:
+                fit_inline_results(run, attributes)
+        return attributes
 
     def _delete(self, deliveries: list[Delivery]) -> None:
         if not deliveries:

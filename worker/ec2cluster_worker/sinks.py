@@ -29,9 +29,7 @@ from .aws import AwsClients
 from .config import CustomOutputSpec, DynamoDBOutputSpec, OutputSpec, S3OutputSpec
 from .handlers import HandlerError, load_target
 from .results import TaskResult
-
-# A DynamoDB item holds at most 400 KB; leave room for the task log's other attributes.
-MAX_INLINE_RESULT_BYTES = 350_000
+from .tasklog import MAX_INLINE_RESULT_BYTES
 
 
 class Sink(Protocol):

@@ -30,6 +30,8 @@ class StatusSnapshot:
     last_completion_at: float | None
     tasks_done: int
     tasks_failed: int
+    messages_done: int
+    messages_failed: int
     stop_reason: str | None
 
 
@@ -46,6 +48,8 @@ class WorkerStatus:
         self._last_completion_at: float | None = None
         self._tasks_done = 0
         self._tasks_failed = 0
+        self._messages_done = 0
+        self._messages_failed = 0
         self._stop_reason: str | None = None
 
     def set_state(self, state: str, stop_reason: str | None = None) -> None:
@@ -62,10 +66,14 @@ class WorkerStatus:
         with self._lock:
             self._busy_task_id, self._busy_since, self._idle_since = None, None, now
 
-    def count(self, done: int, failed: int, now: float) -> None:
+    def count(
+        self, done: int, failed: int, now: float, *, messages_done: int = 0, messages_failed: int = 0
+    ) -> None:
         with self._lock:
             self._tasks_done += done
             self._tasks_failed += failed
+            self._messages_done += messages_done
+            self._messages_failed += messages_failed
             if done or failed:
                 self._last_completion_at = now
 
@@ -80,6 +88,8 @@ class WorkerStatus:
                 last_completion_at=self._last_completion_at,
                 tasks_done=self._tasks_done,
                 tasks_failed=self._tasks_failed,
+                messages_done=self._messages_done,
+                messages_failed=self._messages_failed,
                 stop_reason=self._stop_reason,
             )
 
@@ -98,6 +108,9 @@ def status_item(
         "busy": snapshot.busy_task_id is not None,
         "tasks_done": snapshot.tasks_done,
         "tasks_failed": snapshot.tasks_failed,
+        # Messages finished (each one task or a group): what the controller checks against the enqueued count.
+        "messages_done": snapshot.messages_done,
+        "messages_failed": snapshot.messages_failed,
         records.TTL_ATTRIBUTE: int(now) + retention_seconds,
     }
     optional = {

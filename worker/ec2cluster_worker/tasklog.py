@@ -1,21 +1,70 @@
-"""The task log: one item per task (done or failed attempt), keyed by task id so a re-run overwrites it.
+"""The task log: one item per message, keyed by the message's log key (its first task's id).
+
+A message of one task gets the flat item of that task (``task_id``, ``status``, ``result``...). A group's
+item lists its tasks in ``tasks`` (``task_id``, ``status``, ``duration_s``, ``result`` | ``output`` |
+``error`` each) with ``task_count``, ``tasks_done`` and ``tasks_failed``, and its ``status`` says the whole
+message: ``done`` (every task done), ``failed`` (some failed: the message is retried) or ``partial`` (the
+worker stopped before running them all: the message is handed back). One item per message is what makes a
+group cheap: a DynamoDB write unit per KB, not per task. A redelivered message is logged under the same key,
+so a re-run overwrites its own item.
 
 All items of a received batch go in one BatchWriteItem (boto3's batch_writer, which resends UnprocessedItems
-and, with overwrite_by_pkeys, keeps one item when a duplicate delivery puts the same task id twice).
+and, with overwrite_by_pkeys, keeps one item when a duplicate delivery puts the same key twice).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from . import records
-from .results import TaskResult
+from .messages import Delivery
+from .results import TaskResult, truncate_error
+
+STATUS_PARTIAL = "partial"
+# A DynamoDB item holds at most 400 KB; leave room for the task log's other attributes.
+MAX_INLINE_RESULT_BYTES = 350_000
+# BatchGetItem reads at most 100 keys per call.
+MAX_GET_KEYS = 100
 
 
 def dynamo_number(value: float) -> Decimal:
     # DynamoDB numbers go through Decimal; milliseconds are precise enough for times.
     return Decimal(str(round(value, 3)))
+
+
+@dataclass
+class MessageRun:
+    """One received message and what came of its tasks on this delivery."""
+
+    key: str
+    delivery: Delivery
+    grouped: bool
+    task_count: int
+    results: list[TaskResult] = field(default_factory=list)
+    # Entries of tasks logged done by an earlier delivery: not run again, written back unchanged.
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    not_run: int = 0  # tasks not started because the worker is stopping
+
+    @property
+    def tasks_done(self) -> int:
+        return len(self.kept) + sum(1 for result in self.results if result.done)
+
+    @property
+    def tasks_failed(self) -> int:
+        return sum(1 for result in self.results if not result.done)
+
+    @property
+    def status(self) -> str:
+        if self.not_run:
+            return STATUS_PARTIAL
+        return records.TASK_FAILED if self.tasks_failed else records.TASK_DONE
+
+    @property
+    def finished_before(self) -> bool:
+        """Every task was logged done by an earlier delivery: nothing to run or write, only to delete."""
+        return not self.results and not self.not_run
 
 
 def task_log_item(
@@ -26,6 +75,7 @@ def task_log_item(
     retention_seconds: int,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The flat item of a message of one task."""
     item: dict[str, Any] = {
         **records.task_log_key(cluster_id, result.task_id, log_shards),
         "task_id": result.task_id,
@@ -42,37 +92,170 @@ def task_log_item(
     if result.error is not None:
         item["error"] = result.error
     if result.done and extra:
-        item.update({key: value for key, value in extra.items() if key in ("result", "output")})
+        item.update(stored_attributes(extra))
     return item
 
 
+def stored_attributes(extra: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in extra.items() if key in ("result", "output")}
+
+
+def task_entry(result: TaskResult, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """One task of a group's item: kept small, since the item's size is what a write costs."""
+    entry: dict[str, Any] = {
+        "task_id": result.task_id,
+        "status": result.status,
+        "duration_s": dynamo_number(result.duration_s),
+    }
+    if result.error is not None:
+        entry["error"] = result.error
+    if result.done and extra:
+        entry.update(stored_attributes(extra))
+    return entry
+
+
+def group_log_item(
+    run: MessageRun,
+    attributes: dict[str, dict[str, Any]],
+    *,
+    cluster_id: str,
+    worker_id: str,
+    log_shards: int,
+    retention_seconds: int,
+    now: float,
+) -> dict[str, Any]:
+    new_entries = {
+        result.task_id: task_entry(result, attributes.get(result.task_id)) for result in run.results
+    }
+    entries = [*run.kept.values(), *new_entries.values()]
+    started = min((result.started_at for result in run.results), default=now)
+    item: dict[str, Any] = {
+        **records.task_log_key(cluster_id, run.key, log_shards),
+        "task_id": run.key,
+        "status": run.status,
+        "cluster_id": cluster_id,
+        "worker_id": worker_id,
+        "message_id": run.delivery.message_id,
+        "attempt": run.delivery.attempt,
+        "started_at": dynamo_number(started),
+        "finished_at": dynamo_number(now),
+        "duration_s": dynamo_number(sum(result.duration_s for result in run.results)),
+        "task_count": run.task_count,
+        "tasks_done": run.tasks_done,
+        "tasks_failed": run.tasks_failed,
+        "tasks": entries,
+        records.TTL_ATTRIBUTE: int(now) + retention_seconds,
+    }
+    failed = [result for result in run.results if not result.done]
+    if failed:
+        first = failed[0]
+        item["error"] = truncate_error(
+            f"{len(failed)} of {run.task_count} tasks failed; {first.task_id}: {first.error}"
+        )
+    return item
+
+
+def fit_inline_results(run: MessageRun, attributes: dict[str, dict[str, Any]]) -> None:
+    """Fail the tasks whose inline results no longer fit in the message's one item (S3 takes big ones)."""
+    total = sum(len(str(entry.get("result", ""))) for entry in run.kept.values())
+    for index, result in enumerate(run.results):
+        inline = attributes.get(result.task_id, {}).get("result")
+        if not result.done or inline is None:
+            continue
+        total += len(inline.encode("utf-8"))
+        if total > MAX_INLINE_RESULT_BYTES:
+            run.results[index] = result.failed_with(
+                f"the results of this message's tasks add up to over {MAX_INLINE_RESULT_BYTES} bytes, more "
+                "than fit in its DynamoDB item: use an s3 output, or enqueue fewer tasks per message"
+            )
+
+
+def done_entries(item: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The task entries of a logged message that are done, by task id."""
+    if "tasks" in item:
+        return {
+            entry["task_id"]: entry for entry in item["tasks"] if entry.get("status") == records.TASK_DONE
+        }
+    if item.get("status") == records.TASK_DONE:
+        return {item["task_id"]: item}
+    return {}
+
+
 class TaskLog:
-    def __init__(self, table: Any, *, cluster_id: str, log_shards: int, retention_seconds: int) -> None:
-        self.table = table  # a boto3 DynamoDB Table resource (main thread only)
+    def __init__(
+        self, resource: Any, table_name: str, *, cluster_id: str, log_shards: int, retention_seconds: int
+    ) -> None:
+        self.resource = resource  # a boto3 DynamoDB service resource (main thread only)
+        self.table_name = table_name
+        self.table = resource.Table(table_name)
         self.cluster_id = cluster_id
         self.log_shards = log_shards
         self.retention_seconds = retention_seconds
 
     def items(
-        self, outcomes: list[TaskResult], attributes: dict[str, dict[str, Any]]
+        self, runs: list[MessageRun], attributes: dict[str, dict[str, Any]], *, worker_id: str, now: float
     ) -> list[dict[str, Any]]:
-        # Done last: when a duplicate delivery put one task id twice in a batch, the done item is kept.
-        outcomes = sorted(outcomes, key=lambda result: result.done)
-        return [
-            task_log_item(
-                result,
-                cluster_id=self.cluster_id,
-                log_shards=self.log_shards,
-                retention_seconds=self.retention_seconds,
-                extra=attributes.get(result.task_id),
-            )
-            for result in outcomes
-        ]
+        items = []
+        for run in runs:
+            if run.finished_before:
+                continue
+            if not run.grouped and run.results:
+                result = run.results[0]
+                items.append(
+                    task_log_item(
+                        result,
+                        cluster_id=self.cluster_id,
+                        log_shards=self.log_shards,
+                        retention_seconds=self.retention_seconds,
+                        extra=attributes.get(result.task_id),
+                    )
+                )
+            elif run.grouped and (run.results or run.kept):
+                items.append(
+                    group_log_item(
+                        run,
+                        attributes,
+                        cluster_id=self.cluster_id,
+                        worker_id=worker_id,
+                        log_shards=self.log_shards,
+                        retention_seconds=self.retention_seconds,
+                        now=now,
+                    )
+                )
+        # Done last: when a duplicate delivery put one key twice in a batch, the done item is kept.
+        return sorted(items, key=lambda item: item["status"] == records.TASK_DONE)
 
-    def write(self, outcomes: list[TaskResult], attributes: dict[str, dict[str, Any]]) -> None:
+    def write(self, items: list[dict[str, Any]]) -> None:
         """One BatchWriteItem per 25 items; raises (botocore errors) when the log could not be written."""
-        if not outcomes:
+        if not items:
             return
         with self.table.batch_writer(overwrite_by_pkeys=[records.PK, records.SK]) as batch:
-            for item in self.items(outcomes, attributes):
+            for item in items:
                 batch.put_item(Item=item)
+
+    def done_before(self, keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per log key, the entries of tasks an earlier delivery logged done (one BatchGetItem per 100)."""
+        found: dict[str, dict[str, dict[str, Any]]] = {}
+        unique = sorted(set(keys))
+        for start in range(0, len(unique), MAX_GET_KEYS):
+            request = {
+                self.table_name: {
+                    "Keys": [
+                        records.task_log_key(self.cluster_id, key, self.log_shards)
+                        for key in unique[start : start + MAX_GET_KEYS]
+                    ],
+                    "ProjectionExpression": "sk, task_id, #st, #r, #o, #t",
+                    "ExpressionAttributeNames": {
+                        "#st": "status",
+                        "#r": "result",
+                        "#o": "output",
+                        "#t": "tasks",
+                    },
+                }
+            }
+            while request:
+                response = self.resource.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(self.table_name, []):
+                    found[item[records.SK]] = done_entries(item)
+                request = response.get("UnprocessedKeys") or None
+        return found

@@ -8,6 +8,15 @@ from .messages import Delivery
 from .visibility import chunks
 
 
+def messages_to_request(max_messages: int, tasks_per_message: int) -> int:
+    """How many messages to ask for so that a receive brings about ``max_messages`` tasks.
+
+    With grouped messages a worker that took 10 groups of 10 would hold 100 tasks while others idle; asking
+    for fewer messages keeps the work spread, at the same number of receives per task.
+    """
+    return max(1, min(max_messages, max_messages // max(1, tasks_per_message)))
+
+
 class TaskQueue:
     def __init__(self, sqs: Any, queue_url: str) -> None:
         self.sqs = sqs
