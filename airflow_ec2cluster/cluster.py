@@ -160,8 +160,10 @@ def cluster_id_from_context(explicit: str | None, context: Any) -> str:
 # META item attributes (pk = C#<cluster>, sk = META) that the controller writes; see DESIGN.md.
 META_QUEUE_URL = "queue_url"
 META_DLQ_URL = "dlq_url"
-META_ENQUEUED = "enqueued"
+META_ENQUEUED = "enqueued"  # tasks
+META_ENQUEUED_MESSAGES = "enqueued_messages"  # messages (one task or a group each): the resume point
 META_ENQUEUE_COMPLETE = "enqueue_complete"
+META_TASKS_PER_MESSAGE = "tasks_per_message"
 META_REGION = "region"
 META_NUM_WORKERS = "num_workers"
 META_LAUNCH_SPEC = "launch_spec"  # LaunchSpec as JSON text

@@ -7,17 +7,19 @@ snapshot (a fixed handful of API calls) and carries out the decision.
 Worker ids are instance ids (the worker takes its id from instance metadata on EC2, and the local cloud sets
 ``EC2CLUSTER_WORKER_ID`` to the instance id), so a status item is matched to its instance by id.
 
-Counting "done" for the drained cross-check. The queue's counts are approximate, so "drained" needs all three
-counts at zero on ``drained_checks`` consecutive pokes (default 2) *and* the tasks accounted for: done +
-failed + dead-lettered >= enqueued. The second condition is what makes two reads enough: a stale zero while
-messages are still queued or held cannot also show every enqueued task finished. Without an enqueued count
-(no cross-check possible) three reads are required. Two sources for done + failed:
+Counting for the drained cross-check. The queue's counts are approximate, so "drained" needs all three counts
+at zero on ``drained_checks`` consecutive pokes (default 2) *and* the messages accounted for: finished (done
+or failed) + dead-lettered >= enqueued. The check counts messages, not tasks, because a message may carry a
+group of tasks and the dead-letter queue counts messages (with one task per message the two are the same).
+The second condition is what makes two reads enough: a stale zero while messages are still queued or held
+cannot also show every enqueued message finished. Without an enqueued count (no cross-check possible) three
+reads are required. Two sources for the finished messages:
 
-- the sum of the workers' ``tasks_done + tasks_failed`` over their status items: free (the sensor reads the
-  status items anyway), but it lags for a worker killed between heartbeats and counts a task twice when SQS
-  delivered it twice;
-- an exact count of the task log (one item per task id, so duplicates collapse): one Query per log shard,
-  paginated, so its cost grows with the number of tasks.
+- the sum of the workers' ``messages_done + messages_failed`` over their status items: free (the sensor reads
+  the status items anyway), but it lags for a worker killed between heartbeats and counts a message twice
+  when SQS delivered it twice;
+- an exact count of the task log (one item per message, keyed by its first task id, so duplicates collapse):
+  one Query per log shard, paginated, so its cost grows with the size of the job.
 
 The sum is the fast path. Only when the queue has read empty ``drained_checks`` times in a row and the sum
 falls short does the decision ask for the exact count (``needs_exact_count``); the sensor does that count
@@ -51,7 +53,7 @@ REASON_INSTANCE_STOPPED = "instance-stopped"
 
 # The exact task-log count is retried every ``drained_checks`` empty pokes, this many times at most.
 EXACT_COUNT_ROUNDS = 3
-# Two consecutive empty reads: enough because "drained" also needs the tasks accounted for (done + failed +
+# Two consecutive empty reads: enough because "drained" also needs the messages accounted for (finished +
 # dead-lettered >= enqueued), a check that a stale zero cannot pass while messages are still queued or held.
 # Each extra read costs a poke interval of idle instances (drain latency <= 2 intervals + teardown).
 DEFAULT_DRAINED_CHECKS = 2
@@ -93,6 +95,15 @@ class WorkerStatus:
     tasks_done: int = 0
     tasks_failed: int = 0
     stop_reason: str | None = None
+    # Messages (one task or a group) finished; None from a worker that counted only tasks.
+    messages_done: int | None = None
+    messages_failed: int | None = None
+
+    @property
+    def messages_finished(self) -> int:
+        if self.messages_done is None:
+            return self.tasks_done + self.tasks_failed
+        return self.messages_done + (self.messages_failed or 0)
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> WorkerStatus:
@@ -116,6 +127,8 @@ class WorkerStatus:
             tasks_done=int(item.get("tasks_done") or 0),
             tasks_failed=int(item.get("tasks_failed") or 0),
             stop_reason=item.get("stop_reason"),
+            messages_done=None if item.get("messages_done") is None else int(item["messages_done"]),
+            messages_failed=None if item.get("messages_failed") is None else int(item["messages_failed"]),
         )
 
     @property
@@ -147,14 +160,20 @@ class Snapshot:
     workers: tuple[WorkerStatus, ...]
     now: float
     policy: Policy
-    enqueued: int | None = None
+    enqueued: int | None = None  # tasks
+    # Messages sent (a message carries one task or a group); None when every message is one task.
+    enqueued_messages: int | None = None
     enqueue_complete: bool = True
     consecutive_empty: int = 0
     replacements_launched: int = 0
     reaped_total: int = 0
     started_at: float | None = None
-    # done + failed from an exact count of the task log, when the sensor made one for this poke.
+    # Messages finished (done + failed) by an exact count of the task log, when the sensor made one.
     exact_finished: int | None = None
+
+    @property
+    def expected_messages(self) -> int | None:
+        return self.enqueued if self.enqueued_messages is None else self.enqueued_messages
 
 
 @dataclass(frozen=True)
@@ -230,22 +249,28 @@ def replacements_to_launch(snapshot: Snapshot, capacity: int) -> int:
 
 
 def finished_count(snapshot: Snapshot) -> int:
-    if snapshot.exact_finished is not None:
-        return snapshot.exact_finished
+    """Tasks finished (done + failed), as the workers count them: for progress, not for the cross-check."""
     return sum(w.tasks_done + w.tasks_failed for w in snapshot.workers)
 
 
+def finished_messages(snapshot: Snapshot) -> int:
+    if snapshot.exact_finished is not None:
+        return snapshot.exact_finished
+    return sum(w.messages_finished for w in snapshot.workers)
+
+
 def drain_state(snapshot: Snapshot, consecutive_empty: int, finished: int) -> tuple[bool, bool, str | None]:
-    """(drained, needs_exact_count, failure) for the queue-empty side of the decision."""
+    """(drained, needs_exact_count, failure) for the queue-empty side; ``finished`` counts messages."""
     checks = snapshot.policy.drained_checks
-    if snapshot.enqueued is None:
+    expected = snapshot.expected_messages
+    if expected is None:
         # Nothing to cross-check against: only the (approximate) queue counts, so more of them.
         unchecked = max(checks, UNCHECKED_DRAINED_CHECKS)
         return consecutive_empty >= unchecked and snapshot.enqueue_complete, False, None
     if consecutive_empty < checks or not snapshot.enqueue_complete:
         return False, False, None
     accounted = finished + snapshot.counts.dead_lettered
-    if accounted >= snapshot.enqueued:
+    if accounted >= expected:
         return True, False, None
     if snapshot.exact_finished is None:
         return False, consecutive_empty % checks == 0, None
@@ -254,7 +279,7 @@ def drain_state(snapshot: Snapshot, consecutive_empty: int, finished: int) -> tu
             False,
             False,
             f"the queue has read empty on {consecutive_empty} consecutive checks but only {accounted} of "
-            f"{snapshot.enqueued} enqueued tasks are accounted for ({finished} in the task log, "
+            f"{expected} enqueued messages are accounted for ({finished} in the task log, "
             f"{snapshot.counts.dead_lettered} dead-lettered): messages were deleted without a task-log "
             "record, or the META item's enqueued count is wrong; inspect the queue and the task log",
         )
@@ -275,10 +300,10 @@ def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, cap
     reasons = sorted({f"{r.reason} ({r.detail})" for r in reaped})
     reaped_text = f"; reaped this check: {', '.join(reasons)}" if reasons else ""
     return (
-        f"{counts.work} tasks remain (visible {counts.visible}, in flight {counts.in_flight}, delayed "
-        f"{counts.delayed}) but no worker can run them: no live worker is left and {why}{reaped_text}. "
-        "Look at the workers' stop reasons in the state table, fix the cause, and re-run the launch and "
-        "drain tasks (the queue still holds the work)"
+        f"{counts.work} messages of tasks remain (visible {counts.visible}, in flight {counts.in_flight}, "
+        f"delayed {counts.delayed}) but no worker can run them: no live worker is left and {why}"
+        f"{reaped_text}. Look at the workers' stop reasons in the state table, fix the cause, and re-run the "
+        "launch and drain tasks (the queue still holds the work)"
     )
 
 
@@ -298,7 +323,9 @@ def decide(snapshot: Snapshot) -> Decision:
     launch = replacements_to_launch(snapshot, capacity)
     consecutive_empty = snapshot.consecutive_empty + 1 if snapshot.counts.work == 0 else 0
     finished = finished_count(snapshot)
-    drained, needs_exact, drain_failure = drain_state(snapshot, consecutive_empty, finished)
+    drained, needs_exact, drain_failure = drain_state(
+        snapshot, consecutive_empty, finished_messages(snapshot)
+    )
     failure = drain_failure or failure_message(snapshot, reap, launch, capacity)
     stats = worker_stats(snapshot, reap, capacity, finished)
     return Decision(
@@ -344,7 +371,7 @@ def progress_line(snapshot: Snapshot, stats: dict[str, Any]) -> str:
     rate = stats["rate_per_s"]
     rate_text = "-" if rate is None else f"{rate * 60:.1f}/min"
     return (
-        f"done {finished}/{total_text}{pct}, in flight {counts.in_flight}, queued "
+        f"done {finished}/{total_text}{pct}; messages in flight {counts.in_flight}, queued "
         f"{counts.visible + counts.delayed}, dead-lettered {counts.dead_lettered}; workers "
         f"{stats['busy']} busy/{stats['idle']} idle/{stats['booting']} booting, reaped {stats['reaped']}; "
         f"rate {rate_text}, ETA {eta_text(total, finished, counts.dead_lettered, rate)}"

@@ -42,5 +42,6 @@ def run_redrive(args: argparse.Namespace) -> int:
     shown = ", ".join(moved[:SHOWN_IDS]) + (
         f" and {len(moved) - SHOWN_IDS} more" if len(moved) > SHOWN_IDS else ""
     )
-    print(f"moved {len(moved)} task(s) back to {queue_url}" + (f": {shown}" if moved else ""))
+    # A message is a task or a group of tasks; each is named by its (first) task id.
+    print(f"moved {len(moved)} message(s) back to {queue_url}" + (f": {shown}" if moved else ""))
     return 0

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_ec2cluster.commands.common import add_connection_arguments, hook_from
-from airflow_ec2cluster.decisions import Decision, Snapshot, decide, eta_text
-from airflow_ec2cluster.sensors.drain_round import DrainSettings, build_snapshot, dead_letter_errors
+from airflow_ec2cluster.decisions import Decision, Snapshot, decide, eta_text, finished_messages
+from airflow_ec2cluster.sensors.drain_round import DrainSettings, build_snapshot
+from airflow_ec2cluster.tasklog import dead_letter_errors
 
 BAR_WIDTH = 30
 CLEAR_SCREEN = "\033[H\033[2J"
@@ -29,9 +30,9 @@ class ClusterStatus:
 
     @property
     def finished(self) -> bool:
-        """Queue empty and every enqueued task done, failed or dead-lettered."""
-        counts, total = self.snapshot.counts, self.snapshot.enqueued
-        accounted = self.decision.finished + counts.dead_lettered
+        """Queue empty and every enqueued message done, failed or dead-lettered."""
+        counts, total = self.snapshot.counts, self.snapshot.expected_messages
+        accounted = finished_messages(self.snapshot) + counts.dead_lettered
         return counts.work == 0 and total is not None and accounted >= total
 
 
@@ -123,7 +124,7 @@ def render_status(status: ClusterStatus) -> str:
         f"  elapsed {ago(elapsed)}  ETA {eta_text(total, finished, counts.dead_lettered, rate)}"
     )
     lines.append(
-        f"queue    visible {counts.visible}  in flight {counts.in_flight}  delayed {counts.delayed}"
+        f"messages visible {counts.visible}  in flight {counts.in_flight}  delayed {counts.delayed}"
         f"  dead-lettered {counts.dead_lettered}"
     )
     lines.append("")

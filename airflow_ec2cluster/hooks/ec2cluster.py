@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
 from typing import Any
@@ -37,9 +36,9 @@ from airflow_ec2cluster.cluster import (
     task_queue_name,
 )
 from airflow_ec2cluster.decisions import LIVE_STATES, QueueCounts
+from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES, OutgoingMessage
+from airflow_ec2cluster.tasklog import COUNT_ATTRIBUTES, log_key_of, tally, task_results_of
 
-# SQS limits (AWS-FACTS.md): one message, and one SendMessageBatch request, carry at most 1 MiB.
-MAX_MESSAGE_BYTES = 1_048_576
 SQS_BATCH_ENTRIES = 10
 # Concurrent SendMessageBatch calls: enough to hide latency, few enough to stay polite.
 DEFAULT_SEND_CONCURRENCY = 4
@@ -74,14 +73,6 @@ class MessageTooLarge(ValueError):
 
 class SendFailed(RuntimeError):
     """SQS refused some entries of a SendMessageBatch."""
-
-
-@dataclass(frozen=True)
-class OutgoingMessage:
-    task_id: str
-    body: str
-    # Where the task came from, for error messages ("line 12 of s3://bucket/key", "item 3").
-    origin: str = ""
 
 
 def to_dynamo(value: Any) -> Any:
@@ -145,19 +136,20 @@ def message_batches(messages: Iterable[OutgoingMessage]) -> Iterator[list[Outgoi
 
 
 class SendProgress:
-    """The number of messages sent without a gap from the start, as batches finish in any order."""
+    """Messages (and the tasks in them) sent without a gap from the start, as batches finish in any order."""
 
     def __init__(self) -> None:
         self.contiguous = 0
-        self._ends: dict[int, int] = {}
+        self.contiguous_tasks = 0
+        self._ends: dict[int, tuple[int, int]] = {}
         self._next = 0
 
-    def batch_done(self, index: int, end: int) -> bool:
-        """Record batch ``index`` (ending at message ``end``); True when the contiguous count moved."""
-        self._ends[index] = end
+    def batch_done(self, index: int, end: int, end_tasks: int) -> bool:
+        """Record batch ``index`` (ending at message ``end``, task ``end_tasks``); True if the count moved."""
+        self._ends[index] = (end, end_tasks)
         moved = False
         while self._next in self._ends:
-            self.contiguous = self._ends.pop(self._next)
+            self.contiguous, self.contiguous_tasks = self._ends.pop(self._next)
             self._next += 1
             moved = True
         return moved
@@ -346,31 +338,17 @@ class EC2ClusterHook(AwsBaseHook):
     ) -> Iterator[dict[str, Any]]:
         """Per task: ``task_id``, ``status``, ``result`` (JSON-decoded) or ``output`` URI, ``error``."""
         for item in self.iter_task_log(table, cluster_id, shards):
-            result = item.get("result")
-            if isinstance(result, str):
-                with contextlib.suppress(ValueError):
-                    result = json.loads(result)
-            yield {
-                "task_id": item.get("task_id", item[records.SK]),
-                "status": item.get("status"),
-                "result": result,
-                "output": item.get("output"),
-                "error": item.get("error"),
-                "worker_id": item.get("worker_id"),
-            }
+            yield from task_results_of(item)
 
     def count_task_log(
         self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
     ) -> dict[str, int]:
-        """Exact ``{"done": n, "failed": m}`` over the task log (one item per task id, so no duplicates)."""
-        counts = {records.TASK_DONE: 0, records.TASK_FAILED: 0}
-        for pk in records.all_log_pks(cluster_id, shards):
-            for item in self._query(
-                table, pk, ProjectionExpression="#st", ExpressionAttributeNames={"#st": "status"}
-            ):
-                status = item.get("status")
-                counts[status] = counts.get(status, 0) + 1
-        return counts
+        """Exact tasks and messages done / failed over the task log (one item per message: no duplicates)."""
+        return tally(
+            item
+            for pk in records.all_log_pks(cluster_id, shards)
+            for item in self._query(table, pk, **count_projection())
+        )
 
     def task_log_items(
         self, table: str, cluster_id: str, task_ids: list[str], shards: int = records.DEFAULT_LOG_SHARDS
@@ -450,39 +428,41 @@ class EC2ClusterHook(AwsBaseHook):
         messages: Iterable[OutgoingMessage],
         *,
         concurrency: int = DEFAULT_SEND_CONCURRENCY,
-        on_progress: Callable[[int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Send messages with SendMessageBatch, ``concurrency`` requests at a time; returns the count sent.
 
-        ``on_progress(n)`` is called (in this thread) whenever the first ``n`` messages of ``messages`` are
-        all known to be sent, so a caller can record a resume point. When a message is refused, or the
-        iterable raises, the requests already started finish, progress is reported, and the error is raised.
+        ``on_progress(n, tasks)`` is called (in this thread) whenever the first ``n`` messages of ``messages``
+        (holding ``tasks`` tasks) are all known to be sent, so a caller can record a resume point. When a
+        message is refused, or the iterable raises, the requests already started finish, progress is
+        reported, and the error is raised.
         """
         sqs = self.sqs  # create the client here, not in the pool's threads
         progress = SendProgress()
-        pending: dict[Future, tuple[int, int]] = {}
+        pending: dict[Future, tuple[int, int, int]] = {}
         error: BaseException | None = None
 
         def collect(done: Iterable[Future]) -> None:
             nonlocal error
             moved = False
             for future in done:
-                index, end = pending.pop(future)
+                index, end, end_tasks = pending.pop(future)
                 if future.exception() is not None:
                     error = error or future.exception()
                 else:
-                    moved = progress.batch_done(index, end) or moved
+                    moved = progress.batch_done(index, end, end_tasks) or moved
             if moved and on_progress is not None:
-                on_progress(progress.contiguous)
+                on_progress(progress.contiguous, progress.contiguous_tasks)
 
-        end = 0
+        end = end_tasks = 0
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sqs-send") as pool:
             try:
                 for index, batch in enumerate(message_batches(messages)):
                     if error is not None:
                         break
                     end += len(batch)
-                    pending[pool.submit(self._send_batch, sqs, queue_url, batch)] = (index, end)
+                    end_tasks += sum(message.task_count for message in batch)
+                    pending[pool.submit(self._send_batch, sqs, queue_url, batch)] = (index, end, end_tasks)
                     if len(pending) >= 2 * concurrency:
                         collect(wait(pending, return_when=FIRST_COMPLETED).done)
             except BaseException as raised:
@@ -511,7 +491,7 @@ class EC2ClusterHook(AwsBaseHook):
         raise SendFailed(describe_failures(failed, entries))
 
     def peek_dead_letters(self, dlq_url: str, limit: int = 100) -> list[str]:
-        """Up to ``limit`` task ids from the dead-letter queue without consuming them.
+        """Up to ``limit`` task-log keys (task ids; a group's first id) from the DLQ, without consuming them.
 
         Receives with VisibilityTimeout=0 so the messages stay available; SQS samples servers on each short
         poll, so this is a bounded sample (at most ``limit // 10 + 2`` calls), not an exact listing.
@@ -525,11 +505,11 @@ class EC2ClusterHook(AwsBaseHook):
             if not new:
                 break
             for message in new:
-                seen[message["MessageId"]] = task_id_of(message)
+                seen[message["MessageId"]] = log_key_of(message)
         return list(seen.values())[:limit]
 
     def redrive_dead_letters(self, dlq_url: str, queue_url: str, limit: int | None = None) -> list[str]:
-        """Move dead-lettered messages back to the task queue; returns the moved task ids.
+        """Move dead-lettered messages back to the task queue; returns their task-log keys.
 
         Receive (10 at a time) -> SendMessageBatch to the task queue -> DeleteMessageBatch of exactly the
         entries that were sent, checking ``Failed`` of both: a message is deleted from the dead-letter queue
@@ -561,7 +541,7 @@ class EC2ClusterHook(AwsBaseHook):
             Entries=[{"Id": key, "MessageBody": m["Body"]} for key, m in entries.items()],
         )
         if sent.get("Failed"):
-            failures = ", ".join(f"{task_id_of(entries[f['Id']])}: {f.get('Code')}" for f in sent["Failed"])
+            failures = ", ".join(f"{log_key_of(entries[f['Id']])}: {f.get('Code')}" for f in sent["Failed"])
             self.log.warning("Not moved (left in the dead-letter queue): %s", failures)
         ok = [entries[s["Id"]] for s in sent.get("Successful", [])]
         if not ok:
@@ -577,7 +557,7 @@ class EC2ClusterHook(AwsBaseHook):
                 len(deleted["Failed"]),
                 deleted["Failed"],
             )
-        return [task_id_of(m) for m in ok]
+        return [log_key_of(m) for m in ok]
 
     def start_dead_letter_move(self, dlq_url: str, queue_url: str) -> str:
         """Server-side move (SQS StartMessageMoveTask, AWS only); returns the task handle."""
@@ -724,15 +704,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.lstrip("/"):
         raise ValueError(f"{uri!r} is not an S3 object URI: write it as s3://bucket/key")
     return parsed.netloc, parsed.path.lstrip("/")
-
-
-def task_id_of(message: dict[str, Any]) -> str:
-    try:
-        body = json.loads(message.get("Body", ""))
-        task_id = body.get("task_id") if isinstance(body, dict) else None
-    except ValueError:
-        task_id = None
-    return task_id if isinstance(task_id, str) else f"malformed-{message['MessageId']}"
 
 
 def describe_failures(failed: list[dict[str, Any]], entries: dict[str, OutgoingMessage]) -> str:
@@ -895,6 +866,13 @@ def finish_launch_params(
     }
 
 
+def count_projection() -> dict[str, Any]:
+    return {
+        "ProjectionExpression": ", ".join(COUNT_ATTRIBUTES),
+        "ExpressionAttributeNames": COUNT_ATTRIBUTES,
+    }
+
+
 def query_params(table: str, pk: str, **extra: Any) -> dict[str, Any]:
     return {
         "TableName": table,
@@ -910,8 +888,9 @@ def batch_get_request(table: str, cluster_id: str, task_ids: list[str], shards: 
     return {
         table: {
             "Keys": keys,
-            "ProjectionExpression": "#sk, task_id, #st, #err, finished_at, attempt",
-            "ExpressionAttributeNames": {"#sk": records.SK, "#st": "status", "#err": "error"},
+            # tasks: a group's per-task entries, so a dead-lettered group's unfinished tasks can be listed.
+            "ProjectionExpression": "#sk, task_id, #st, #err, finished_at, attempt, #t",
+            "ExpressionAttributeNames": {"#sk": records.SK, "#st": "status", "#err": "error", "#t": "tasks"},
         }
     }
 
@@ -1028,14 +1007,10 @@ class AsyncClusterIO:
     async def count_task_log(
         self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
     ) -> dict[str, int]:
-        counts = {records.TASK_DONE: 0, records.TASK_FAILED: 0}
+        items: list[dict[str, Any]] = []
         for pk in records.all_log_pks(cluster_id, shards):
-            items = await self._query(
-                table, pk, ProjectionExpression="#st", ExpressionAttributeNames={"#st": "status"}
-            )
-            for item in items:
-                counts[item.get("status")] = counts.get(item.get("status"), 0) + 1
-        return counts
+            items.extend(await self._query(table, pk, **count_projection()))
+        return tally(items)
 
     async def task_log_items(
         self, table: str, cluster_id: str, task_ids: list[str], shards: int = records.DEFAULT_LOG_SHARDS
@@ -1066,7 +1041,7 @@ class AsyncClusterIO:
             if not new:
                 break
             for message in new:
-                seen[message["MessageId"]] = task_id_of(message)
+                seen[message["MessageId"]] = log_key_of(message)
         return list(seen.values())[:limit]
 
     async def _describe(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from airflow_ec2cluster.cluster import (
     META_DLQ_URL,
     META_ENQUEUE_COMPLETE,
     META_ENQUEUED,
+    META_ENQUEUED_MESSAGES,
     META_INSTANCE_IDS,
     META_LAUNCH_SPEC,
     META_LAUNCHED_AT,
@@ -27,6 +28,7 @@ from airflow_ec2cluster.cluster import (
     META_NUM_WORKERS,
     META_QUEUE_URL,
     META_REGION,
+    META_TASKS_PER_MESSAGE,
     META_TORN_DOWN_AT,
     ClusterDescriptor,
     LaunchSpec,
@@ -40,10 +42,16 @@ from airflow_ec2cluster.decisions import LIVE_STATES
 from airflow_ec2cluster.hooks.ec2cluster import (
     DEFAULT_SEND_CONCURRENCY,
     EC2ClusterHook,
-    OutgoingMessage,
     error_code,
 )
 from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
+from airflow_ec2cluster.packing import (
+    DEFAULT_TASKS_PER_MESSAGE,
+    OutgoingMessage,
+    PendingTask,
+    pack_tasks,
+    tasks_per_message_problem,
+)
 from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
 from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
 
@@ -99,18 +107,23 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
 
     Exactly one source: ``tasks`` (a list, or an XComArg resolving to one), ``tasks_callable`` (returns an
     iterable; called with ``tasks_callable_kwargs``), or ``s3_uri`` (a JSON-lines object, streamed, one
-    payload per non-blank line). Each payload becomes ``{"task_id": ..., "payload": ...}``; the task id is
-    ``payload[id_field]`` when ``id_field`` is set, else ``t`` + the 9-digit position in the sequence, so the
-    same sequence always gets the same ids. Positional ids are unique by construction, so the enqueue streams
-    in constant memory; with ``id_field`` it keeps every id in a set to refuse duplicates (about 100 bytes
-    per task: ~20 MB for 200,000 tasks).
+    payload per non-blank line). Each payload becomes a task ``{"task_id": ..., "payload": ...}``; the task
+    id is ``payload[id_field]`` when ``id_field`` is set, else ``t`` + the 9-digit position in the sequence,
+    so the same sequence always gets the same ids. Tasks travel ``tasks_per_message`` to an SQS message
+    (default 10, at most 100; 1 for one task per message): the worker receives, logs and deletes a message
+    once for all its tasks, which divides the request bill, and re-runs only a message's unfinished tasks
+    when it comes back. A message whose task keeps failing goes to the dead-letter queue whole.
+
+    Positional ids are unique by construction, so the enqueue streams in constant memory; with ``id_field``
+    it keeps every id in a set to refuse duplicates (about 100 bytes per task: ~20 MB for 200,000 tasks).
 
     A retried enqueue resumes: the count of messages sent without a gap is recorded in the cluster's META
     item as it goes, a retry skips that many, and a finished enqueue is not repeated. The source must yield
-    the same sequence on a retry. Messages sent after the last checkpoint may be sent again on a retry; the
-    workers key every write by task id, so a duplicate costs a re-run, not a wrong result.
+    the same sequence (and ``tasks_per_message`` stay the same) on a retry. Messages sent after the last
+    checkpoint may be sent again on a retry; the workers key every write by task id, so a duplicate costs a
+    re-run, not a wrong result.
 
-    Returns ``{"cluster_id", "queue_url", "dlq_url", "enqueued"}``.
+    Returns ``{"cluster_id", "queue_url", "dlq_url", "enqueued", "enqueued_messages"}``.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -133,12 +146,17 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         max_receive_count: int = 3,
         retention_seconds: int = 4 * 24 * 3600,
         send_concurrency: int = DEFAULT_SEND_CONCURRENCY,
+        tasks_per_message: int = DEFAULT_TASKS_PER_MESSAGE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         sources = [s for s in (tasks, tasks_callable, s3_uri) if s is not None]
         if len(sources) != 1:
             raise ValueError("give exactly one of tasks, tasks_callable or s3_uri")
+        problem = tasks_per_message_problem(tasks_per_message)
+        if problem:
+            raise ValueError(problem)
+        self.tasks_per_message = tasks_per_message
         self.tasks = tasks
         self.tasks_callable = tasks_callable
         self.tasks_callable_kwargs = tasks_callable_kwargs or {}
@@ -169,12 +187,16 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
                 cluster_id,
                 meta[META_ENQUEUED],
             )
-            return {**result, "enqueued": int(meta[META_ENQUEUED])}
+            return {**result, **enqueued_counts(meta)}
 
-        resume_from = int(meta.get(META_ENQUEUED) or 0)
-        if resume_from:
+        resumed = enqueued_counts(meta)
+        self.check_resumable(meta, resumed)
+        if resumed["enqueued_messages"]:
             self.log.info(
-                "Cluster %s: resuming the enqueue after the first %d tasks", cluster_id, resume_from
+                "Cluster %s: resuming the enqueue after the first %d messages (%d tasks)",
+                cluster_id,
+                resumed["enqueued_messages"],
+                resumed["enqueued"],
             )
         hook.update_meta(
             self.state_table,
@@ -182,12 +204,16 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             set_values={
                 META_QUEUE_URL: queue_url,
                 META_DLQ_URL: dlq_url,
-                META_ENQUEUED: resume_from,
+                META_ENQUEUED: resumed["enqueued"],
+                META_ENQUEUED_MESSAGES: resumed["enqueued_messages"],
+                META_TASKS_PER_MESSAGE: self.tasks_per_message,
                 META_ENQUEUE_COMPLETE: False,
             },
         )
-        checkpoint = EnqueueCheckpoint(hook, self.state_table, cluster_id, resume_from)
-        messages = skip_sent(self.messages(hook), resume_from)
+        checkpoint = EnqueueCheckpoint(
+            hook, self.state_table, cluster_id, resumed["enqueued_messages"], resumed["enqueued"]
+        )
+        messages = skip_sent(self.messages(hook), resumed["enqueued_messages"])
         try:
             hook.send_messages(
                 queue_url, messages, concurrency=self.send_concurrency, on_progress=checkpoint.progress
@@ -195,18 +221,40 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         except Exception as error:
             checkpoint.flush()
             raise AirflowException(
-                f"enqueue for cluster {cluster_id} stopped after {checkpoint.sent} tasks: {error}"
+                f"enqueue for cluster {cluster_id} stopped after {checkpoint.tasks} tasks: {error}"
             ) from error
-        total = checkpoint.sent
+        counts = {"enqueued": checkpoint.tasks, "enqueued_messages": checkpoint.messages}
         hook.update_meta(
             self.state_table,
             cluster_id,
-            set_values={META_ENQUEUED: total, META_ENQUEUE_COMPLETE: True},
+            set_values={
+                META_ENQUEUED: checkpoint.tasks,
+                META_ENQUEUED_MESSAGES: checkpoint.messages,
+                META_ENQUEUE_COMPLETE: True,
+            },
         )
-        self.log.info("Cluster %s: %d tasks enqueued on %s", cluster_id, total, queue_url)
-        return {**result, "enqueued": total}
+        self.log.info(
+            "Cluster %s: %d tasks enqueued in %d messages on %s",
+            cluster_id,
+            checkpoint.tasks,
+            checkpoint.messages,
+            queue_url,
+        )
+        return {**result, **counts}
+
+    def check_resumable(self, meta: dict[str, Any], resumed: dict[str, int]) -> None:
+        recorded = meta.get(META_TASKS_PER_MESSAGE)
+        if resumed["enqueued_messages"] and recorded is not None and int(recorded) != self.tasks_per_message:
+            raise AirflowException(
+                f"tasks_per_message: this cluster's enqueue was started with {int(recorded)} and is resumed "
+                f"with {self.tasks_per_message}; resume it with tasks_per_message={int(recorded)} (or use a "
+                "new cluster_id) so that no task is skipped or sent twice"
+            )
 
     def messages(self, hook: EC2ClusterHook) -> Iterator[OutgoingMessage]:
+        return pack_tasks(self.pending_tasks(hook), self.tasks_per_message)
+
+    def pending_tasks(self, hook: EC2ClusterHook) -> Iterator[PendingTask]:
         # Positional ids cannot collide, so only user-given ids are remembered to catch duplicates: memory
         # then grows with the number of tasks (about 100 bytes per id), constant otherwise.
         seen: set[str] | None = set() if self.id_field else None
@@ -216,13 +264,7 @@ class EC2ClusterEnqueueOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
                 if task_id in seen:
                     raise ValueError(f"duplicate task id {task_id!r} ({origin}): task ids must be unique")
                 seen.add(task_id)
-            try:
-                body = json.dumps({"task_id": task_id, "payload": payload}, separators=(",", ":"))
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"task {task_id} ({origin}): payload is not JSON-serialisable: {error}"
-                ) from None
-            yield OutgoingMessage(task_id=task_id, body=body, origin=origin)
+            yield PendingTask(task_id, payload, origin)
 
     def task_id_for(self, index: int, origin: str, payload: Any) -> str:
         if not self.id_field:
@@ -268,25 +310,38 @@ def skip_sent(messages: Iterator[OutgoingMessage], count: int) -> Iterator[Outgo
             yield message
 
 
-class EnqueueCheckpoint:
-    """Records how many tasks are sent without a gap, in the META item, at most every CHECKPOINT_SECONDS."""
+def enqueued_counts(meta: dict[str, Any]) -> dict[str, int]:
+    """Tasks and messages a (possibly interrupted) enqueue recorded; one task per message before groups."""
+    tasks = int(meta.get(META_ENQUEUED) or 0)
+    messages = meta.get(META_ENQUEUED_MESSAGES)
+    return {"enqueued": tasks, "enqueued_messages": tasks if messages is None else int(messages)}
 
-    def __init__(self, hook: EC2ClusterHook, table: str, cluster_id: str, already_sent: int) -> None:
+
+class EnqueueCheckpoint:
+    """Records how many messages (and tasks) are sent without a gap, in META, every CHECKPOINT_SECONDS."""
+
+    def __init__(
+        self, hook: EC2ClusterHook, table: str, cluster_id: str, sent_messages: int, sent_tasks: int
+    ) -> None:
         self.hook, self.table, self.cluster_id = hook, table, cluster_id
-        self.base = already_sent
-        self.sent = already_sent
-        self.recorded = already_sent
+        self.base = (sent_messages, sent_tasks)
+        self.messages, self.tasks = self.base
+        self.recorded = self.base
         self.recorded_at = time.monotonic()
 
-    def progress(self, contiguous: int) -> None:
-        self.sent = self.base + contiguous
+    def progress(self, messages: int, tasks: int) -> None:
+        self.messages, self.tasks = self.base[0] + messages, self.base[1] + tasks
         if time.monotonic() - self.recorded_at >= CHECKPOINT_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        if self.sent != self.recorded:
-            self.hook.update_meta(self.table, self.cluster_id, set_values={META_ENQUEUED: self.sent})
-            self.recorded = self.sent
+        if (self.messages, self.tasks) != self.recorded:
+            self.hook.update_meta(
+                self.table,
+                self.cluster_id,
+                set_values={META_ENQUEUED: self.tasks, META_ENQUEUED_MESSAGES: self.messages},
+            )
+            self.recorded = (self.messages, self.tasks)
         self.recorded_at = time.monotonic()
 
 
@@ -683,12 +738,13 @@ class EC2ClusterTeardownOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Clust
 
 
 class EC2ClusterRedriveOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
-    """Move the cluster's dead-lettered tasks back to its task queue, for another run.
+    """Move the cluster's dead-lettered messages back to its task queue, for another run.
 
-    Run it before launching (or re-running launch and drain) again: the next workers pick the tasks up, and
-    their task-log items (``status=failed`` with the last ``error``) are overwritten by the new outcome.
+    Run it before launching (or re-running launch and drain) again: the next workers pick the messages up,
+    run the tasks their task-log items do not show done, and overwrite those items with the new outcome.
     Moves with receive / SendMessageBatch / DeleteMessageBatch (checking ``Failed``), at most
-    ``max_messages`` (default all). Returns ``{"cluster_id", "redriven": n, "task_ids": [...]}``.
+    ``max_messages`` (default all). Returns ``{"cluster_id", "redriven": n, "task_ids": [...]}``: the
+    messages moved and their (first) task ids.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -723,7 +779,7 @@ class EC2ClusterRedriveOperator(_ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         limit = None if self.max_messages is None else int(self.max_messages)
         moved = hook.redrive_dead_letters(dlq_url, queue_url, limit=limit)
         self.log.info(
-            "Cluster %s: %d dead-lettered task(s) moved back to %s", cluster_id, len(moved), queue_url
+            "Cluster %s: %d dead-lettered message(s) moved back to %s", cluster_id, len(moved), queue_url
         )
         return {"cluster_id": cluster_id, "redriven": len(moved), "task_ids": moved}
 

@@ -31,6 +31,7 @@ from airflow_ec2cluster.cluster import (
     META_DLQ_URL,
     META_ENQUEUE_COMPLETE,
     META_ENQUEUED,
+    META_ENQUEUED_MESSAGES,
     META_INSTANCE_IDS,
     META_LAUNCH_SPEC,
     META_LAUNCHED_AT,
@@ -54,6 +55,7 @@ from airflow_ec2cluster.decisions import (
     decide,
 )
 from airflow_ec2cluster.hooks.ec2cluster import META_PENDING_LAUNCH, TAG_LAUNCH_TOKEN
+from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished
 
 # Dead-lettered task ids whose last error is looked up for the summary (BatchGetItem, 100 a call).
 MAX_DEAD_LETTER_ERRORS = 100
@@ -174,7 +176,7 @@ def drain_round(
     if decision.needs_exact_count:
         exact = yield call("count_task_log", table, cluster_id, shards)
         log.info("Queue empty; exact task-log count: %s", exact)
-        snapshot = replace(snapshot, exact_finished=sum(exact.values()))
+        snapshot = replace(snapshot, exact_finished=messages_finished(exact))
         decision = decide(snapshot)
 
     for reap in decision.reap:
@@ -208,6 +210,7 @@ def build_snapshot(
     now: float,
 ) -> Snapshot:
     enqueued = meta.get(META_ENQUEUED)
+    enqueued_messages = meta.get(META_ENQUEUED_MESSAGES)
     return Snapshot(
         counts=counts,
         instances=tuple(
@@ -217,6 +220,7 @@ def build_snapshot(
         now=now,
         policy=policy,
         enqueued=None if enqueued is None else int(enqueued),
+        enqueued_messages=None if enqueued_messages is None else int(enqueued_messages),
         enqueue_complete=bool(meta.get(META_ENQUEUE_COMPLETE, enqueued is None)),
         consecutive_empty=int(meta.get(META_CONSECUTIVE_EMPTY) or 0),
         replacements_launched=int(meta.get(META_REPLACEMENTS) or 0),
@@ -295,6 +299,7 @@ def build_summary(
             errors = yield call(
                 "task_log_items", table, cluster_id, dead_ids[:MAX_DEAD_LETTER_ERRORS], shards
             )
+    dead_letters = dead_letter_errors(dead_ids, errors)
     launched = set(meta.get(META_INSTANCE_IDS) or []) | {w.worker_id for w in snapshot.workers}
     started_at = snapshot.started_at
     return {
@@ -303,8 +308,8 @@ def build_summary(
         "tasks_done": done,
         "tasks_failed": failed,
         "dead_lettered": snapshot.counts.dead_lettered,
-        "dead_lettered_task_ids": dead_ids,
-        "dead_letters": dead_letter_errors(dead_ids, errors),
+        "dead_lettered_task_ids": [entry["task_id"] for entry in dead_letters],
+        "dead_letters": dead_letters,
         "workers_used": len(launched),
         "instance_seconds": instance_seconds(snapshot),
         "replacements_launched": snapshot.replacements_launched,
@@ -312,11 +317,6 @@ def build_summary(
         "elapsed_seconds": None if not started_at else round(snapshot.now - started_at, 1),
         "counts_exact": bool(settings.exact_summary),
     }
-
-
-def dead_letter_errors(task_ids: list[str], items: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """``[{task_id, error}]``: the last error the task log holds for each dead-lettered task (or None)."""
-    return [{"task_id": task_id, "error": (items.get(task_id) or {}).get("error")} for task_id in task_ids]
 
 
 def instance_seconds(snapshot: Snapshot) -> float:

@@ -184,8 +184,8 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
             sample = ", ".join(summary.get("dead_lettered_task_ids") or []) or "see the dead-letter queue"
             # No retry: re-running the sensor would find the same dead letters. Redrive them first.
             raise AirflowFailException(
-                f"cluster {summary.get('cluster_id')}: {summary['dead_lettered']} task(s) dead-lettered "
-                f"({sample}); fix the handler and redrive them (ec2cluster redrive), or set "
+                f"cluster {summary.get('cluster_id')}: {summary['dead_lettered']} message(s) dead-lettered "
+                f"(tasks not done: {sample}); fix the handler and redrive them (ec2cluster redrive), or set "
                 "fail_on_dead_letters=False to let the run succeed with them reported"
             )
         return summary

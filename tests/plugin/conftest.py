@@ -61,12 +61,19 @@ def instance_profile(aws):
 
 
 def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks: int) -> dict:
-    """A cluster on moto: ``tasks`` tasks enqueued and 2 workers launched; the XComs of both, merged."""
+    """A cluster on moto: ``tasks`` tasks enqueued and 2 workers launched; the XComs of both, merged.
+
+    One task per message: these tests play the workers' part by hand, a message standing for a task.
+    """
     from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 
     common = {"state_table": table, "aws_conn_id": None, "region_name": REGION}
     enqueued = EC2ClusterEnqueueOperator(
-        task_id="enqueue", cluster_id=cluster_id, tasks=[{"n": i} for i in range(tasks)], **common
+        task_id="enqueue",
+        cluster_id=cluster_id,
+        tasks=[{"n": i} for i in range(tasks)],
+        tasks_per_message=1,
+        **common,
     ).execute(context)
     descriptor = EC2ClusterLaunchOperator(
         task_id="launch",

@@ -168,7 +168,7 @@ def test_fail_fast_when_work_remains_and_replacement_is_off():
     assert decision.launch == 0
     assert (
         decision.failure
-        and "55 tasks remain" in decision.failure
+        and "55 messages of tasks remain" in decision.failure
         and "replace_reaped is off" in decision.failure
     )
 

@@ -16,6 +16,19 @@ TABLE = "ec2cluster-state-test"
 
 
 def enqueue(cluster_id: str, **kwargs) -> EC2ClusterEnqueueOperator:
+    # Most tests here look at SQS mechanics with one task per message; grouping has its own tests below.
+    kwargs.setdefault("tasks_per_message", 1)
+    return EC2ClusterEnqueueOperator(
+        task_id="enqueue",
+        cluster_id=cluster_id,
+        state_table=TABLE,
+        aws_conn_id=None,
+        region_name=REGION,
+        **kwargs,
+    )
+
+
+def grouped(cluster_id: str, **kwargs) -> EC2ClusterEnqueueOperator:
     return EC2ClusterEnqueueOperator(
         task_id="enqueue",
         cluster_id=cluster_id,
@@ -184,3 +197,55 @@ def test_positional_ids_keep_no_set_so_memory_stays_flat():
     # Positional: the same peak for 2,000 and 40,000 tasks. With id_field: every id is kept (duplicates).
     assert peak(40_000) < peak(2_000) + 64 * 1024
     assert peak(40_000, id_field="id") > peak(2_000, id_field="id") + 1_000_000
+
+
+def tasks_of(bodies: list[dict]) -> list[tuple[str, object]]:
+    return [(t["task_id"], t["payload"]) for body in bodies for t in body["tasks"]]
+
+
+def test_ten_tasks_a_message_by_default(aws, context, cluster_id):
+    operator = grouped(cluster_id, tasks=[{"n": i} for i in range(25)])
+    calls = count_calls(operator, "SendMessageBatch")
+    result = operator.execute(context)
+    assert (result["enqueued"], result["enqueued_messages"], calls[0]) == (25, 3, 1)
+    bodies = sorted(receive_all(result["queue_url"]), key=lambda body: body["tasks"][0]["task_id"])
+    assert [len(body["tasks"]) for body in bodies] == [10, 10, 5]
+    assert tasks_of(bodies) == [(f"t{i:09d}", {"n": i}) for i in range(25)]
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
+    assert (meta["enqueued"], meta["enqueued_messages"], meta["tasks_per_message"]) == (25, 3, 10)
+
+
+def test_a_group_closes_before_the_message_size_limit(aws, context, cluster_id):
+    blob = "x" * 300_000  # three fit in 1 MiB, four do not
+    result = grouped(cluster_id, tasks=[{"blob": blob} for _ in range(7)]).execute(context)
+    assert (result["enqueued"], result["enqueued_messages"]) == (7, 3)
+    sizes = sorted(len(body["tasks"]) for body in receive_all(result["queue_url"]))
+    assert sizes == [1, 3, 3]
+
+
+def test_interrupted_grouped_enqueue_resumes_with_the_same_grouping(aws, context, cluster_id):
+    tasks = [{"n": i} for i in range(30)]
+
+    def source():
+        for i, task in enumerate(tasks):
+            if i == 24:  # 11 messages of 2 are complete: one SendMessageBatch of 10 went out
+                raise RuntimeError("source broke")
+            yield task
+
+    with pytest.raises(AirflowException, match="stopped after 20 tasks"):
+        grouped(cluster_id, tasks_callable=source, tasks_per_message=2).execute(context)
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
+    assert (meta["enqueued"], meta["enqueued_messages"], meta["enqueue_complete"]) == (20, 10, False)
+    with pytest.raises(
+        AirflowException, match="tasks_per_message: this cluster's enqueue was started with 2"
+    ):
+        grouped(cluster_id, tasks=tasks, tasks_per_message=3).execute(context)
+    result = grouped(cluster_id, tasks=tasks, tasks_per_message=2).execute(context)
+    assert (result["enqueued"], result["enqueued_messages"]) == (30, 15)
+    assert sorted(tasks_of(receive_all(result["queue_url"]))) == [(f"t{i:09d}", {"n": i}) for i in range(30)]
+
+
+@pytest.mark.parametrize("value", [0, 101, "10", 2.5, True])
+def test_tasks_per_message_is_checked_before_anything_runs(value):
+    with pytest.raises(ValueError, match=r"tasks_per_message: .* is not a whole number from 1 to 100; use 1"):
+        EC2ClusterEnqueueOperator(task_id="x", tasks=[1], tasks_per_message=value)

@@ -62,6 +62,6 @@ def test_command_prints_the_moved_ids(queues, cluster_id, capsys):
     assert args.handler(args) == 0
     # The provider's own log line about credentials may precede the output (Airflow's structlog on stdout).
     out = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("moved "))
-    assert out.startswith("moved 3 task(s) back to ") and out.count("t0000000") == 3
+    assert out.startswith("moved 3 message(s) back to ") and out.count("t0000000") == 3
     missing = parser.parse_args(["redrive", "no-such-cluster", "--region", REGION])
     assert missing.handler(missing) == 1

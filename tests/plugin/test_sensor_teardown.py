@@ -82,7 +82,7 @@ def test_hung_worker_is_reaped_and_replaced(cluster, context):
 def test_fails_fast_when_no_worker_can_run_the_work(cluster, context):
     for iid in cluster["instance_ids"]:
         write_status(cluster["cluster_id"], iid, heartbeat_at=int(time.time() - 1000))
-    with pytest.raises(AirflowFailException, match="20 tasks remain .* replace_reaped is off"):
+    with pytest.raises(AirflowFailException, match="20 messages of tasks remain .* replace_reaped is off"):
         sensor(cluster["cluster_id"], replace_reaped=False).poke(context)
     assert live_ids(cluster["cluster_id"]) == set()
 

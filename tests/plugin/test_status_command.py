@@ -82,7 +82,7 @@ def test_status_output_on_a_known_cluster(known_cluster, capsys):
     # 3 + 1 done/failed by the busy worker, 1 by the idle one: 5 of 10.
     assert "[###############...............]  50.0%  5/10 finished" in lines[1]
     assert "ETA" in lines[1] and "ETA -" not in lines[1]
-    assert lines[2].startswith("queue    visible 5  in flight 1  delayed 0  dead-lettered 1")
+    assert lines[2].startswith("messages visible 5  in flight 1  delayed 0  dead-lettered 1")
     busy = next(line for line in lines if line.startswith(known_cluster["busy_id"]))
     idle = next(line for line in lines if line.startswith(known_cluster["idle_id"]))
     assert busy.split()[1:5] == ["running", "running", "3", "1"] and "busy " in busy

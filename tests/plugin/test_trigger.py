@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 def cluster(aws_endpoint):
     cluster_id = f"trig-{uuid.uuid4().hex[:12]}"
     context = {"ti": FakeTaskInstance("trigger_test", cluster_id), "run_id": cluster_id}
+    # One task per message: no worker runs here, so ten visible messages stand for ten tasks of work.
     enqueued = EC2ClusterEnqueueOperator(
-        task_id="enqueue", cluster_id=cluster_id, tasks=[{"n": i} for i in range(10)], **COMMON
+        task_id="enqueue",
+        cluster_id=cluster_id,
+        tasks=[{"n": i} for i in range(10)],
+        tasks_per_message=1,
+        **COMMON,
     ).execute(context)
     descriptor = EC2ClusterLaunchOperator(
         task_id="launch",

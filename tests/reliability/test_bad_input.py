@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from airflow_ec2cluster.hooks.ec2cluster import MAX_MESSAGE_BYTES, MessageTooLarge
+from airflow_ec2cluster.hooks.ec2cluster import MessageTooLarge
 from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 
 from .harness import TaskInstance
 
@@ -141,7 +142,7 @@ def test_the_sqs_size_limit_is_defined_once():
         for p in [*root.joinpath("airflow_ec2cluster").rglob("*.py"), *root.joinpath("worker").rglob("*.py")]
         if "localcloud" not in p.parts and ("1_048_576" in p.read_text() or "1048576" in p.read_text())
     ]
-    assert holders == ["airflow_ec2cluster/hooks/ec2cluster.py"]
+    assert holders == ["airflow_ec2cluster/packing.py"]
 
 
 def test_a_broken_manifest_line_is_reported_by_line_number(job):

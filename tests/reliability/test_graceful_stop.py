@@ -29,9 +29,9 @@ def test_sigterm_to_every_worker_hands_back_its_messages(cloud_env):
     def stop_everyone() -> None:
         if "signalled_at" in observed:
             return
-        # Mid-run: once some tasks are done (deleted), not before the workers have started (a slow boot).
+        # Mid-run: once some messages are done (deleted), not before the workers have started (a slow boot).
         counts = queue_counts()
-        if counts.visible + counts.in_flight >= TASKS:
+        if counts.visible + counts.in_flight >= job.xcom["enqueue"]["enqueued_messages"]:
             return
         pids = worker_pids(job.cloud, job.instance_ids())
         if len(pids) < WORKERS:
@@ -53,7 +53,7 @@ def test_sigterm_to_every_worker_hands_back_its_messages(cloud_env):
     job.assert_nothing_left()
 
     assert observed["in_flight_after_stop"] == 0, observed
-    assert 0 < observed["visible_after_stop"] < TASKS, observed
+    assert 0 < observed["visible_after_stop"] < job.xcom["enqueue"]["enqueued_messages"], observed
     assert finished_after < VISIBILITY_SECONDS, (
         f"the job waited for visibility timeouts ({finished_after:.0f} s)"
     )

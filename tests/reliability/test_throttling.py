@@ -35,7 +35,9 @@ def test_job_completes_through_injected_throttling_and_5xx(cloud_env, monkeypatc
         job.assert_nothing_left()
         results = job.results()
     injected = sum(proxy.injected.values())
-    assert injected >= 50, proxy.injected
+    calls = injected + sum(proxy.forwarded.values())
+    # About FAULT_SHARE of every call failed (10 tasks a message: ~250 calls in all, not ~500).
+    assert injected >= FAULT_SHARE * calls / 2, (calls, proxy.injected)
     worker_actions = {"ReceiveMessage", "DeleteMessageBatch", "BatchWriteItem", "PutItem"}
     assert worker_actions <= set(proxy.injected), proxy.injected
     assert sorted(r["task_id"] for r in results) == [f"t{n:09d}" for n in range(TASKS)]
@@ -46,7 +48,7 @@ def test_job_completes_through_injected_throttling_and_5xx(cloud_env, monkeypatc
     executions = job.executions()
     print(
         f"\nRELIABILITY throttling: tasks={TASKS} share={FAULT_SHARE} injected={injected} "
-        f"calls={injected + sum(proxy.forwarded.values())} by_action={dict(proxy.injected.most_common())} "
+        f"calls={calls} by_action={dict(proxy.injected.most_common())} "
         f"duplicate_executions={sum(c - 1 for c in executions.values())} results={len(results)} lost=0"
     )
 
