@@ -1,8 +1,8 @@
 """The instance bootstrap: a gzip-compressed bash script that installs and runs the worker.
 
-cloud-init runs the script as root at first boot. It writes the worker's source (embedded in the script,
-or installed with pip from a spec) and the worker configuration into ``$EC2CLUSTER_HOME``, runs the worker,
-and shuts the instance down when the worker exits (the instance is launched with
+cloud-init runs the script as root at first boot. It gets the worker's code (a zip fetched from the state
+table, or a pip install of a spec), writes the worker configuration into ``$EC2CLUSTER_HOME``, runs the
+worker, and shuts the instance down when the worker exits (the instance is launched with
 InstanceInitiatedShutdownBehavior=terminate, so shutting down terminates it). The local cloud's instance
 runner runs the same script with a few environment knobs (see DESIGN.md, "User data").
 
@@ -11,19 +11,18 @@ The script carries no credentials: the worker gets them from the instance profil
 
 from __future__ import annotations
 
-import ast
 import gzip
 import json
 import re
 import shlex
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 # EC2 limit on user data before base64 encoding.
 USER_DATA_LIMIT_BYTES = 16_384
 DEFAULT_HOME = "/opt/ec2cluster"
 WORKER_PACKAGE = "ec2cluster_worker"
-EMBEDDED = "embedded"
+# Removed mode: the worker's source inside the user data. The worker outgrew EC2's 16 KB (even minified).
+REMOVED_EMBEDDED = "embedded"
 PIP_PREFIX = "pip:"
 # The worker's zip, fetched at boot from the state table (see airflow_ec2cluster.workerbundle).
 TABLE = "table"
@@ -51,15 +50,14 @@ class CredentialsInUserData(ValueError):
 def render_user_data(
     config: dict,
     *,
-    worker_source: str = EMBEDDED,
+    worker_source: str = TABLE,
     requirements: Iterable[str] = (),
     bundle_sha256: str | None = None,
 ) -> bytes:
     """The gzip-compressed bootstrap script for an instance running the worker with ``config``.
 
-    ``worker_source``: ``"embedded"`` (the worker's minified source in the script), ``"table"`` (a loader
-    that fetches the worker bundle with SHA-256 ``bundle_sha256`` from the state table), or
-    ``"pip:<spec>"``.
+    ``worker_source``: ``"table"`` (a loader that fetches the worker bundle with SHA-256 ``bundle_sha256``
+    from the state table), or ``"pip:<spec>"``.
     """
     refuse_credentials(config)
     requirements = list(requirements)
@@ -72,8 +70,8 @@ def render_user_data(
             f"user data is {len(data):,} bytes gzip-compressed, over EC2's limit of "
             f"{USER_DATA_LIMIT_BYTES:,} bytes ({len(requirements)} requirements, worker_source="
             f"{worker_source!r}); list fewer requirements (put them in one wheel or a custom AMI), or "
-            f'install the worker from a package with worker_source="pip:<spec>" '
-            f"(a version pin, or an S3/HTTPS wheel URL) instead of embedding its source"
+            f'install them with the worker from one package with worker_source="pip:<spec>" '
+            f"(a version pin, or an S3/HTTPS wheel URL)"
         )
     return data
 
@@ -135,15 +133,19 @@ def render_script(
     if "\n" in config_json:  # json.dumps escapes newlines; guards the heredoc all the same
         raise ValueError("config JSON must be one line")
     parts = [SCRIPT_HEAD]
-    if worker_source == EMBEDDED:
-        parts.append(embedded_worker_section(worker_source_files()))
-    elif worker_source == TABLE:
+    if worker_source == REMOVED_EMBEDDED:
+        raise ValueError(
+            "worker_source=\"embedded\" is no longer offered: the worker's source is over EC2's 16 KB of "
+            'user data even minified; use "table" (the default: the launch stores the worker in the state '
+            'table) or "pip:<spec>"'
+        )
+    if worker_source == TABLE:
         parts.append(table_worker_section(config, bundle_sha256))
     elif worker_source.startswith(PIP_PREFIX) and worker_source[len(PIP_PREFIX) :].strip():
         parts.append(pip_section("worker", [worker_source[len(PIP_PREFIX) :].strip()]))
     else:
         raise ValueError(
-            f'worker_source must be "table", "embedded" or "pip:<spec>" (a version pin or a wheel URL), '
+            f'worker_source must be "table" or "pip:<spec>" (a version pin or a wheel URL), '
             f"not {worker_source!r}"
         )
     if requirements:
@@ -152,94 +154,6 @@ def render_script(
     parts.append(f"cat > {config_target} <<'{CONFIG_DELIMITER}'\n{config_json}\n{CONFIG_DELIMITER}\n")
     parts.append(SCRIPT_RUN)
     return "\n".join(parts)
-
-
-def worker_source_files(*, minify: bool = True) -> list[tuple[str, str]]:
-    """(path relative to the package's parent, text) of every .py file of the installed worker, sorted.
-
-    Minified (no comments, docstrings or function annotations) so that the worker fits in user data.
-    """
-    import ec2cluster_worker
-
-    package_dir = Path(ec2cluster_worker.__file__).resolve().parent
-    files = sorted(p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts)
-    return [
-        (f"{WORKER_PACKAGE}/{p.relative_to(package_dir).as_posix()}", read_source(p, minify=minify))
-        for p in files
-    ]
-
-
-def read_source(path: Path, *, minify: bool) -> str:
-    text = path.read_text(encoding="utf-8")
-    return minify_python(text) if minify else text
-
-
-class _StripDocumentation(ast.NodeTransformer):
-    """Drops docstrings and function annotations: the worker reads neither at run time."""
-
-    def visit_Module(self, node: ast.Module) -> ast.Module:
-        return self._without_docstring(node)
-
-    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
-        # Class-level annotations stay: dataclasses need them.
-        return self._without_docstring(node)
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
-        node.returns = None
-        arguments = node.args
-        for argument in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]:
-            argument.annotation = None
-        for argument in (arguments.vararg, arguments.kwarg):
-            if argument is not None:
-                argument.annotation = None
-        return self._without_docstring(node)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def _without_docstring(self, node):
-        first = node.body[0] if node.body else None
-        if (
-            isinstance(first, ast.Expr)
-            and isinstance(first.value, ast.Constant)
-            and isinstance(first.value.value, str)
-        ):
-            node.body = node.body[1:] or [ast.Pass()]
-        self.generic_visit(node)
-        return node
-
-
-def minify_python(text: str) -> str:
-    """The same module without comments, docstrings and function annotations (through the AST)."""
-    code = ast.unparse(_StripDocumentation().visit(ast.parse(text)))
-    # One space per indentation level instead of four, kept only if it parses to the very same tree
-    # (a line inside a multi-line string literal would not survive re-indenting).
-    reindented = "\n".join(_one_space_indent(line) for line in code.splitlines())
-    if ast.dump(ast.parse(reindented)) == ast.dump(ast.parse(code)):
-        code = reindented
-    return code + "\n"
-
-
-def _one_space_indent(line: str) -> str:
-    stripped = line.lstrip(" ")
-    return " " * ((len(line) - len(stripped)) // 4) + stripped
-
-
-def embedded_worker_section(files: list[tuple[str, str]]) -> str:
-    lines = [
-        "# The worker's source, embedded.",
-        'export PYTHONPATH="$EC2CLUSTER_HOME/src${PYTHONPATH:+:$PYTHONPATH}"',
-    ]
-    for directory in sorted({str(Path(path).parent) for path, _ in files}):
-        lines.append(f'mkdir -p "$EC2CLUSTER_HOME/src/{directory}"')
-    for path, text in files:
-        lines.append(heredoc(f'"$EC2CLUSTER_HOME/src/{path}"', text))
-    lines.append(
-        'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ] && ! "$PY" -c "import boto3" 2>/dev/null; then\n'
-        "  ensure_pip\n"
-        '  "$PY" -m pip install --quiet boto3\n'
-        "fi"
-    )
-    return "\n".join(lines) + "\n"
 
 
 def table_worker_section(config: dict, bundle_sha256: str | None) -> str:

@@ -16,10 +16,8 @@ from airflow_ec2cluster.userdata import (
     CredentialsInUserData,
     UserDataTooLarge,
     config_from_script,
-    minify_python,
     parse_user_data,
     render_user_data,
-    worker_source_files,
 )
 
 CONFIG = {
@@ -32,21 +30,28 @@ CONFIG = {
 }
 EXAMPLE_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example
 ACCESS_KEY_PATTERN = re.compile(r"(AKIA|ASIA)[A-Z0-9]{16}")
+BUNDLE_SHA256 = "ab" * 32
+PIP_WORKER = "pip:ec2cluster-worker==0.1.0"
 
 
-def test_embedded_user_data_is_gzip_and_within_the_ec2_limit():
-    data = render_user_data(CONFIG)
+def render(config: dict, **kwargs) -> bytes:
+    """User data in the launch's default mode: a loader for the worker bundle in the state table."""
+    return render_user_data(config, bundle_sha256=BUNDLE_SHA256, **kwargs)
+
+
+def test_user_data_is_gzip_and_small():
+    data = render(CONFIG)
     assert data[:2] == b"\x1f\x8b"
-    assert len(data) <= USER_DATA_LIMIT_BYTES
+    assert len(data) <= USER_DATA_LIMIT_BYTES // 4
     assert gzip.decompress(data).decode() == parse_user_data(data)
 
 
 def test_rendering_is_deterministic():
-    assert render_user_data(CONFIG) == render_user_data(dict(reversed(list(CONFIG.items()))))
+    assert render(CONFIG) == render(dict(reversed(list(CONFIG.items()))))
 
 
 def test_round_trip_gives_back_the_config():
-    script = parse_user_data(render_user_data(CONFIG, requirements=["requests==2.32.3"]))
+    script = parse_user_data(render(CONFIG, requirements=["requests==2.32.3"]))
     assert config_from_script(script) == CONFIG
 
 
@@ -55,17 +60,17 @@ def test_parse_accepts_plain_text():
 
 
 def test_too_large_user_data_names_size_limit_and_fix():
-    requirements = [f"package-{i:05d}-{os.urandom(8).hex()}==1.0" for i in range(800)]
+    requirements = [f"package-{i:05d}-{os.urandom(8).hex()}==1.0" for i in range(2000)]
     with pytest.raises(UserDataTooLarge) as raised:
-        render_user_data(CONFIG, requirements=requirements)
+        render(CONFIG, requirements=requirements)
     message = str(raised.value)
     assert "16,384" in message and "fewer requirements" in message and 'worker_source="pip:' in message
     assert re.search(r"user data is [\d,]+ bytes", message)
     assert isinstance(raised.value, ValueError)
 
 
-def test_pip_worker_source_fits_where_embedding_does_not_need_to():
-    data = render_user_data(CONFIG, worker_source="pip:ec2cluster-worker==0.1.0")
+def test_pip_worker_source_installs_the_worker():
+    data = render_user_data(CONFIG, worker_source=PIP_WORKER)
     script = parse_user_data(data)
     assert "pip install --quiet ec2cluster-worker==0.1.0" in script
     assert "src/ec2cluster_worker" not in script
@@ -76,6 +81,11 @@ def test_pip_worker_source_fits_where_embedding_does_not_need_to():
 def test_bad_worker_source_is_refused(worker_source):
     with pytest.raises(ValueError, match="worker_source"):
         render_user_data(CONFIG, worker_source=worker_source)
+
+
+def test_the_removed_embedded_mode_says_what_to_use_instead():
+    with pytest.raises(ValueError, match=r'"embedded" is no longer offered.*16 KB.*use "table"'):
+        render_user_data(CONFIG, worker_source="embedded")
 
 
 @pytest.mark.parametrize(
@@ -89,53 +99,36 @@ def test_bad_worker_source_is_refused(worker_source):
 )
 def test_credentials_in_config_are_refused(config_change):
     with pytest.raises(CredentialsInUserData):
-        render_user_data({**CONFIG, **config_change})
+        render({**CONFIG, **config_change})
 
 
 def test_script_carries_no_credential_looking_string():
-    script = parse_user_data(render_user_data(CONFIG))
+    script = parse_user_data(render(CONFIG))
     assert not ACCESS_KEY_PATTERN.search(script)
     assert "aws_secret_access_key" not in script.lower()
 
 
 def test_script_is_valid_bash():
-    for data in (render_user_data(CONFIG), render_user_data(CONFIG, worker_source="pip:ec2cluster-worker")):
+    for data in (render(CONFIG), render_user_data(CONFIG, worker_source="pip:ec2cluster-worker")):
         result = subprocess.run(["bash", "-n"], input=parse_user_data(data), text=True, capture_output=True)
         assert result.returncode == 0, result.stderr
 
 
-def test_minified_worker_has_the_same_code():
-    import ast
-
-    for _, text in worker_source_files(minify=False):
-        minified = minify_python(text)
-        assert len(minified) <= len(text)
-        compile(minified, "<minified>", "exec")
-
-        # Same names defined at module level.
-        def names(source: str) -> set[str]:
-            return {
-                node.name
-                for node in ast.parse(source).body
-                if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-            }
-
-        assert names(minified) == names(text)
-
-
-def test_running_the_script_materialises_a_worker_that_imports(tmp_path: Path):
+def test_running_the_script_writes_the_config_and_runs_the_worker(tmp_path: Path):
+    # pip mode with installs skipped: the worker comes from PYTHONPATH (the table mode's loader has its own
+    # tests in tests/test_workerbundle.py).
     script_path = tmp_path / "user-data.sh"
-    script_path.write_text(parse_user_data(render_user_data(CONFIG)))
+    script_path.write_text(parse_user_data(render_user_data(CONFIG, worker_source=PIP_WORKER)))
     home = tmp_path / "home"
     # A fake interpreter on PATH stands in for "python3": it records the worker's command line and checks
-    # that the materialised package (not the installed one) imports and validates the config.
+    # that the written configuration validates.
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import json, sys, ec2cluster_worker, ec2cluster_worker.config as c\n"
+        "import json, sys, ec2cluster_worker.config as c\n"
         "args = sys.argv[1:]\n"
         "assert args[:3] == ['-m', 'ec2cluster_worker', '--config'], args\n"
         "c.WorkerConfig.from_dict(json.load(open(args[3])))\n"
-        "print('worker-file', ec2cluster_worker.__file__)\n"
+        "print('worker-config', args[3])\n"
     )
     fake_python = tmp_path / "fakepython"
     fake_python.write_text(f'#!/bin/bash\nexec {sys.executable} {probe} "$@"\n')
@@ -146,29 +139,16 @@ def test_running_the_script_materialises_a_worker_that_imports(tmp_path: Path):
         "EC2CLUSTER_SKIP_INSTALL": "1",
         "EC2CLUSTER_NO_SHUTDOWN": "1",
         "EC2CLUSTER_PYTHON": str(fake_python),
-        "PYTHONPATH": "",
     }
     result = subprocess.run(["bash", str(script_path)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert f"worker-file {home}/src/ec2cluster_worker/__init__.py" in result.stdout
-    package = home / "src" / "ec2cluster_worker"
-    expected = sorted(Path(path).name for path, _ in worker_source_files())
-    assert sorted(p.name for p in package.glob("*.py")) == expected
-    # The materialised worker imports on its own (not shadowed by the installed package).
-    check = subprocess.run(
-        [sys.executable, "-c", "import ec2cluster_worker.__main__, ec2cluster_worker.loop; print('ok')"],
-        env={**env, "PYTHONPATH": str(home / "src")},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr
-    assert (home / "config.json").exists()
+    assert f"worker-config {home}/config.json" in result.stdout
+    assert config_from_script(script_path.read_text()) == CONFIG
 
 
 def test_worker_exit_status_is_the_script_status_and_no_shutdown_is_honoured(tmp_path: Path):
     script_path = tmp_path / "user-data.sh"
-    script_path.write_text(parse_user_data(render_user_data(CONFIG)))
+    script_path.write_text(parse_user_data(render_user_data(CONFIG, worker_source=PIP_WORKER)))
     fake_python = tmp_path / "fakepython"
     fake_python.write_text("#!/bin/bash\nexit 7\n")
     fake_python.chmod(0o755)
