@@ -79,6 +79,29 @@ def serialised(app, services: tuple[str, ...], lock: threading.Lock | None = Non
     return application
 
 
+def make_terminate_idempotent() -> None:
+    """Terminating an already terminated instance succeeds, as on AWS.
+
+    moto deletes a terminated instance's network interfaces again and answers a second TerminateInstances
+    (the runner's after the worker exited, then the teardown's) with InvalidNetworkInterfaceID.NotFound.
+    """
+    import copy
+
+    from moto.ec2.models.instances import Instance
+
+    original = Instance.terminate
+    if getattr(original, "ec2cluster_idempotent", False):
+        return
+
+    def terminate(self):
+        if self._state.name == "terminated":
+            return copy.copy(self._state)
+        return original(self)
+
+    terminate.ec2cluster_idempotent = True
+    Instance.terminate = terminate
+
+
 def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -91,6 +114,7 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
         from airflow_ec2cluster.localcloud import sqs_speedup as speedup
 
         speedup.apply()
+    make_terminate_idempotent()
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES)

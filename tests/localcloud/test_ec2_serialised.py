@@ -26,3 +26,23 @@ def test_only_the_named_services_run_under_the_lock():
     assert wrapped({"HTTP_AUTHORIZATION": EC2_HEADER}, None) == [b"locked"]
     assert wrapped({"HTTP_AUTHORIZATION": SQS_HEADER}, None) == [b"free"]
     assert not lock.locked()
+
+
+def test_terminating_a_terminated_instance_succeeds_as_on_aws(monkeypatch):
+    import boto3
+    from moto import mock_aws
+    from moto.ec2.models.instances import Instance
+
+    from airflow_ec2cluster.localcloud.server import make_terminate_idempotent
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(Instance, "terminate", Instance.terminate)  # undone after the test
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        ec2.terminate_instances(InstanceIds=[instance])
+        make_terminate_idempotent()
+        make_terminate_idempotent()  # applying twice wraps once
+        again = ec2.terminate_instances(InstanceIds=[instance])["TerminatingInstances"][0]
+        assert again["InstanceId"] == instance and again["PreviousState"]["Name"] == "terminated"
