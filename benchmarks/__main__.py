@@ -19,11 +19,11 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import controller, enqueue, localcloud_sqs, workers
+    from . import controller, costs, enqueue, localcloud_sqs, workers
 
     return {
-        "worker-calls": workers.worker_calls,
-        "request-cost": workers.request_cost,
+        "worker-calls": costs.worker_calls,
+        "request-cost": costs.request_cost,
         "poke-calls": controller.poke_calls,
         "drain-latency": controller.drain_latency,
         "enqueue": enqueue.enqueue_rate,

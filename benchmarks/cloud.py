@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import boto3
 from botocore.config import Config
 from ec2cluster_worker import records
-from ec2cluster_worker.messages import task_body
 
 from airflow_ec2cluster.localcloud.server import READY_PREFIX
+from airflow_ec2cluster.packing import PendingTask, pack_tasks
 
 REGION = "us-east-1"
 CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 10}, max_pool_connections=32)
@@ -136,14 +136,13 @@ def task_id(index: int) -> str:
     return f"t{index:09d}"
 
 
-def fill_queue(queue_url: str, count: int) -> None:
-    """``count`` no-op tasks, sent with SendMessageBatch (not counted by any benchmark)."""
+def fill_queue(queue_url: str, count: int, tasks_per_message: int = 1) -> None:
+    """``count`` no-op tasks, ``tasks_per_message`` a message, sent with SendMessageBatch (not counted)."""
     sqs = client("sqs")
-    for start in range(0, count, 10):
-        entries = [
-            {"Id": str(i), "MessageBody": task_body(task_id(start + i), {"n": start + i})}
-            for i in range(min(10, count - start))
-        ]
+    tasks = (PendingTask(task_id(n), {"n": n}, f"item {n}") for n in range(count))
+    bodies = [message.body for message in pack_tasks(tasks, tasks_per_message)]
+    for start in range(0, len(bodies), 10):
+        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[start : start + 10])]
         failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed")
         if failed:
             raise RuntimeError(f"SQS refused {len(failed)} messages: {failed[:3]}")
@@ -155,6 +154,17 @@ def queue_empty(queue_url: str) -> bool:
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
     )["Attributes"]
     return all(int(value) == 0 for value in attributes.values())
+
+
+def tasks_done(items: list[dict]) -> int:
+    """Tasks done over task-log items (low-level form): a group's item counts its done tasks."""
+    done = 0
+    for item in items:
+        if "tasks_done" in item:
+            done += int(item["tasks_done"]["N"])
+        elif item["status"]["S"] == "done":
+            done += 1
+    return done
 
 
 def task_log_items(table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS) -> list[dict]:

@@ -9,6 +9,8 @@ from typing import Any
 
 from ec2cluster_worker import records
 
+from airflow_ec2cluster.tasklog import tally
+
 from . import cloud
 from .counting import CallCounter
 from .result import Result
@@ -371,9 +373,12 @@ def measure_drain(tasks: int, workers: int, drained_checks: int) -> dict[str, An
         live = hook.list_cluster_instances(
             cluster_id, ("pending", "running", "stopping", "stopped", "shutting-down")
         )
-        finished = [float(item["finished_at"]) for item in hook.iter_task_log(table, cluster_id)]
-    if live or len(finished) != tasks:
-        raise RuntimeError(f"{len(live)} instances still live, {len(finished)} of {tasks} tasks logged")
+        items = list(hook.iter_task_log(table, cluster_id))
+    # One item per message (a group's item is written when its last task finishes).
+    finished = [float(item["finished_at"]) for item in items]
+    logged = tally(items)[records.TASK_DONE]
+    if live or logged != tasks:
+        raise RuntimeError(f"{len(live)} instances still live, {logged} of {tasks} tasks logged")
     return {
         "latency": terminated_at - max(finished),
         "to_drained": drained_at - max(finished),
