@@ -138,7 +138,7 @@ def test_unserialisable_results_fail():
 
 def test_task_log_items_and_one_batch_write(clients):
     table = create_state_table("state-for-log")
-    log = TaskLog(clients.dynamodb_resource, table, cluster_id="c-1", log_shards=4, retention_seconds=100)
+    log = TaskLog(clients.dynamodb, table, cluster_id="c-1", log_shards=4, retention_seconds=100)
     failure = failed_result(
         task_id="dup",
         attempt=2,
@@ -149,7 +149,7 @@ def test_task_log_items_and_one_batch_write(clients):
         error="e" * 3000,
     )
     calls = []
-    clients.dynamodb_resource.meta.client.meta.events.register(
+    clients.dynamodb.meta.events.register(
         "before-call.dynamodb.BatchWriteItem", lambda **kw: calls.append(1)
     )
     outcomes = [done("a", 1), done("dup", 2), failure] + [done(f"t{n}", n) for n in range(20)]

@@ -74,7 +74,7 @@ class Worker:
         self.keeper = VisibilityKeeper(clients.sqs, config.queue_url, config.visibility_timeout_seconds, log)
         self.heartbeat = Heartbeat(status_writer, config.heartbeat_seconds)
         self.task_log = TaskLog(
-            clients.dynamodb_resource,
+            clients.dynamodb,
             config.state_table,
             cluster_id=config.cluster_id,
             log_shards=config.log_shards,

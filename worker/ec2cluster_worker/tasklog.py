@@ -8,8 +8,10 @@ worker stopped before running them all: the message is handed back). One item pe
 group cheap: a DynamoDB write unit per KB, not per task. A redelivered message is logged under the same key,
 so a re-run overwrites its own item.
 
-All items of a received batch go in one BatchWriteItem (boto3's batch_writer, which resends UnprocessedItems
-and, with overwrite_by_pkeys, keeps one item when a duplicate delivery puts the same key twice).
+All items of a received batch go in one BatchWriteItem (boto3's BatchWriter, which resends UnprocessedItems
+and, with overwrite_by_pkeys, keeps one item when a duplicate delivery puts the same key twice). It runs on
+the low-level client with items serialised here: the resource layer's request transformation walks and
+copies every request, about a tenth of the worker's CPU per task.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+from boto3.dynamodb.table import BatchWriter
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 from . import records
 from .messages import Delivery
@@ -27,6 +32,16 @@ STATUS_PARTIAL = "partial"
 MAX_INLINE_RESULT_BYTES = 350_000
 # BatchGetItem reads at most 100 keys per call.
 MAX_GET_KEYS = 100
+_serialize = TypeSerializer().serialize
+_deserialize = TypeDeserializer().deserialize
+
+
+def wire_item(item: dict[str, Any]) -> dict[str, Any]:
+    return {name: _serialize(value) for name, value in item.items()}
+
+
+def python_item(item: dict[str, Any]) -> dict[str, Any]:
+    return {name: _deserialize(value) for name, value in item.items()}
 
 
 def dynamo_number(value: float) -> Decimal:
@@ -183,11 +198,10 @@ def done_entries(item: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 class TaskLog:
     def __init__(
-        self, resource: Any, table_name: str, *, cluster_id: str, log_shards: int, retention_seconds: int
+        self, client: Any, table_name: str, *, cluster_id: str, log_shards: int, retention_seconds: int
     ) -> None:
-        self.resource = resource  # a boto3 DynamoDB service resource (main thread only)
+        self.client = client  # a low-level DynamoDB client
         self.table_name = table_name
-        self.table = resource.Table(table_name)
         self.cluster_id = cluster_id
         self.log_shards = log_shards
         self.retention_seconds = retention_seconds
@@ -229,9 +243,9 @@ class TaskLog:
         """One BatchWriteItem per 25 items; raises (botocore errors) when the log could not be written."""
         if not items:
             return
-        with self.table.batch_writer(overwrite_by_pkeys=[records.PK, records.SK]) as batch:
+        with BatchWriter(self.table_name, self.client, overwrite_by_pkeys=[records.PK, records.SK]) as batch:
             for item in items:
-                batch.put_item(Item=item)
+                batch.put_item(Item=wire_item(item))
 
     def done_before(self, keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """Per log key, the entries of tasks an earlier delivery logged done (one BatchGetItem per 100)."""
@@ -241,7 +255,7 @@ class TaskLog:
             request = {
                 self.table_name: {
                     "Keys": [
-                        records.task_log_key(self.cluster_id, key, self.log_shards)
+                        wire_item(records.task_log_key(self.cluster_id, key, self.log_shards))
                         for key in unique[start : start + MAX_GET_KEYS]
                     ],
                     "ProjectionExpression": "sk, task_id, #st, #r, #o, #t",
@@ -254,8 +268,9 @@ class TaskLog:
                 }
             }
             while request:
-                response = self.resource.batch_get_item(RequestItems=request)
-                for item in response.get("Responses", {}).get(self.table_name, []):
+                response = self.client.batch_get_item(RequestItems=request)
+                for wire in response.get("Responses", {}).get(self.table_name, []):
+                    item = python_item(wire)
                     found[item[records.SK]] = done_entries(item)
                 request = response.get("UnprocessedKeys") or None
         return found
