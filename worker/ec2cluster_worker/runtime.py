@@ -6,7 +6,6 @@ the handler and sink are loaded, so a bad handler stops the worker at once with 
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Mapping
 
@@ -91,8 +90,6 @@ def run_worker(
         spot_watcher=spot_watcher,
         stop=stop,
     )
-    # Start-up's objects (clients, service models) live as long as the process: keep the collector off them.
-    gc.freeze()
     try:
         return worker.run()
     finally:
