@@ -149,9 +149,7 @@ def test_task_log_items_and_one_batch_write(clients):
         error="e" * 3000,
     )
     calls = []
-    clients.dynamodb.meta.events.register(
-        "before-call.dynamodb.BatchWriteItem", lambda **kw: calls.append(1)
-    )
+    clients.dynamodb.meta.events.register("before-call.dynamodb.BatchWriteItem", lambda **kw: calls.append(1))
     outcomes = [done("a", 1), done("dup", 2), failure] + [done(f"t{n}", n) for n in range(20)]
     runs = [single_run(result) for result in outcomes]
     log.write(log.items(runs, {"a": {"result": "1"}, "dup": {"result": "2"}}, worker_id="w-1", now=3.0))
