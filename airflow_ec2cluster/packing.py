@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ec2cluster_worker.messages import MAX_TASKS_PER_MESSAGE
+
 # SQS limits (AWS-FACTS.md): one message, and one SendMessageBatch request, carry at most 1 MiB.
 MAX_MESSAGE_BYTES = 1_048_576
-# The worker accepts at most this many tasks in one message (ec2cluster_worker.messages).
-MAX_TASKS_PER_MESSAGE = 100
 # Ten tasks a message: one task-log item and a tenth of the SQS requests per task, and a slow task holds
 # back at most nine others.
 DEFAULT_TASKS_PER_MESSAGE = 10

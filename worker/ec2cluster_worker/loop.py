@@ -28,7 +28,7 @@ from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, parse_mess
 from .results import TaskResult, done_result, failed_result
 from .sinks import Sink, write_results
 from .status import Heartbeat, StatusWriter, WorkerStatus
-from .tasklog import STATUS_PARTIAL, MessageRun, TaskLog, fit_inline_results
+from .tasklog import MessageRun, TaskLog, fit_inline_results
 from .taskqueue import TaskQueue, messages_to_request
 from .visibility import VisibilityKeeper
 
@@ -277,7 +277,7 @@ class Worker:
             return
         done = [run for run in runs if run.status == records.TASK_DONE]
         failed = [run for run in runs if run.status == records.TASK_FAILED]
-        handed_back = [run.delivery for run in runs if run.status == STATUS_PARTIAL]
+        handed_back = [run.delivery for run in runs if run.status == records.TASK_PARTIAL]
         self.keeper.forget(run.delivery for run in done)
         self._delete([run.delivery for run in done])
         if failed:

@@ -39,9 +39,10 @@ STATE_RUNNING = "running"
 STATE_STOPPING = "stopping"
 STATE_STOPPED = "stopped"
 
-# Task log item status values.
+# Task log item status values. A group's item is partial when a stopping worker handed it back unfinished.
 TASK_DONE = "done"
 TASK_FAILED = "failed"
+TASK_PARTIAL = "partial"
 
 
 def cluster_pk(cluster_id: str) -> str:

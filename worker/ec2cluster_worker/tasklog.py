@@ -27,7 +27,6 @@ from . import records
 from .messages import Delivery
 from .results import TaskResult, truncate_error
 
-STATUS_PARTIAL = "partial"
 # A DynamoDB item holds at most 400 KB; leave room for the task log's other attributes.
 MAX_INLINE_RESULT_BYTES = 350_000
 # BatchGetItem reads at most 100 keys per call.
@@ -73,7 +72,7 @@ class MessageRun:
     @property
     def status(self) -> str:
         if self.not_run:
-            return STATUS_PARTIAL
+            return records.TASK_PARTIAL
         return records.TASK_FAILED if self.tasks_failed else records.TASK_DONE
 
     @property
