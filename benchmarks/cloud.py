@@ -96,6 +96,24 @@ def moto_server() -> Iterator[str]:
             process.wait()
 
 
+NOOP_HANDLER = {"type": "python", "target": "benchmarks.handlers:noop"}
+
+
+def noop_worker_config(cluster_id: str, queue_url: str, table: str) -> dict:
+    """A worker configuration for benchmarks: defaults everywhere except how soon an idle worker exits (so
+    the run ends) and the long poll, which is the reference loops' (1 s): every side waits the same at the
+    tail, outside any timed window."""
+    return {
+        "cluster_id": cluster_id,
+        "region": REGION,
+        "queue_url": queue_url,
+        "state_table": table,
+        "handler": NOOP_HANDLER,
+        "idle_shutdown_seconds": 1,
+        "wait_time_seconds": 1,
+    }
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

@@ -23,7 +23,6 @@ from .counting import CallCounter
 from .prices import PRICES_AS_OF, request_charges_usd
 from .result import Result
 
-NOOP_HANDLER = {"type": "python", "target": "benchmarks.handlers:noop"}
 MAX_CALLS_PER_TASK = 0.4
 MAX_COST_RATIO = 1 / 3
 # The naive loop makes exactly 4 calls per task (plus one empty receive): 500 tasks measure that as well as
@@ -32,26 +31,13 @@ NAIVE_TASKS = 500
 WORKER_TASKS = {"tiny": 100, "full": 2000}
 
 
-def worker_config(cluster_id: str, queue_url: str, table: str) -> dict:
-    # Defaults everywhere except how soon an idle worker exits (so the run ends) and the long poll.
-    return {
-        "cluster_id": cluster_id,
-        "region": cloud.REGION,
-        "queue_url": queue_url,
-        "state_table": table,
-        "handler": NOOP_HANDLER,
-        "idle_shutdown_seconds": 1,
-        "wait_time_seconds": 1,
-    }
-
-
 def count_worker(tasks: int, table: str, tasks_per_message: int) -> CallCounter:
     cluster_id = cloud.unique("calls")
     queue_url = cloud.create_queue(cluster_id)
     cloud.fill_queue(queue_url, tasks, tasks_per_message)
     session = boto3.session.Session()
     counter = CallCounter().attach_session(session)
-    config = WorkerConfig.from_dict(worker_config(cluster_id, queue_url, table))
+    config = WorkerConfig.from_dict(cloud.noop_worker_config(cluster_id, queue_url, table))
     log = io.StringIO()
     code = run_worker(config, environ={"EC2CLUSTER_WORKER_ID": "bench"}, session=session, log=EventLog(log))
     done = cloud.tasks_done(cloud.task_log_items(table, cluster_id))

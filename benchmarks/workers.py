@@ -30,7 +30,6 @@ from . import cloud
 from .result import Result
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NOOP_HANDLER = {"type": "python", "target": "benchmarks.handlers:noop"}
 MAX_OVERHEAD = 1.15
 MAX_WORKER_RSS_MB = 80
 # Worker processes side by side; at the smoke test's size one is enough to exercise the code (each process
@@ -41,20 +40,6 @@ THROUGHPUT_WORKERS = {"tiny": (1,), "full": (1, 4)}
 TASKS_PER_RUN = {"tiny": 60, "full": 1000}
 PAIRS = {"tiny": 1, "full": 3}
 SIDES = ("worker", "bare")
-
-
-def worker_config(cluster_id: str, queue_url: str, table: str) -> dict[str, Any]:
-    # Defaults everywhere except how soon an idle worker exits (so the run ends) and the long poll, which is
-    # the bare loop's (1 s): both sides wait the same at the tail, outside the timed window anyway.
-    return {
-        "cluster_id": cluster_id,
-        "region": cloud.REGION,
-        "queue_url": queue_url,
-        "state_table": table,
-        "handler": NOOP_HANDLER,
-        "idle_shutdown_seconds": 1,
-        "wait_time_seconds": 1,
-    }
 
 
 # -- the timed window (pure) -------------------------------------------------------------------------------
@@ -168,7 +153,7 @@ def side_commands(
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     if side == "worker":
         config_path = work_dir / f"{cluster_id}.json"
-        config_path.write_text(json.dumps(worker_config(cluster_id, queue_url, table)))
+        config_path.write_text(json.dumps(cloud.noop_worker_config(cluster_id, queue_url, table)))
         command = [sys.executable, "-m", "ec2cluster_worker", "--config", str(config_path)]
         return [(command, {**env, "EC2CLUSTER_WORKER_ID": f"w{i}"}) for i in range(count)]
     command = [sys.executable, "-m", "benchmarks.references", "--queue-url", queue_url, "--table", table]

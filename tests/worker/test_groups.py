@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
-import pytest
 from ec2cluster_worker import records
 from ec2cluster_worker.messages import Delivery, group_body, task_body
 from ec2cluster_worker.results import done_result
@@ -15,26 +13,14 @@ from ec2cluster_worker.taskqueue import messages_to_request
 from ..localcloud.helpers import wait_for
 from .cloud import (
     WorkerProcess,
-    create_state_table,
     create_task_queue,
     queue_counts,
     receive_all,
     send_bodies,
     task_log,
-    unique,
     worker_config,
     worker_statuses,
 )
-
-
-@pytest.fixture
-def state_table(aws_endpoint) -> str:
-    return create_state_table()
-
-
-@pytest.fixture
-def cluster(aws_endpoint) -> Iterator[str]:
-    yield unique("wg")
 
 
 def groups(count: int, size: int, payload=lambda n: {"n": n}) -> list[list[tuple[str, object]]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from collections.abc import Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,7 +15,6 @@ from ec2cluster_worker import records
 from .cloud import (
     REGION,
     WorkerProcess,
-    create_state_table,
     create_task_queue,
     queue_counts,
     receive_all,
@@ -28,16 +26,6 @@ from .cloud import (
     worker_env,
     worker_statuses,
 )
-
-
-@pytest.fixture
-def state_table(aws_endpoint) -> str:
-    return create_state_table()
-
-
-@pytest.fixture
-def cluster(aws_endpoint) -> Iterator[str]:
-    yield unique("wt")
 
 
 def test_runs_every_task_then_stops_when_idle(cluster, state_table, tmp_path):
