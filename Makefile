@@ -12,12 +12,12 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet uv==0.13.8
 
 # Pinned install: requirements.lock is compiled from pyproject.toml (see `make lock`).
-$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml worker/pyproject.toml
-	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet -r requirements.lock -e ./worker -e .
+$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml worker/pyproject.toml localcloud/pyproject.toml
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet -r requirements.lock -e ./worker -e ./localcloud -e .
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m airflow_ec2cluster.demo
+	$(BIN)/python -m ec2cluster_localcloud.demo
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -31,7 +31,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 lock: $(BIN)/python
-	$(UV) pip compile pyproject.toml --extra dev --extra localcloud --no-emit-package ec2cluster-worker \
+	$(UV) pip compile pyproject.toml --extra dev --no-emit-package ec2cluster-worker \
 		--python-version 3.11 -o requirements.lock --quiet
 
 clean:

@@ -7,55 +7,12 @@ function of the parsed arguments returning the exit status); add new ones to SUB
 from __future__ import annotations
 
 import argparse
-import shlex
-import signal
 import sys
-import threading
 from collections.abc import Callable
 
 from airflow_ec2cluster.commands import iam_policy, redrive, status
 
-
-def register_localcloud(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "localcloud",
-        help="run the local cloud (moto server + instance runner) until Ctrl-C",
-        description="Run the local cloud on 127.0.0.1: a moto server, and a runner that turns every "
-        "launched instance into a local process running its user data. Prints the environment to export.",
-    )
-    parser.add_argument("--port", type=int, default=0, help="port for the endpoint (default: any free port)")
-    parser.add_argument("--region", default="us-east-1", help="AWS region to emulate (default us-east-1)")
-    parser.add_argument(
-        "--work-dir", default=None, help="where instance homes and logs go (default: a temp dir)"
-    )
-    parser.set_defaults(handler=run_localcloud)
-
-
-def run_localcloud(args: argparse.Namespace) -> int:
-    from airflow_ec2cluster.localcloud import LocalCloud
-
-    stop = threading.Event()
-    # SIGTERM ends the run like Ctrl-C does: through the context manager's clean-up.
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        with LocalCloud(port=args.port, region=args.region, work_dir=args.work_dir) as cloud:
-            print(f"Local cloud endpoint: {cloud.endpoint_url}")
-            print(f"AMI: {cloud.ami_id}   instance profile: {cloud.instance_profile_name}")
-            print(f"Instance logs: {cloud.work_dir}/logs")
-            print("Export this environment to use it (boto3, AWS CLI, Airflow):")
-            for name, value in {**cloud.env(), **cloud.airflow_conn_env()}.items():
-                print(f"export {name}={shlex.quote(value)}")
-            print("Running until Ctrl-C.", flush=True)
-            while not stop.wait(0.5):
-                pass
-    except KeyboardInterrupt:
-        pass
-    print("Local cloud stopped.", flush=True)
-    return 0
-
-
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "localcloud": register_localcloud,
     "status": status.register,
     "redrive": redrive.register,
     "iam-policy": iam_policy.register,

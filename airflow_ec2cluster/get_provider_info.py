@@ -32,7 +32,12 @@ def get_provider_info() -> dict:
         "operators": [
             {
                 "integration-name": INTEGRATION_NAME,
-                "python-modules": ["airflow_ec2cluster.operators.ec2cluster"],
+                "python-modules": [
+                    "airflow_ec2cluster.operators.enqueue",
+                    "airflow_ec2cluster.operators.launch",
+                    "airflow_ec2cluster.operators.redrive",
+                    "airflow_ec2cluster.operators.teardown",
+                ],
             }
         ],
         "sensors": [

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import boto3
 from botocore.config import Config
+from ec2cluster_localcloud.server import READY_PREFIX
 from ec2cluster_worker import records
 
-from airflow_ec2cluster.localcloud.server import READY_PREFIX
 from airflow_ec2cluster.packing import PendingTask, pack_tasks
 
 REGION = "us-east-1"
@@ -76,7 +76,7 @@ def moto_server() -> Iterator[str]:
         with pointed_at(client_env(_shared[-1])):
             yield _shared[-1]
         return
-    command = [sys.executable, "-m", "airflow_ec2cluster.localcloud.server", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "ec2cluster_localcloud.server", "--host", "127.0.0.1"]
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )

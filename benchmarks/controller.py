@@ -328,7 +328,7 @@ def operators_kwargs(cluster_id: str, table: str) -> dict[str, Any]:
 
 def run_until_drained(sensor: Any) -> int:
     """Poke as Airflow does (poke, sleep poke_interval, poke...) until drained; the number of pokes."""
-    from airflow.providers.common.compat.sdk import PokeReturnValue
+    from airflow.sdk import PokeReturnValue
 
     deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
     pokes = 0
@@ -343,8 +343,9 @@ def run_until_drained(sensor: Any) -> int:
 
 def measure_drain(tasks: int, workers: int, drained_checks: int) -> dict[str, Any]:
     """One job on the local cloud: enqueue, launch, poke until drained, tear down; the seconds it took."""
-    from airflow_ec2cluster.localcloud import LocalCloud
-    from airflow_ec2cluster.operators.ec2cluster import (
+    from ec2cluster_localcloud import LocalCloud
+
+    from airflow_ec2cluster.operators import (
         EC2ClusterEnqueueOperator,
         EC2ClusterLaunchOperator,
         EC2ClusterTeardownOperator,
@@ -391,7 +392,7 @@ def drain_latency(size: str) -> Result:
     tasks, workers = DRAIN_SIZES[size]
     target = 2 * POKE_INTERVAL + 3
     result = Result("drain-latency", size)
-    from airflow_ec2cluster.decisions import DEFAULT_DRAINED_CHECKS
+    from airflow_ec2cluster.drain.decisions import DEFAULT_DRAINED_CHECKS
 
     # The sensor's default (2 consecutive empty reads, with the task log agreeing), and beside it 3 reads
     # (the default before): what each extra read costs.
@@ -422,7 +423,7 @@ LAUNCH_SIZES = {"tiny": 5, "full": 100}
 
 
 def launch_calls(size: str) -> Result:
-    from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+    from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 
     workers = LAUNCH_SIZES[size]
     with cloud.moto_server():

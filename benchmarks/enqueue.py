@@ -33,7 +33,7 @@ def payloads(count: int) -> list[dict[str, Any]]:
 def enqueue_ours(
     table: str, items: list[dict[str, Any]], tasks_per_message: int
 ) -> tuple[float, CallCounter]:
-    from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator
+    from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
 
     operator = EC2ClusterEnqueueOperator(
         task_id="enqueue",
@@ -158,7 +158,7 @@ def stream_once(table: str, uri: str) -> tuple[int, float]:
     """(peak RSS growth in bytes, seconds) of one S3-manifest enqueue in this process."""
     import gc
 
-    from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator
+    from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
 
     operator = EC2ClusterEnqueueOperator(
         task_id="enqueue", s3_uri=uri, **operators_kwargs(cloud.unique("st"), table)

@@ -15,9 +15,8 @@ import uuid
 from unittest import mock
 
 import boto3
+from ec2cluster_localcloud import sqs_speedup
 from moto import mock_aws
-
-from airflow_ec2cluster.localcloud import sqs_speedup
 
 from .result import Result
 

@@ -11,7 +11,7 @@ import itertools
 import json
 from pathlib import Path
 
-from airflow.providers.common.compat.sdk import DAG, Param, task
+from airflow.sdk import DAG, Param, task
 
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import (

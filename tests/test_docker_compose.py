@@ -7,8 +7,7 @@ from importlib.metadata import distribution
 from pathlib import Path
 
 import yaml
-
-from airflow_ec2cluster import cli
+from ec2cluster_localcloud import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,11 +46,11 @@ def test_the_commands_it_runs_exist():
     services = compose()["services"]
     entrypoint = services["localcloud"]["entrypoint"]
     scripts = {
-        e.name for e in distribution("airflow-ec2cluster").entry_points if e.group == "console_scripts"
+        e.name for e in distribution("ec2cluster-localcloud").entry_points if e.group == "console_scripts"
     }
     assert entrypoint[0] in scripts
     parser = cli.build_parser()
-    parser.parse_args(entrypoint[1:])  # exits (SystemExit) if the subcommand or a flag does not exist
+    parser.parse_args(entrypoint[1:])  # exits (SystemExit) if a flag does not exist
 
 
 def test_the_airflow_image_matches_the_pinned_airflow():

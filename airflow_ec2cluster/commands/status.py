@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_ec2cluster.commands.common import add_connection_arguments, hook_from
-from airflow_ec2cluster.decisions import Decision, Snapshot, decide, eta_text, finished_messages
-from airflow_ec2cluster.sensors.drain_round import DrainSettings, build_snapshot
+from airflow_ec2cluster.drain.decisions import Decision, Snapshot, decide, eta_text, finished_messages
+from airflow_ec2cluster.drain.round import DrainSettings, build_snapshot
 from airflow_ec2cluster.tasklog import dead_letter_errors
 
 BAR_WIDTH = 30

@@ -35,7 +35,7 @@ from airflow_ec2cluster.cluster import (
     dead_letter_queue_name,
     task_queue_name,
 )
-from airflow_ec2cluster.decisions import LIVE_STATES, QueueCounts
+from airflow_ec2cluster.drain.decisions import LIVE_STATES, QueueCounts
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES, OutgoingMessage
 from airflow_ec2cluster.tasklog import COUNT_ATTRIBUTES, log_key_of, tally, task_results_of
 

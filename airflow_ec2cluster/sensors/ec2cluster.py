@@ -10,15 +10,16 @@ from typing import TYPE_CHECKING, Any
 from airflow.configuration import conf
 from airflow.providers.amazon.aws.sensors.base_aws import AwsBaseSensor
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, PokeReturnValue
+from airflow.sdk import PokeReturnValue
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import BotoCoreError, ClientError
 
 from airflow_ec2cluster.cluster import DEFAULT_STATE_TABLE, META_QUEUE_URL, cluster_id_from_context
-from airflow_ec2cluster.decisions import DEFAULT_DRAINED_CHECKS
+from airflow_ec2cluster.drain.decisions import DEFAULT_DRAINED_CHECKS
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round, instance_seconds, run_sync
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
-from airflow_ec2cluster.operators.ec2cluster import as_bool
-from airflow_ec2cluster.sensors.drain_round import DrainSettings, drain_round, instance_seconds, run_sync
+from airflow_ec2cluster.operators.base import as_bool
 from airflow_ec2cluster.triggers.ec2cluster import (
     STATUS_FAILURE,
     STATUS_SUCCESS,
@@ -36,8 +37,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
 
     Each poke makes the same handful of calls whatever the number of tasks: the META item (GetItem), queue
     and dead-letter counts (two GetQueueAttributes), the cluster's instances (DescribeInstances by tag), the
-    worker status items (one Query); then :func:`airflow_ec2cluster.decisions.decide`, TerminateInstances for
-    reaped workers, one RunInstances for replacements, one UpdateItem of the META item, and a progress line.
+    worker status items (one Query); then :func:`~airflow_ec2cluster.drain.decisions.decide`,
+    TerminateInstances for reaped workers, one RunInstances for replacements, one UpdateItem of the META
+    item, and a progress line.
     Drained: the queue has read empty ``drained_checks`` times in a row (default 2, enough because the tasks
     must also be accounted for: done + failed + dead-lettered >= enqueued). Only at the end, when the queue
     has read empty and the workers' counters fall short of the enqueued count, is the task log counted
@@ -54,7 +56,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
 
     ``deferrable=True`` (default: Airflow's ``[operators] default_deferrable``, as in the amazon provider)
     hands the wait to :class:`~airflow_ec2cluster.triggers.ec2cluster.QueueDrainedTrigger`, which runs the
-    very same round (:mod:`airflow_ec2cluster.sensors.drain_round`) in the triggerer with async AWS calls,
+    very same round (:mod:`airflow_ec2cluster.drain.round`) in the triggerer with async AWS calls,
     so no worker slot is held for the hours a drain can last. ``mode="reschedule"`` frees the slot between
     pokes on the sync path. Extra links: the cluster's instances, queue and state table in the AWS console.
 

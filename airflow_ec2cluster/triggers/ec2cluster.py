@@ -9,8 +9,8 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from botocore.exceptions import BotoCoreError, ClientError
 
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
 from airflow_ec2cluster.hooks.ec2cluster import AsyncClusterIO, EC2ClusterHook
-from airflow_ec2cluster.sensors.drain_round import DrainSettings, drain_round, run_async
 
 STATUS_SUCCESS = "success"
 STATUS_FAILURE = "failure"
@@ -22,7 +22,7 @@ DEFAULT_MAX_ERROR_ROUNDS = 5
 class QueueDrainedTrigger(BaseTrigger):
     """Run drain rounds every ``poll_interval`` seconds until the queue is drained or the job cannot finish.
 
-    Each round is exactly the sensor's poke (:func:`~airflow_ec2cluster.sensors.drain_round.drain_round`):
+    Each round is exactly the sensor's poke (:func:`~airflow_ec2cluster.drain.round.drain_round`):
     counts, reaping, replacements and the drained decision, with aiobotocore clients so the triggerer's
     event loop never blocks. Everything remembered between rounds is in the cluster's META item, so a
     restarted (or a second) triggerer carries on where the last round left off; this trigger serialises

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from ec2cluster_localcloud import LocalCloud
 
 from airflow_ec2cluster import demo
-from airflow_ec2cluster.localcloud import LocalCloud
 from tests.e2e.conftest import TWEETS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -10,10 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ec2cluster_localcloud import LocalCloud
 from ec2cluster_worker import records
 from ec2cluster_worker.config import WorkerConfig
 
-from airflow_ec2cluster.localcloud import LocalCloud
 from airflow_ec2cluster.userdata import render_user_data
 from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, build_worker_bundle, bundle_key
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from airflow_ec2cluster.localcloud.server import serialised, signed_service
+from ec2cluster_localcloud.server import serialised, signed_service
 
 EC2_HEADER = "AWS4-HMAC-SHA256 Credential=testing/20261124/us-east-1/ec2/aws4_request, SignedHeaders=host"
 SQS_HEADER = EC2_HEADER.replace("/ec2/", "/sqs/")
@@ -30,10 +30,9 @@ def test_only_the_named_services_run_under_the_lock():
 
 def test_terminating_a_terminated_instance_succeeds_as_on_aws(monkeypatch):
     import boto3
+    from ec2cluster_localcloud.server import make_terminate_idempotent
     from moto import mock_aws
     from moto.ec2.models.instances import Instance
-
-    from airflow_ec2cluster.localcloud.server import make_terminate_idempotent
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setattr(Instance, "terminate", Instance.terminate)  # undone after the test

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from airflow_ec2cluster import cli
-from airflow_ec2cluster.localcloud import LocalCloud
-from airflow_ec2cluster.localcloud.runner import InstanceProcess, plan
+from ec2cluster_localcloud import LocalCloud, cli
+from ec2cluster_localcloud.runner import InstanceProcess, plan
 
 from .helpers import pid_alive, processes_in_groups, wait_for
 
@@ -119,7 +117,7 @@ def test_plan_is_a_pure_decision(tmp_path: Path):
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_cli_runs_until_stopped_and_leaves_nothing(tmp_path: Path, stop_signal: int):
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_ec2cluster.cli", "localcloud", "--work-dir", str(tmp_path)],
+        [sys.executable, "-m", "ec2cluster_localcloud.cli", "--work-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -157,8 +155,8 @@ def _children(parent: int) -> list[tuple[int, int]]:
     return found
 
 
-def test_cli_parser_has_the_localcloud_subcommand():
-    args = cli.build_parser().parse_args(["localcloud", "--port", "4599", "--region", "eu-west-1"])
-    assert (args.command, args.port, args.region) == ("localcloud", 4599, "eu-west-1")
+def test_cli_parser_takes_port_and_region():
+    args = cli.build_parser().parse_args(["--port", "4599", "--region", "eu-west-1"])
+    assert (args.port, args.region) == (4599, "eu-west-1")
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args([])
+        cli.build_parser().parse_args(["--port", "not-a-port"])

@@ -11,9 +11,8 @@ import uuid
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from ec2cluster_localcloud import sqs_speedup
 from moto import mock_aws
-
-from airflow_ec2cluster.localcloud import sqs_speedup
 
 
 @pytest.fixture(params=["moto", "speedup"])
@@ -88,8 +87,8 @@ def test_guard_refuses_another_moto_version(monkeypatch):
 
 def test_not_applied_on_import():
     code = (
-        "import airflow_ec2cluster.localcloud, airflow_ec2cluster.localcloud.server\n"
-        "from airflow_ec2cluster.localcloud import sqs_speedup\n"
+        "import ec2cluster_localcloud, ec2cluster_localcloud.server\n"
+        "from ec2cluster_localcloud import sqs_speedup\n"
         "from moto.sqs.models import Queue\n"
         "assert not sqs_speedup.is_applied()\n"
         "assert Queue.__dict__['messages'].fget.__module__ == 'moto.sqs.models'\n"

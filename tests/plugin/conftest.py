@@ -65,7 +65,7 @@ def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks:
 
     One task per message: these tests play the workers' part by hand, a message standing for a task.
     """
-    from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+    from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 
     common = {"state_table": table, "aws_conn_id": None, "region_name": REGION}
     enqueued = EC2ClusterEnqueueOperator(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from airflow_ec2cluster.decisions import (
+from airflow_ec2cluster.drain.decisions import (
     DEFAULT_DRAINED_CHECKS,
     EXACT_COUNT_ROUNDS,
     REASON_HUNG,

@@ -6,10 +6,10 @@ import json
 
 import boto3
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.hooks.ec2cluster import MAX_MESSAGE_BYTES, EC2ClusterHook
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator
+from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
 from tests.plugin.conftest import REGION
 
 TABLE = "ec2cluster-state-test"

@@ -8,7 +8,7 @@ import uuid
 import boto3
 
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator
+from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
 
 
 def test_connection_endpoint_region_and_retries(moto_server, monkeypatch, context):

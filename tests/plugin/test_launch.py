@@ -6,11 +6,11 @@ import base64
 
 import boto3
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.userdata import parse_user_data
 from tests.plugin.conftest import REGION
 

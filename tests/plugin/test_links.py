@@ -11,7 +11,7 @@ from airflow_ec2cluster.links import (
     link_values,
     persist_cluster_links,
 )
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterLaunchOperator, EC2ClusterTeardownOperator
+from airflow_ec2cluster.operators import EC2ClusterLaunchOperator, EC2ClusterTeardownOperator
 from airflow_ec2cluster.sensors.ec2cluster import QueueDrainedSensor
 from tests.plugin.conftest import FakeTaskInstance
 

@@ -10,7 +10,7 @@ import pytest
 
 from airflow_ec2cluster.commands import redrive
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterRedriveOperator
+from airflow_ec2cluster.operators import EC2ClusterRedriveOperator
 from tests.plugin.conftest import REGION
 
 

@@ -7,12 +7,13 @@ import time
 
 import boto3
 import pytest
-from airflow.providers.common.compat.sdk import AirflowFailException, PokeReturnValue
+from airflow.sdk import PokeReturnValue
+from airflow.sdk.exceptions import AirflowFailException
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.operators.ec2cluster import (
+from airflow_ec2cluster.operators import (
     EC2ClusterLaunchOperator,
     EC2ClusterTeardownOperator,
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, TaskDeferred
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
 from airflow_ec2cluster.sensors.ec2cluster import QueueDrainedSensor
 from airflow_ec2cluster.triggers.ec2cluster import QueueDrainedTrigger

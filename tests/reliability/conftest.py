@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from airflow_ec2cluster.localcloud import LocalCloud
+from ec2cluster_localcloud import LocalCloud
 
 
 @pytest.fixture(scope="session")

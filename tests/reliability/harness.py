@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from airflow.providers.common.compat.sdk import PokeReturnValue
+from airflow.sdk import PokeReturnValue
+from ec2cluster_localcloud import LocalCloud
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.localcloud import LocalCloud
-from airflow_ec2cluster.operators.ec2cluster import (
+from airflow_ec2cluster.operators import (
     EC2ClusterEnqueueOperator,
     EC2ClusterLaunchOperator,
     EC2ClusterTeardownOperator,

@@ -7,13 +7,13 @@ import uuid
 
 import boto3
 import pytest
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow.sdk.exceptions import AirflowException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
 from airflow_ec2cluster.hooks.ec2cluster import MessageTooLarge
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 
 from .harness import TaskInstance

@@ -27,8 +27,8 @@ IMPLIED = {
     "sqs:CreateQueue": {"sqs:TagQueue"},  # tags=
     "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole"},  # TagSpecifications=, IamInstanceProfile=
 }
-# Files of each side; the local cloud, the demo and benchmarks are local tools, never run against AWS.
-CONTROLLER_EXCLUDED = ("localcloud", "demo.py")
+# Files of each side (the local cloud and the demo live outside the provider, in localcloud/).
+CONTROLLER_EXCLUDED: tuple[str, ...] = ()
 
 
 @cache

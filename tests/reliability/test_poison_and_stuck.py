@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from airflow.providers.common.compat.sdk import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
 from .harness import Job
 

@@ -84,7 +84,7 @@ def test_instances_and_queues_are_hardened(aws_job):
 def aws_job(monkeypatch):
     from moto import mock_aws
 
-    from airflow_ec2cluster.operators.ec2cluster import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
+    from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 
     from .harness import TaskInstance
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.operators.ec2cluster import EC2ClusterLaunchOperator
+from airflow_ec2cluster.operators import EC2ClusterLaunchOperator
 
 from .harness import INSTANCE_TYPE, Job
 

@@ -1,6 +1,6 @@
 """The main job, end to end: the example DAG on the local cloud, with real worker processes.
 
-``python -m airflow_ec2cluster.demo`` (what ``make demo`` runs) starts the local cloud, runs
+``python -m ec2cluster_localcloud.demo`` (what ``make demo`` runs) starts the local cloud, runs
 ``airflow dags test ec2_cluster_example`` against it, prints a summary read back from the cloud, and exits
 non-zero when the DAG run failed or any instance is left running.
 """
@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
-from airflow_ec2cluster.localcloud import LocalCloud
+from ec2cluster_localcloud import LocalCloud
 
 DAG_ID = "ec2_cluster_example"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The demo runs from a checkout of the repository: localcloud/ec2cluster_localcloud/demo.py.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_TABLE = "ec2cluster-state"
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 

@@ -1,6 +1,6 @@
 """The local cloud's AWS endpoint: moto's server app, threaded, on loopback, with the SQS speed-up.
 
-``python -m airflow_ec2cluster.localcloud.server --host 127.0.0.1 --port N`` (N = 0: any free port) prints
+``python -m ec2cluster_localcloud.server --host 127.0.0.1 --port N`` (N = 0: any free port) prints
 one line ``EC2CLUSTER_LOCALCLOUD_READY <endpoint url>`` on stdout once it listens, then serves until SIGTERM
 or SIGINT. It exits by itself when the process that started it goes away, so it is never left behind.
 """
@@ -111,7 +111,7 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
     from werkzeug.serving import make_server
 
     if sqs_speedup:
-        from airflow_ec2cluster.localcloud import sqs_speedup as speedup
+        from ec2cluster_localcloud import sqs_speedup as speedup
 
         speedup.apply()
     make_terminate_idempotent()

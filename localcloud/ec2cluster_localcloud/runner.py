@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import logging
 import os
 import signal
@@ -28,9 +29,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from airflow_ec2cluster.userdata import parse_user_data
-
 log = logging.getLogger(__name__)
+GZIP_MAGIC = b"\x1f\x8b"
 
 RUNNING_STATES = frozenset({"pending", "running"})
 DEFAULT_POLL_SECONDS = 0.4
@@ -277,7 +277,7 @@ class InstanceRunner:
     def _user_data(self, instance_id: str) -> str:
         answer = self._ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         encoded = (answer.get("UserData") or {}).get("Value") or ""
-        return parse_user_data(base64.b64decode(encoded)) if encoded else ""
+        return cloud_init_text(base64.b64decode(encoded)) if encoded else ""
 
     def instance_env(self, instance_id: str, home: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
@@ -314,3 +314,10 @@ class InstanceRunner:
         else:
             log.info("instance %s: exited (%s), stopping it", record.instance_id, returncode)
             self._ec2.stop_instances(InstanceIds=[record.instance_id])
+
+
+def cloud_init_text(data: bytes) -> str:
+    """User data as cloud-init reads it: gunzipped when gzip-compressed."""
+    if data[:2] == GZIP_MAGIC:
+        data = gzip.decompress(data)
+    return data.decode("utf-8")

@@ -44,7 +44,7 @@ from airflow_ec2cluster.cluster import (
     LaunchSpec,
     launch_client_token,
 )
-from airflow_ec2cluster.decisions import (
+from airflow_ec2cluster.drain.decisions import (
     DEFAULT_DRAINED_CHECKS,
     Decision,
     InstanceInfo,

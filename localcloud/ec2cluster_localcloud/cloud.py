@@ -27,7 +27,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from airflow_ec2cluster.localcloud.runner import DEFAULT_GRACE_SECONDS, DEFAULT_POLL_SECONDS, InstanceRunner
+from ec2cluster_localcloud.runner import DEFAULT_GRACE_SECONDS, DEFAULT_POLL_SECONDS, InstanceRunner
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class LocalCloud:
             raise LocalCloudError("the local cloud is not started: use it as a context manager")
 
     def _start_server(self) -> str:
-        command = [sys.executable, "-m", "airflow_ec2cluster.localcloud.server", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "ec2cluster_localcloud.server", "--host", "127.0.0.1"]
         command += ["--port", str(self.port)]
         if not self.sqs_speedup:
             command.append("--no-sqs-speedup")
@@ -223,7 +223,7 @@ def _read_ready_line(process: subprocess.Popen, timeout: float, work_dir: Path) 
     process.stdout.close()
     # Imported here: importing the server module at package import would make `python -m ...server`
     # import it twice (runpy warns).
-    from airflow_ec2cluster.localcloud.server import READY_PREFIX
+    from ec2cluster_localcloud.server import READY_PREFIX
 
     text = line.decode().strip()
     if not text.startswith(READY_PREFIX + " "):

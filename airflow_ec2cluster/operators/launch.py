@@ -1,0 +1,393 @@
+"""EC2ClusterLaunchOperator: validate everything, then start the workers with one RunInstances call."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
+from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
+from airflow.sdk.exceptions import AirflowException
+
+from airflow_ec2cluster.cluster import (
+    DEFAULT_INSTANCE_PROFILE,
+    DEFAULT_STATE_TABLE,
+    META_DLQ_URL,
+    META_INSTANCE_IDS,
+    META_LAUNCH_SPEC,
+    META_LAUNCHED_AT,
+    META_LOG_SHARDS,
+    META_NUM_WORKERS,
+    META_QUEUE_URL,
+    META_REGION,
+    ClusterDescriptor,
+    LaunchSpec,
+    dead_letter_queue_name,
+    descriptor_from_meta,
+    launch_client_token,
+    task_queue_name,
+)
+from airflow_ec2cluster.hooks.ec2cluster import (
+    EC2ClusterHook,
+)
+from airflow_ec2cluster.links import CLUSTER_LINKS
+from airflow_ec2cluster.operators.base import ClusterOperatorMixin, as_bool
+from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
+from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+# Root volume size when neither the operator nor the AMI gives one.
+DEFAULT_ROOT_VOLUME_GB = 8
+
+
+class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
+    """Launch the cluster's workers with one RunInstances call, after validating everything.
+
+    Validation comes first and launches nothing when anything is wrong: the worker configuration (with the
+    worker's own ``WorkerConfig.from_dict``), the user data size, the AMI, instance type, subnet, security
+    groups and instance profile; one error lists every problem with its fix. The launch spec is recorded in
+    the cluster's META item before launching and the instance ids right after, so the sensor can launch
+    replacements and teardown finds everything by tag. A retry finds the cluster launched by its first try
+    (META item, then the cluster tag) instead of launching a second one; RunInstances also carries a
+    ClientToken derived from the cluster id. When anything fails after the launch, or the task is killed,
+    the instances it started are terminated.
+
+    ``worker_options`` holds any other worker configuration field (``output``, ``task_timeout_seconds``,
+    ``idle_shutdown_seconds``...; see DESIGN.md). Returns the :class:`ClusterDescriptor` as a dict.
+    """
+
+    aws_hook_class = EC2ClusterHook
+    template_fields: Sequence[str] = aws_template_fields(
+        "cluster_id",
+        "num_workers",
+        "min_workers",
+        "image_id",
+        "instance_type",
+        "handler",
+        "worker_options",
+        "subnet_id",
+        "security_group_ids",
+        "instance_profile",
+        "key_name",
+        "queue_url",
+        "state_table",
+        "worker_source",
+        "requirements",
+        "tags",
+        "spot",
+        "spot_max_price",
+        "associate_public_ip",
+        "metadata_hop_limit",
+        "volume_size_gb",
+    )
+    template_fields_renderers = {"handler": "json", "worker_options": "json"}
+    operator_extra_links = CLUSTER_LINKS
+    ui_color = "#ffcc80"
+
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        min_workers: int | None = None,
+        image_id: str,
+        instance_type: str,
+        handler: dict[str, Any],
+        worker_options: dict[str, Any] | None = None,
+        cluster_id: str | None = None,
+        state_table: str = DEFAULT_STATE_TABLE,
+        queue_url: str | None = None,
+        subnet_id: str | None = None,
+        security_group_ids: list[str] | None = None,
+        instance_profile: str | None = DEFAULT_INSTANCE_PROFILE,
+        key_name: str | None = None,
+        spot: bool = False,
+        spot_max_price: str | None = None,
+        associate_public_ip: bool = False,
+        metadata_hop_limit: int = 1,
+        volume_size_gb: int | None = None,
+        worker_source: str = WORKER_FROM_TABLE,
+        requirements: list[str] | None = None,
+        tags: dict[str, str] | None = None,
+        terminate_on_failure: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_workers = num_workers
+        self.min_workers = min_workers
+        self.image_id = image_id
+        self.instance_type = instance_type
+        self.handler = handler
+        self.worker_options = worker_options or {}
+        self.cluster_id = cluster_id
+        self.state_table = state_table
+        self.queue_url = queue_url
+        self.subnet_id = subnet_id
+        self.security_group_ids = security_group_ids or []
+        self.instance_profile = instance_profile
+        self.key_name = key_name
+        self.spot = spot
+        self.spot_max_price = spot_max_price
+        self.associate_public_ip = associate_public_ip
+        self.metadata_hop_limit = metadata_hop_limit
+        self.volume_size_gb = volume_size_gb
+        self.worker_source = worker_source
+        self.requirements = requirements or []
+        self.tags = tags or {}
+        self.terminate_on_failure = terminate_on_failure
+        self._launched_ids: list[str] = []
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        cluster_id = self.resolve_cluster_id(context)
+        hook = self.hook
+        hook.ensure_state_table(self.state_table)
+        self.persist_links(context, hook, cluster_id, self.state_table)
+        existing = self.existing_cluster(hook, cluster_id)
+        if existing is not None:
+            return existing.to_dict()
+
+        queue_url, dlq_url = self.resolve_queues(hook, cluster_id)
+        config = self.worker_config(cluster_id, hook.region, queue_url)
+        bundle = build_worker_bundle() if self.worker_source == WORKER_FROM_TABLE else None
+        spec = self.validated_spec(hook, config, bundle)
+        num_workers = int(self.num_workers)
+        if bundle is not None:
+            hook.put_worker_bundle(self.state_table, cluster_id, bundle.data, bundle.sha256)
+        hook.update_meta(
+            self.state_table,
+            cluster_id,
+            set_values={
+                META_REGION: hook.region,
+                META_QUEUE_URL: queue_url,
+                META_DLQ_URL: dlq_url,
+                META_NUM_WORKERS: num_workers,
+                META_LOG_SHARDS: int(config.get("log_shards") or 16),
+                META_LAUNCH_SPEC: json.dumps(spec.to_dict()),
+            },
+        )
+        launched_at = time.time()
+        self.log.info(
+            "Cluster %s: launching %d x %s from %s",
+            cluster_id,
+            num_workers,
+            spec.instance_type,
+            spec.image_id,
+        )
+        instances = hook.run_instances(
+            cluster_id=cluster_id,
+            spec=spec,
+            count=num_workers,
+            min_count=int(self.min_workers) if self.min_workers else None,
+            client_token=launch_client_token(cluster_id),
+        )
+        self._launched_ids = [i["InstanceId"] for i in instances]
+        try:
+            hook.update_meta(
+                self.state_table,
+                cluster_id,
+                set_values={META_INSTANCE_IDS: self._launched_ids, META_LAUNCHED_AT: launched_at},
+            )
+            context["ti"].xcom_push(key="instance_ids", value=self._launched_ids)
+            self.log.info("Cluster %s: launched %s", cluster_id, ", ".join(self._launched_ids))
+            return ClusterDescriptor(
+                cluster_id=cluster_id,
+                region=hook.region,
+                queue_url=queue_url,
+                dlq_url=dlq_url,
+                state_table=self.state_table,
+                instance_ids=self._launched_ids,
+                launch_time=launched_at,
+                num_workers=num_workers,
+                launch_spec=spec,
+            ).to_dict()
+        except BaseException:
+            if self.terminate_on_failure:
+                self.log.error(
+                    "Cluster %s: failed after launching; terminating %s", cluster_id, self._launched_ids
+                )
+                hook.terminate_instances(self._launched_ids, wait=False)
+            raise
+
+    def on_kill(self) -> None:
+        if self._launched_ids and self.terminate_on_failure:
+            self.log.info("on_kill: terminating %s", ", ".join(self._launched_ids))
+            self.hook.terminate_instances(self._launched_ids, wait=False)
+        super().on_kill()
+
+    def existing_cluster(self, hook: EC2ClusterHook, cluster_id: str) -> ClusterDescriptor | None:
+        """The cluster an earlier try of this task launched, if any."""
+        meta = hook.get_meta(self.state_table, cluster_id) or {}
+        if meta.get(META_INSTANCE_IDS) and meta.get(META_LAUNCH_SPEC):
+            self.log.info(
+                "Cluster %s was launched before (%s); not launching again",
+                cluster_id,
+                meta[META_INSTANCE_IDS],
+            )
+            return descriptor_from_meta(meta, self.state_table)
+        live = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id)]
+        if not live:
+            return None
+        if not meta.get(META_LAUNCH_SPEC):
+            raise AirflowException(
+                f"instances {live} are tagged with cluster {cluster_id} but it has no launch record: "
+                "tear the cluster down (EC2ClusterTeardownOperator) or use another cluster_id"
+            )
+        # The earlier try stopped between RunInstances and recording the ids: record them now.
+        self.log.info(
+            "Cluster %s: found instances %s from an earlier try; not launching again", cluster_id, live
+        )
+        meta = hook.update_meta(
+            self.state_table,
+            cluster_id,
+            set_values={META_INSTANCE_IDS: live, META_LAUNCHED_AT: meta.get(META_LAUNCHED_AT) or time.time()},
+        )
+        return descriptor_from_meta(meta, self.state_table)
+
+    def resolve_queues(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[str, str]:
+        queue_url = self.queue_url or hook.get_queue_url(task_queue_name(cluster_id))
+        dlq_url = hook.get_queue_url(dead_letter_queue_name(cluster_id))
+        if not queue_url or not dlq_url:
+            raise AirflowException(
+                f"cluster {cluster_id} has no task queue ({task_queue_name(cluster_id)}) or dead-letter "
+                f"queue ({dead_letter_queue_name(cluster_id)}): run EC2ClusterEnqueueOperator with the same "
+                "cluster_id first"
+            )
+        return queue_url, dlq_url
+
+    def worker_config(self, cluster_id: str, region: str, queue_url: str) -> dict[str, Any]:
+        return {
+            **self.worker_options,
+            "cluster_id": cluster_id,
+            "region": region,
+            "queue_url": queue_url,
+            "state_table": self.state_table,
+            "handler": self.handler,
+        }
+
+    def validated_spec(
+        self, hook: EC2ClusterHook, config: dict[str, Any], bundle: WorkerBundle | None = None
+    ) -> LaunchSpec:
+        """The launch spec, or an AirflowException listing every problem (nothing is launched)."""
+        from ec2cluster_worker.config import ConfigError, WorkerConfig
+
+        from airflow_ec2cluster.userdata import CredentialsInUserData, UserDataTooLarge, render_user_data
+
+        problems: list[str] = []
+        try:
+            num_workers = int(self.num_workers)
+            if num_workers < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"num_workers: {self.num_workers!r} is not a positive integer")
+        problems.extend(min_workers_problems(self.min_workers, self.num_workers))
+        problems.extend(queue_region_problems(config["queue_url"], hook.region))
+        output_table = (config.get("output") or {}).get("table")
+        if output_table and not hook.table_exists(output_table):
+            problems.append(
+                f"worker_options.output.table: DynamoDB table {output_table!r} not found in {hook.region}; "
+                "create it (pk and sk string keys) or leave 'table' out to store results in the state table"
+            )
+        user_data = b""
+        try:
+            WorkerConfig.from_dict(config)
+            user_data = render_user_data(
+                config,
+                worker_source=self.worker_source,
+                requirements=self.requirements,
+                bundle_sha256=bundle.sha256 if bundle else None,
+            )
+        except ConfigError as error:
+            problems.append(f"worker configuration: {error}")
+        except (UserDataTooLarge, CredentialsInUserData) as error:
+            problems.append(f"user data: {error}")
+        if not 1 <= int(self.metadata_hop_limit) <= 64:
+            problems.append("metadata_hop_limit: use 1 (2 when containers on the instance need metadata)")
+        image = hook.describe_image(self.image_id)
+        if image is None:
+            problems.append(
+                f"image_id: AMI {self.image_id!r} not found in {hook.region}; check the id and region"
+            )
+        if not hook.instance_type_exists(self.instance_type):
+            problems.append(
+                f"instance_type: {self.instance_type!r} is not an EC2 instance type (e.g. 'c7g.large')"
+            )
+        if self.subnet_id and not hook.subnet_exists(self.subnet_id):
+            problems.append(f"subnet_id: subnet {self.subnet_id!r} not found in {hook.region}")
+        missing_groups = hook.missing_security_groups(list(self.security_group_ids))
+        if missing_groups:
+            problems.append(f"security_group_ids: {missing_groups} not found in {hook.region}")
+        if self.instance_profile and not hook.instance_profile_exists(self.instance_profile):
+            problems.append(
+                f"instance_profile: IAM instance profile {self.instance_profile!r} not found; create it "
+                "with a role that may use the queue and the state table, or pass an existing one"
+            )
+        if problems:
+            raise AirflowException(
+                "cannot launch the cluster, nothing was launched:\n  - " + "\n  - ".join(problems)
+            )
+        return LaunchSpec(
+            image_id=self.image_id,
+            instance_type=self.instance_type,
+            user_data_b64=base64.b64encode(user_data).decode("ascii"),
+            instance_profile=self.instance_profile,
+            subnet_id=self.subnet_id,
+            security_group_ids=list(self.security_group_ids),
+            key_name=self.key_name,
+            spot=as_bool(self.spot),
+            spot_max_price=self.spot_max_price,
+            associate_public_ip=as_bool(self.associate_public_ip),
+            metadata_hop_limit=int(self.metadata_hop_limit),
+            root_device_name=(image or {}).get("RootDeviceName"),
+            volume_size_gb=root_volume_size(image, self.volume_size_gb),
+            extra_tags=dict(self.tags),
+        )
+
+
+def root_volume_size(image: dict[str, Any] | None, requested: int | None) -> int | None:
+    """The root volume size: as requested, else the AMI's own (RunInstances wants one to encrypt it)."""
+    if requested:
+        return int(requested)
+    for mapping in (image or {}).get("BlockDeviceMappings", []):
+        if mapping.get("DeviceName") == (image or {}).get("RootDeviceName"):
+            size = mapping.get("Ebs", {}).get("VolumeSize")
+            if size:
+                return int(size)
+    return DEFAULT_ROOT_VOLUME_GB if image and image.get("RootDeviceName") else None
+
+
+def min_workers_problems(min_workers: Any, num_workers: Any) -> list[str]:
+    """What is wrong with ``min_workers`` (RunInstances MinCount) given ``num_workers`` (MaxCount)."""
+    if min_workers in (None, ""):
+        return []
+    try:
+        minimum, maximum = int(min_workers), int(num_workers)
+    except (TypeError, ValueError):
+        return [f"min_workers: {min_workers!r} is not a positive integer"]
+    if minimum < 1:
+        return [f"min_workers: {minimum} is below 1; give at least 1, or leave it out for all-or-nothing"]
+    if minimum > maximum:
+        return [f"min_workers: {minimum} is more than num_workers ({maximum}); lower it or raise num_workers"]
+    return []
+
+
+SQS_HOST_REGION_RE = re.compile(
+    r"^https?://(?:sqs\.([a-z0-9-]+)\.amazonaws\.com|([a-z0-9-]+)\.queue\.amazonaws\.com)/"
+)
+
+
+def queue_region_problems(queue_url: str, region: str) -> list[str]:
+    """A queue in another region than the cluster's: workers there would poll the wrong endpoint."""
+    match = SQS_HOST_REGION_RE.match(queue_url or "")
+    queue_region = match and (match.group(1) or match.group(2))
+    if queue_region and queue_region != region:
+        return [
+            f"queue_url: {queue_url!r} is in {queue_region}, the cluster in {region}; use a queue of "
+            f"{region} (let EC2ClusterEnqueueOperator create it) or set region_name={queue_region!r}"
+        ]
+    return []

@@ -1,0 +1,106 @@
+"""EC2ClusterTeardownOperator: terminate every instance of the cluster, always."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
+from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
+from botocore.exceptions import ClientError
+
+from airflow_ec2cluster.cluster import (
+    DEFAULT_STATE_TABLE,
+    META_TORN_DOWN_AT,
+    dead_letter_queue_name,
+    task_queue_name,
+)
+from airflow_ec2cluster.drain.decisions import LIVE_STATES
+from airflow_ec2cluster.hooks.ec2cluster import (
+    EC2ClusterHook,
+    error_code,
+)
+from airflow_ec2cluster.links import CLUSTER_LINKS
+from airflow_ec2cluster.operators.base import ClusterOperatorMixin
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+def _ignore_missing_table(error: ClientError) -> None:
+    if error_code(error) != "ResourceNotFoundException":
+        raise error
+
+
+class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
+    """Terminate every instance tagged with the cluster id, in any live state, and wait until terminated.
+
+    Finds instances by tag, not by what the launch task recorded, so it also catches instances of a launch
+    that died before recording them and the sensor's replacements. ``delete_queues=True`` also deletes the
+    task queue and the dead-letter queue (keep them to inspect or re-drive dead-lettered tasks). Meant to
+    run as an Airflow teardown task: ``launch >> drain >> teardown.as_teardown(setups=launch)``.
+    Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool}``.
+    """
+
+    aws_hook_class = EC2ClusterHook
+    template_fields: Sequence[str] = aws_template_fields("cluster_id", "delete_queues", "state_table")
+    operator_extra_links = CLUSTER_LINKS
+    ui_color = "#e0e0e0"
+
+    def __init__(
+        self,
+        *,
+        cluster_id: str | None = None,
+        state_table: str = DEFAULT_STATE_TABLE,
+        delete_queues: bool = False,
+        wait_for_termination: bool = True,
+        waiter_delay: int = 5,
+        waiter_max_attempts: int = 120,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.cluster_id = cluster_id
+        self.state_table = state_table
+        self.delete_queues = delete_queues
+        self.wait_for_termination = wait_for_termination
+        self.waiter_delay = waiter_delay
+        self.waiter_max_attempts = waiter_max_attempts
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        cluster_id = self.resolve_cluster_id(context)
+        hook = self.hook
+        self.persist_links(context, hook, cluster_id, self.state_table)
+        states = (*LIVE_STATES, "shutting-down")
+        instance_ids = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id, states)]
+        if instance_ids:
+            self.log.info("Cluster %s: terminating %s", cluster_id, ", ".join(instance_ids))
+        else:
+            self.log.info("Cluster %s: no instances left", cluster_id)
+        hook.terminate_instances(
+            instance_ids,
+            wait=self.wait_for_termination,
+            waiter_delay=self.waiter_delay,
+            waiter_max_attempts=self.waiter_max_attempts,
+        )
+        queues_deleted = False
+        if self.delete_queues:
+            for name in (task_queue_name(cluster_id), dead_letter_queue_name(cluster_id)):
+                url = hook.get_queue_url(name)
+                if url:
+                    hook.delete_queue(url)
+                    self.log.info("Deleted queue %s", url)
+            queues_deleted = True
+        self.record_teardown(hook, cluster_id, instance_ids)
+        return {"cluster_id": cluster_id, "terminated": instance_ids, "queues_deleted": queues_deleted}
+
+    def record_teardown(self, hook: EC2ClusterHook, cluster_id: str, instance_ids: list[str]) -> None:
+        """Note the teardown in the META item when there is a state table (never fail the teardown on it)."""
+        try:
+            hook.update_meta(
+                self.state_table,
+                cluster_id,
+                set_values={META_TORN_DOWN_AT: time.time(), "terminated_at_teardown": instance_ids},
+            )
+        except ClientError as error:
+            _ignore_missing_table(error)
