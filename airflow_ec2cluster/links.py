@@ -1,8 +1,9 @@
 """Operator extra links into the AWS console: the cluster's instances, its queue, its state table.
 
 Region- and partition-aware like the amazon provider's links (they are :class:`BaseAwsLink`). Against a
-custom endpoint (the local cloud, or any ``endpoint_url``) there is no console to point at, so nothing is
-persisted and Airflow hides the links.
+custom endpoint (the local cloud, or any ``endpoint_url``) there is no console to point at: each link is
+recorded as absent (an empty value), so Airflow hides it. Every link of a task is always recorded: when a
+task ends, Airflow looks each declared link up in XCom and logs an error for any it cannot find.
 """
 
 from __future__ import annotations
@@ -83,18 +84,27 @@ def persist_cluster_links(
     queue_url: str | None,
     state_table: str,
 ) -> bool:
-    """Store the links' values in XCom (what BaseAwsLink reads); False when hidden (custom endpoint)."""
-    if uses_custom_endpoint(hook):
-        return False
+    """Store every link's values in XCom (what BaseAwsLink reads); False when they are hidden.
+
+    A link with nothing to point at (a custom endpoint, or no queue yet) is recorded as absent.
+    """
+    shown = not uses_custom_endpoint(hook)
     values = link_values(cluster_id=cluster_id, queue_url=queue_url, state_table=state_table)
     for link in CLUSTER_LINKS:
-        if link.key == EC2ClusterQueueLink.key and not queue_url:
-            continue
-        type(link).persist(
-            context=context,
-            operator=operator,
-            region_name=hook.conn_region_name,
-            aws_partition=hook.conn_partition,
-            **values[link.key],
-        )
-    return True
+        if shown and (queue_url or link.key != EC2ClusterQueueLink.key):
+            type(link).persist(
+                context=context,
+                operator=operator,
+                region_name=hook.conn_region_name,
+                aws_partition=hook.conn_partition,
+                **values[link.key],
+            )
+        else:
+            record_link_absent(context, operator, link)
+    return shown
+
+
+def record_link_absent(context: Context, operator: Any, link: BaseAwsLink) -> None:
+    # BaseAwsLink.get_link formats nothing for an empty value, and Airflow then hides the link.
+    if operator.do_xcom_push:
+        context["ti"].xcom_push(key=link.key, value={})

@@ -41,13 +41,13 @@ class ClusterOperatorMixin:
     def persist_links(
         self, context: Context, hook: EC2ClusterHook, cluster_id: str, state_table: str
     ) -> None:
-        """Console links for the UI (hidden on a custom endpoint); a link never fails the task."""
-        if uses_custom_endpoint(hook):
-            return
-        try:
-            queue_url = hook.get_queue_url(task_queue_name(cluster_id))
-            persist_cluster_links(
-                context, self, hook, cluster_id=cluster_id, queue_url=queue_url, state_table=state_table
-            )
-        except (ClientError, BotoCoreError) as error:
-            self.log.warning("Console links not recorded: %s", error)  # type: ignore[attr-defined]
+        """Console links for the UI (absent on a custom endpoint); a link never fails the task."""
+        queue_url = None
+        if not uses_custom_endpoint(hook):
+            try:
+                queue_url = hook.get_queue_url(task_queue_name(cluster_id))
+            except (ClientError, BotoCoreError) as error:
+                self.log.warning("Console link to the queue not recorded: %s", error)  # type: ignore[attr-defined]
+        persist_cluster_links(
+            context, self, hook, cluster_id=cluster_id, queue_url=queue_url, state_table=state_table
+        )

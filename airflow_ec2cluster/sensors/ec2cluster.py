@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -193,17 +192,14 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         return summary
 
     def persist_links(self, context: Context, cluster_id: str) -> None:
-        """Console links for the UI; a link never fails the task."""
+        """Console links for the UI (absent on a custom endpoint); a link never fails the task."""
         hook = self.hook
-        if uses_custom_endpoint(hook):
-            return
-        with contextlib.suppress(ClientError, BotoCoreError):
-            meta = hook.get_meta(self.state_table, cluster_id) or {}
-            persist_cluster_links(
-                context,
-                self,
-                hook,
-                cluster_id=cluster_id,
-                queue_url=meta.get(META_QUEUE_URL),
-                state_table=self.state_table,
-            )
+        queue_url = None
+        if not uses_custom_endpoint(hook):
+            try:
+                queue_url = (hook.get_meta(self.state_table, cluster_id) or {}).get(META_QUEUE_URL)
+            except (ClientError, BotoCoreError) as error:
+                self.log.warning("Console link to the queue not recorded: %s", error)
+        persist_cluster_links(
+            context, self, hook, cluster_id=cluster_id, queue_url=queue_url, state_table=self.state_table
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow_ec2cluster.get_provider_info import get_provider_info
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import (
+    CLUSTER_LINKS,
     EC2ClusterInstancesLink,
     EC2ClusterQueueLink,
     EC2ClusterStateTableLink,
@@ -44,7 +45,7 @@ class Operator:
     do_xcom_push = True
 
 
-def test_links_are_persisted_on_aws_and_hidden_on_a_custom_endpoint(aws, monkeypatch):
+def test_links_are_persisted_on_aws_and_recorded_absent_on_a_custom_endpoint(aws, monkeypatch):
     hook = EC2ClusterHook(aws_conn_id=None, region_name="eu-west-1")
     ti = FakeTaskInstance("d", "r")
     assert persist_cluster_links(
@@ -66,7 +67,21 @@ def test_links_are_persisted_on_aws_and_hidden_on_a_custom_endpoint(aws, monkeyp
     assert not persist_cluster_links(
         {"ti": local}, Operator(), hook, cluster_id="job-1a2b", queue_url=QUEUE_URL, state_table="tbl"
     )
-    assert local.pushed == {}
+    # Every declared link has a value (so Airflow logs no "XCom not found"), and each is empty (hidden).
+    assert local.pushed == {
+        EC2ClusterInstancesLink.key: {},
+        EC2ClusterQueueLink.key: {},
+        EC2ClusterStateTableLink.key: {},
+    }
+    assert all(link.format_link(**(local.pushed[link.key] or {})) == "" for link in CLUSTER_LINKS)
+
+    no_queue = FakeTaskInstance("d", "r")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    persist_cluster_links(
+        {"ti": no_queue}, Operator(), hook, cluster_id="job-1a2b", queue_url=None, state_table="tbl"
+    )
+    assert no_queue.pushed[EC2ClusterQueueLink.key] == {}
+    assert no_queue.pushed[EC2ClusterStateTableLink.key]["table"] == "tbl"
 
 
 def test_launch_sensor_and_teardown_carry_the_links_and_the_provider_lists_them():
