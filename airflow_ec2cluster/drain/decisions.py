@@ -170,6 +170,10 @@ class Snapshot:
     started_at: float | None = None
     # Messages finished (done + failed) by an exact count of the task log, when the sensor made one.
     exact_finished: int | None = None
+    # Tasks finished (done + failed) by that exact count.
+    exact_tasks_finished: int | None = None
+    # The finished count an earlier round reported: progress never goes backwards.
+    finished_before: int = 0
 
     @property
     def expected_messages(self) -> int | None:
@@ -249,8 +253,14 @@ def replacements_to_launch(snapshot: Snapshot, capacity: int) -> int:
 
 
 def finished_count(snapshot: Snapshot) -> int:
-    """Tasks finished (done + failed), as the workers count them: for progress, not for the cross-check."""
-    return sum(w.tasks_done + w.tasks_failed for w in snapshot.workers)
+    """Tasks finished (done + failed), for progress (not for the cross-check): the best count at hand.
+
+    The workers' counters lag by up to a heartbeat, an exact count of the task log is made only near the
+    end, and a restarted worker's counters start again at zero: the highest of these and of what earlier
+    rounds reported, so that the figure never goes backwards.
+    """
+    workers = sum(w.tasks_done + w.tasks_failed for w in snapshot.workers)
+    return max(workers, snapshot.exact_tasks_finished or 0, snapshot.finished_before)
 
 
 def finished_messages(snapshot: Snapshot) -> int:

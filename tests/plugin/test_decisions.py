@@ -250,6 +250,27 @@ def test_progress_line_has_rate_and_eta():
     assert "rate 30.0/min" in decision.progress and "ETA 1m40s" in decision.progress
 
 
+def test_progress_uses_the_exact_count_when_there_is_one():
+    """The last rounds read the task log exactly; the line must agree with it, not with stale counters."""
+    ws = [worker("i-1", tasks_done=0, busy=False), worker("i-2", tasks_done=0, busy=False)]
+    decision = decide(
+        snapshot([instance("i-1"), instance("i-2")], ws, counts=EMPTY, exact_tasks_finished=100)
+    )
+    assert decision.finished == 100
+    assert "done 100/100 (100.0%)" in decision.progress
+    assert "rate -" not in decision.progress
+
+
+def test_progress_never_goes_backwards():
+    # An earlier round reported 80 (an exact count, or a worker since restarted); the counters say 30.
+    ws = [worker("i-1", tasks_done=30)]
+    decision = decide(snapshot([instance("i-1")], ws, finished_before=80))
+    assert decision.finished == 80 and "done 80/100" in decision.progress
+    assert (
+        decide(snapshot([instance("i-1")], [worker("i-1", tasks_done=90)], finished_before=80)).finished == 90
+    )
+
+
 def test_worker_status_from_item():
     item = {"worker_id": "i-9", "state": "running", "started_at": 10, "heartbeat_at": 20, "busy": False}
     status = WorkerStatus.from_item(item)
