@@ -1,0 +1,509 @@
+"""A real Airflow 3 deployment on this machine: scheduler, dag-processor, triggerer and api-server.
+
+    env = {**cloud.env(), **cloud.airflow_conn_env()}
+    with AirflowDeployment(airflow_home, dags_folder, env) as af:
+        af.unpause("ec2_cluster_example")
+        run_id = af.trigger("ec2_cluster_example", conf={...})  # POST /api/v2/dags/{id}/dagRuns, as the UI
+        state = af.wait_for_run("ec2_cluster_example", run_id)  # "success" or "failed"
+
+Each component is its own ``airflow <component>`` process (LocalExecutor, a SQLite metadata DB in
+``airflow_home``), in its own process group, its stdout and stderr captured to
+``<airflow_home>/components/<component>.log``. The api-server listens on 127.0.0.1 only (a free port unless
+one is given); the task processes reach it through the execution API URL set here. Login: the simple auth
+manager, one ``ADMIN`` user whose password is kept in ``<airflow_home>/passwords.json`` (generated on first
+use). Leaving the context stops every component's process group (SIGTERM, then SIGKILL), also on error or
+Ctrl-C.
+
+Every wait here waits for an observed state (a health answer, a run's state) under an overall deadline, and
+fails with a message that says what it last saw and where the logs are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+HEALTH_KEYS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+DEFAULT_USERNAME = "admin"
+START_TIMEOUT_SECONDS = 240.0
+STOP_TIMEOUT_SECONDS = 30.0
+MIGRATE_TIMEOUT_SECONDS = 300.0
+FINISHED_RUN_STATES = ("success", "failed")
+ERROR_LEVELS = ("error", "critical", "fatal", "exception")
+# A plain-text log line at ERROR or above, or a traceback: Airflow 3's console format (structlog,
+# ``[error    ]``), the classic logging format (``ERROR``), and Python's traceback header.
+ERROR_LINE_RE = re.compile(
+    r"\[\s*(?i:error|critical|fatal|exception)\s*\]"
+    r"|\b(ERROR|CRITICAL|FATAL)\b"
+    r"|Traceback \(most recent call last\)"
+)
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start, or did not reach an awaited state in time."""
+
+
+class ApiError(DeploymentError):
+    """The api-server answered a request with an error status."""
+
+    def __init__(self, method: str, path: str, status: int, body: str):
+        super().__init__(f"{method} {path}: HTTP {status}: {body[:2000]}")
+        self.status = status
+        self.body = body
+
+
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else a port the kernel picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise DeploymentError("no free port on 127.0.0.1")
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], Any],
+    *,
+    timeout: float,
+    interval: float = 0.5,
+    describe: Callable[[], str] | None = None,
+) -> Any:
+    """Call ``check`` until it returns a truthy value (returned); fail after ``timeout`` s saying ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"; {describe()}" if describe else ""
+            raise DeploymentError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+class AirflowDeployment:
+    """Airflow's four components as separate processes; see the module docstring."""
+
+    def __init__(
+        self,
+        airflow_home: str | Path,
+        dags_folder: str | Path,
+        env: dict[str, str] | None = None,
+        *,
+        port: int = 0,
+        username: str = DEFAULT_USERNAME,
+        start_timeout: float = START_TIMEOUT_SECONDS,
+        airflow_bin: str | Path | None = None,
+    ):
+        self.airflow_home = Path(airflow_home).resolve()
+        self.dags_folder = Path(dags_folder).resolve()
+        self.extra_env = dict(env or {})
+        self.requested_port = port
+        self.username = username
+        self.start_timeout = start_timeout
+        self.airflow_bin = str(airflow_bin or Path(sys.executable).with_name("airflow"))
+        self.port: int | None = None
+        self.password: str | None = None
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._token: str | None = None
+
+    # Paths and addresses
+
+    @property
+    def components_dir(self) -> Path:
+        return self.airflow_home / "components"
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.airflow_home / "passwords.json"
+
+    @property
+    def task_logs_dir(self) -> Path:
+        return self.airflow_home / "logs"
+
+    def component_logs(self) -> dict[str, Path]:
+        """Component name -> the file holding its stdout and stderr."""
+        return {name: self.components_dir / f"{name}.log" for name in COMPONENTS}
+
+    def task_logs(self) -> list[Path]:
+        """Every file under AIRFLOW_HOME/logs: task logs, trigger logs, the dag-processor's logs."""
+        if not self.task_logs_dir.is_dir():
+            return []
+        return sorted(path for path in self.task_logs_dir.rglob("*") if path.is_file())
+
+    @property
+    def url(self) -> str:
+        """The api-server's base URL, which is also the UI's address."""
+        if self.port is None:
+            raise DeploymentError("the deployment is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment every component (and every task process they start) runs with."""
+        base = self.url
+        return {
+            **os.environ,
+            **self.extra_env,
+            "AIRFLOW_HOME": str(self.airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.username}:ADMIN",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+            "AIRFLOW__API__BASE_URL": base,
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            # One secret for every component: left to Airflow, each process could generate its own.
+            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("jwt_secret"),
+            "AIRFLOW__API__SECRET_KEY": self._secret("api_secret_key"),
+            "AIRFLOW__CORE__FERNET_KEY": self._fernet_key(),
+        }
+
+    # Start and stop
+
+    def __enter__(self) -> AirflowDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.airflow_home.mkdir(parents=True, exist_ok=True)
+        self.components_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port(self.requested_port or None)
+        self.password = self._ensure_password()
+        try:
+            self.migrate()
+            for name in COMPONENTS:
+                self._start_component(name)
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def migrate(self) -> None:
+        """``airflow db migrate`` (quick when the DB is already at head)."""
+        log_path = self.components_dir / "db-migrate.log"
+        with log_path.open("ab") as log:
+            result = subprocess.run(
+                [self.airflow_bin, "db", "migrate"],
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=MIGRATE_TIMEOUT_SECONDS,
+                check=False,
+            )
+        if result.returncode != 0:
+            raise DeploymentError(f"airflow db migrate failed (status {result.returncode}); see {log_path}")
+
+    def _start_component(self, name: str) -> None:
+        command = [self.airflow_bin, name]
+        if name == "api-server":
+            command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        elif name in ("scheduler", "triggerer"):
+            # Their log servers would listen on every interface, on fixed ports; the api-server reads the
+            # task and trigger logs from AIRFLOW_HOME/logs on this same machine.
+            command.append("--skip-serve-logs")
+        with self.component_logs()[name].open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                command,
+                env=self.env(),
+                cwd=self.airflow_home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as a whole; Ctrl-C reaches only us
+                preexec_fn=_die_with_parent,
+            )
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """SIGTERM every component's process group, then SIGKILL what is left. Safe to call twice."""
+        restore = _ignore_sigint()
+        try:
+            for process in self.processes.values():
+                _signal_group(process, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for process in self.processes.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # The group may outlive its leader (a task process, a gunicorn/uvicorn child): kill what is left.
+            for process in self.processes.values():
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+            self.processes.clear()
+        finally:
+            restore()
+
+    def wait_healthy(self, timeout: float | None = None) -> dict:
+        """Wait until /api/v2/monitor/health reports the DB and the three job components healthy."""
+        last: dict[str, Any] = {}
+
+        def healthy() -> dict | None:
+            self.check_alive()
+            try:
+                last["health"] = self.api("GET", "/api/v2/monitor/health", auth=False)
+            except (OSError, ApiError) as error:
+                last["health"] = repr(error)
+                return None
+            health = last["health"]
+            return health if all(health.get(k, {}).get("status") == "healthy" for k in HEALTH_KEYS) else None
+
+        return wait_until(
+            f"Airflow at {self.url} to be healthy",
+            healthy,
+            timeout=timeout or self.start_timeout,
+            describe=lambda: f"last health answer: {last.get('health')}; logs in {self.components_dir}",
+        )
+
+    def check_alive(self) -> None:
+        """Raise when a component has exited."""
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                log_path = self.component_logs()[name]
+                raise DeploymentError(
+                    f"airflow {name} exited with status {process.returncode}; "
+                    f"end of {log_path}:\n{tail(log_path)}"
+                )
+
+    # REST API
+
+    def api(self, method: str, path: str, body: Any = None, *, auth: bool = True, timeout: float = 30) -> Any:
+        """One call to the api-server; the decoded JSON answer (None when empty)."""
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token()}"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with _NO_PROXY.open(request, timeout=timeout) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as error:
+            raise ApiError(method, path, error.code, error.read().decode(errors="replace")) from None
+        return json.loads(text) if text else None
+
+    def token(self) -> str:
+        """A JWT for the configured user, from the simple auth manager's ``POST /auth/token``."""
+        if self._token is None:
+            answer = self.api(
+                "POST", "/auth/token", {"username": self.username, "password": self.password}, auth=False
+            )
+            self._token = answer["access_token"]
+        return self._token
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:
+        """Wait until the dag-processor has parsed ``dag_id`` (the API knows it); fail on an import error."""
+
+        def parsed() -> dict | None:
+            self.check_alive()
+            errors = self.api("GET", "/api/v2/importErrors").get("import_errors", [])
+            if errors:
+                raise DeploymentError(f"import errors in the DAGs folder: {errors}")
+            try:
+                return self.api("GET", f"/api/v2/dags/{_quote(dag_id)}")
+            except ApiError as error:
+                if error.status == 404:
+                    return None
+                raise
+
+        return wait_until(
+            f"the dag-processor to parse {dag_id}",
+            parsed,
+            timeout=timeout,
+            describe=lambda: f"see {self.component_logs()['dag-processor']}",
+        )
+
+    def unpause(self, dag_id: str) -> dict:
+        self.wait_for_dag(dag_id)
+        return self.api("PATCH", f"/api/v2/dags/{_quote(dag_id)}", {"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict | None = None, *, note: str | None = None) -> str:
+        """Trigger a run as the UI's Trigger button does (no logical date, the params in ``conf``).
+
+        Returns the run id."""
+        body = {"logical_date": None, "conf": conf or {}}
+        if note:
+            body["note"] = note
+        return self.api("POST", f"/api/v2/dags/{_quote(dag_id)}/dagRuns", body)["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.api("GET", f"/api/v2/dags/{_quote(dag_id)}/dagRuns/{_quote(run_id)}")["state"]
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        """Task id -> state for the run's task instances (None: not scheduled yet)."""
+        answer = self.api("GET", f"/api/v2/dags/{_quote(dag_id)}/dagRuns/{_quote(run_id)}/taskInstances")
+        return {ti["task_id"]: ti["state"] for ti in answer["task_instances"]}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        path = (
+            f"/api/v2/dags/{_quote(dag_id)}/dagRuns/{_quote(run_id)}/taskInstances/{_quote(task_id)}"
+            f"/xcomEntries/{_quote(key)}?deserialize=true&stringify=false"
+        )
+        return self.api("GET", path)["value"]
+
+    def wait_for_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        timeout: float = 600,
+        interval: float = 0.5,
+        on_poll: Callable[[dict[str, str | None]], None] | None = None,
+    ) -> str:
+        """Poll the run until it finishes; ``on_poll`` sees the task states at every poll. Its final state."""
+        seen: dict[str, Any] = {}
+
+        def finished() -> str | None:
+            self.check_alive()
+            seen["state"] = self.run_state(dag_id, run_id)
+            seen["tasks"] = self.task_states(dag_id, run_id)
+            if on_poll is not None:
+                on_poll(seen["tasks"])
+            return seen["state"] if seen["state"] in FINISHED_RUN_STATES else None
+
+        return wait_until(
+            f"run {run_id} of {dag_id} to finish",
+            finished,
+            timeout=timeout,
+            interval=interval,
+            describe=lambda: (
+                f"run state {seen.get('state')}, tasks {seen.get('tasks')}; "
+                f"logs in {self.components_dir} and {self.task_logs_dir}"
+            ),
+        )
+
+    # Secrets kept in AIRFLOW_HOME, so that a restarted deployment keeps its login and its tokens work
+
+    def _ensure_password(self) -> str:
+        passwords = {}
+        if self.passwords_file.exists():
+            passwords = json.loads(self.passwords_file.read_text() or "{}")
+        if self.username not in passwords:
+            passwords[self.username] = secrets.token_urlsafe(12)
+            self.passwords_file.write_text(json.dumps(passwords) + "\n")
+            self.passwords_file.chmod(0o600)
+        return passwords[self.username]
+
+    def _secret(self, name: str) -> str:
+        path = self.airflow_home / f".{name}"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(64))  # >= 64 bytes: HS512
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _fernet_key(self) -> str:
+        path = self.airflow_home / ".fernet_key"
+        if not path.exists():
+            from cryptography.fernet import Fernet
+
+            path.write_text(Fernet.generate_key().decode())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+# Logs
+
+
+def error_lines(paths: Iterable[Path]) -> list[str]:
+    """Every line at ERROR level or above, and every traceback, in ``paths``: ``"<path>:<line no>: <line>"``.
+
+    Understands both Airflow's plain-text component output and the JSON-lines task logs (``level`` field,
+    ``exc_info``/``error_detail`` for exceptions).
+    """
+    found = []
+    for path in paths:
+        for number, line in _numbered_lines(path):
+            if _is_error_line(line):
+                found.append(f"{path}:{number}: {line.rstrip()[:1000]}")
+    return found
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            yield from enumerate(lines, start=1)
+    except FileNotFoundError:
+        return
+
+
+def _is_error_line(line: str) -> bool:
+    text = _ANSI_RE.sub("", line).strip()
+    if not text:
+        return False
+    if text.startswith("{"):
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            level = str(record.get("level", "")).lower()
+            return level in ERROR_LEVELS or bool(record.get("exc_info") or record.get("error_detail"))
+    return bool(ERROR_LINE_RE.search(text))
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+# Helpers
+
+# Loopback only: never route a request to the api-server through a proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)  # start_new_session: the group id is the leader's pid
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started it dies (Linux), so nothing is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _ignore_sigint():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
