@@ -2,7 +2,8 @@
 
 enqueue >> launch >> drain >> report, with teardown as the launch's teardown task: it terminates every
 instance of the cluster even when drain or anything else upstream fails. The params can be changed when
-triggering from the UI; `make demo` runs this DAG on the local cloud with `airflow dags test`.
+triggering from the UI; `make demo` runs this DAG on the local cloud in a real Airflow deployment, and
+`make up` keeps one running for you to trigger it from the UI.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def read_tweets(limit: int | None = None):
             yield {"id": tweet["id"], "text": tweet["text"]}
 
 
+def defer_when_asked(context) -> None:
+    """The drain's pre-execute hook: the run's ``deferrable`` param on hands its wait to the triggerer.
+
+    (The sensor's ``deferrable`` is a constructor argument, not a template field; off leaves it as Airflow's
+    ``[operators] default_deferrable`` set it.)
+    """
+    if context["params"].get("deferrable"):
+        context["task"].deferrable = True
+
+
 with DAG(
     dag_id="ec2_cluster_example",
     description="Count smileys in tweets on a temporary EC2 cluster fed by SQS",
@@ -54,6 +65,9 @@ with DAG(
         ),
         "worker_idle_shutdown": Param(
             600, type="integer", minimum=1, description="A worker with no message this long stops itself (s)"
+        ),
+        "deferrable": Param(
+            False, type="boolean", description="Wait for the drain in the triggerer, freeing the worker slot"
         ),
     },
 ) as dag:
@@ -80,6 +94,7 @@ with DAG(
         idle_timeout="{{ params.idle_timeout }}",
         fail_on_dead_letters="{{ params.fail_on_dead_letters }}",
         poke_interval=5,
+        pre_execute=defer_when_asked,
         timeout=6 * 3600,
     )
 
