@@ -21,6 +21,8 @@ DEFAULT_INSTANCE_PROFILE = "ec2cluster-worker"
 
 TAG_CLUSTER_ID = "ec2cluster:cluster-id"
 TAG_ROLE = "ec2cluster:role"
+# On replacement instances: the launch's client token, so a re-run finds what a launch started.
+TAG_LAUNCH_TOKEN = "ec2cluster:launch-token"
 ROLE_WORKER = "worker"
 
 TASK_QUEUE_SUFFIX = "-tasks"

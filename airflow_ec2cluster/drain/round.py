@@ -41,6 +41,7 @@ from airflow_ec2cluster.cluster import (
     META_REAPED,
     META_REPLACEMENT_GENERATION,
     META_REPLACEMENTS,
+    TAG_LAUNCH_TOKEN,
     LaunchSpec,
     launch_client_token,
 )
@@ -54,7 +55,7 @@ from airflow_ec2cluster.drain.decisions import (
     WorkerStatus,
     decide,
 )
-from airflow_ec2cluster.hooks.ec2cluster import META_PENDING_LAUNCH, TAG_LAUNCH_TOKEN
+from airflow_ec2cluster.meta import META_PENDING_LAUNCH
 from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished
 
 # Dead-lettered task ids whose last error is looked up for the summary (BatchGetItem, 100 a call).

@@ -11,9 +11,7 @@ from airflow_ec2cluster.cluster import (
     cluster_id_from_context,
     task_queue_name,
 )
-from airflow_ec2cluster.hooks.ec2cluster import (
-    EC2ClusterHook,
-)
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import persist_cluster_links, uses_custom_endpoint
 
 if TYPE_CHECKING:

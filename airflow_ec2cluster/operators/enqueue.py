@@ -21,10 +21,8 @@ from airflow_ec2cluster.cluster import (
     META_QUEUE_URL,
     META_TASKS_PER_MESSAGE,
 )
-from airflow_ec2cluster.hooks.ec2cluster import (
-    DEFAULT_SEND_CONCURRENCY,
-    EC2ClusterHook,
-)
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.hooks.sqs_send import DEFAULT_SEND_CONCURRENCY
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 from airflow_ec2cluster.packing import (
     DEFAULT_TASKS_PER_MESSAGE,

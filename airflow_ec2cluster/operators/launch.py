@@ -31,9 +31,7 @@ from airflow_ec2cluster.cluster import (
     launch_client_token,
     task_queue_name,
 )
-from airflow_ec2cluster.hooks.ec2cluster import (
-    EC2ClusterHook,
-)
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin, as_bool
 from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE

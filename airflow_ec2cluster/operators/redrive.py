@@ -14,9 +14,7 @@ from airflow_ec2cluster.cluster import (
     dead_letter_queue_name,
     task_queue_name,
 )
-from airflow_ec2cluster.hooks.ec2cluster import (
-    EC2ClusterHook,
-)
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 

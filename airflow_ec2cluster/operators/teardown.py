@@ -10,6 +10,7 @@ from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from botocore.exceptions import ClientError
 
+from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.cluster import (
     DEFAULT_STATE_TABLE,
     META_TORN_DOWN_AT,
@@ -17,10 +18,7 @@ from airflow_ec2cluster.cluster import (
     task_queue_name,
 )
 from airflow_ec2cluster.drain.decisions import LIVE_STATES
-from airflow_ec2cluster.hooks.ec2cluster import (
-    EC2ClusterHook,
-    error_code,
-)
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 

@@ -10,7 +10,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from botocore.exceptions import BotoCoreError, ClientError
 
 from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
-from airflow_ec2cluster.hooks.ec2cluster import AsyncClusterIO, EC2ClusterHook
+from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 
 STATUS_SUCCESS = "success"
 STATUS_FAILURE = "failure"

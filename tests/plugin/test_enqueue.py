@@ -8,8 +8,9 @@ import boto3
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_ec2cluster.hooks.ec2cluster import MAX_MESSAGE_BYTES, EC2ClusterHook
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
+from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 from tests.plugin.conftest import REGION
 
 TABLE = "ec2cluster-state-test"

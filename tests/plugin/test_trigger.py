@@ -14,7 +14,8 @@ from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import launch_client_token
 from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
-from airflow_ec2cluster.hooks.ec2cluster import AsyncClusterIO, EC2ClusterHook
+from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.triggers.ec2cluster import QueueDrainedTrigger
 from tests.plugin.conftest import MOTO_AMI_ID, REGION, FakeTaskInstance, write_worker_status

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from airflow_ec2cluster.hooks.ec2cluster import MessageTooLarge
+from airflow_ec2cluster.hooks.sqs_send import MessageTooLarge
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 

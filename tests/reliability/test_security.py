@@ -62,8 +62,8 @@ def test_instances_and_queues_are_hardened(aws_job):
         assert instance["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
         assert "PublicIpAddress" not in instance
         # moto does not echo IamInstanceProfile back; the RunInstances arguments carry it (below).
+    from airflow_ec2cluster.aws.ec2 import run_instances_params
     from airflow_ec2cluster.cluster import LaunchSpec
-    from airflow_ec2cluster.hooks.ec2cluster import run_instances_params
 
     spec = LaunchSpec(
         image_id="ami-1", instance_type="t3.micro", user_data_b64="", root_device_name="/dev/xvda"

@@ -1,0 +1,154 @@
+"""SQS: the cluster's two queues, their counts, the dead-letter sample and the re-drive's batches."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from airflow_ec2cluster.cluster import TAG_CLUSTER_ID, dead_letter_queue_name, task_queue_name
+from airflow_ec2cluster.drain.decisions import QueueCounts
+from airflow_ec2cluster.tasklog import log_key_of
+
+# Entries per SendMessageBatch / DeleteMessageBatch, messages per ReceiveMessage.
+SQS_BATCH_ENTRIES = 10
+DLQ_RETENTION_SECONDS = 14 * 24 * 3600
+REDRIVE_VISIBILITY_SECONDS = 60
+QUEUE_COUNT_ATTRIBUTES = [
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+]
+DLQ_COUNT_ATTRIBUTE = "ApproximateNumberOfMessages"
+# Error codes of a queue that does not exist (the query API's, and the JSON protocol's).
+NONEXISTENT_QUEUE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+
+
+# -- the queues --------------------------------------------------------------------------------------------
+
+
+def dead_letter_queue_params(cluster_id: str) -> dict[str, Any]:
+    """CreateQueue arguments of the dead-letter queue: encrypted, the longest retention SQS allows."""
+    return {
+        "QueueName": dead_letter_queue_name(cluster_id),
+        "Attributes": {
+            "SqsManagedSseEnabled": "true",
+            "MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS),
+        },
+        "tags": {TAG_CLUSTER_ID: cluster_id},
+    }
+
+
+def task_queue_params(
+    cluster_id: str, dlq_arn: str, *, visibility_timeout: int, max_receive_count: int, retention_seconds: int
+) -> dict[str, Any]:
+    """CreateQueue arguments of the task queue: encrypted, redriven to ``dlq_arn`` after the receives."""
+    redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
+    return {
+        "QueueName": task_queue_name(cluster_id),
+        "Attributes": {
+            "SqsManagedSseEnabled": "true",
+            "VisibilityTimeout": str(visibility_timeout),
+            "MessageRetentionPeriod": str(retention_seconds),
+            "RedrivePolicy": json.dumps(redrive),
+        },
+        "tags": {TAG_CLUSTER_ID: cluster_id},
+    }
+
+
+def queue_arn_params(queue_url: str) -> dict[str, Any]:
+    return {"QueueUrl": queue_url, "AttributeNames": ["QueueArn"]}
+
+
+def queue_arn_of(response: dict[str, Any]) -> str:
+    return response["Attributes"]["QueueArn"]
+
+
+# -- counts ------------------------------------------------------------------------------------------------
+
+
+def queue_counts_params(queue_url: str) -> dict[str, Any]:
+    """GetQueueAttributes arguments for the task queue's visible / in-flight / delayed counts."""
+    return {"QueueUrl": queue_url, "AttributeNames": QUEUE_COUNT_ATTRIBUTES}
+
+
+def dlq_counts_params(dlq_url: str) -> dict[str, Any]:
+    """GetQueueAttributes arguments for the dead-letter queue's visible count."""
+    return {"QueueUrl": dlq_url, "AttributeNames": [DLQ_COUNT_ATTRIBUTE]}
+
+
+def counts_from_attributes(main: dict[str, str], dead: dict[str, str]) -> QueueCounts:
+    return QueueCounts(
+        visible=int(main.get("ApproximateNumberOfMessages", 0)),
+        in_flight=int(main.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        delayed=int(main.get("ApproximateNumberOfMessagesDelayed", 0)),
+        dead_lettered=int(dead.get(DLQ_COUNT_ATTRIBUTE, 0)),
+    )
+
+
+# -- the dead-letter sample --------------------------------------------------------------------------------
+
+
+def peek_params(dlq_url: str) -> dict[str, Any]:
+    """ReceiveMessage arguments that leave the messages visible (VisibilityTimeout=0), short poll."""
+    return {
+        "QueueUrl": dlq_url,
+        "MaxNumberOfMessages": SQS_BATCH_ENTRIES,
+        "VisibilityTimeout": 0,
+        "WaitTimeSeconds": 0,
+    }
+
+
+class DeadLetterSample:
+    """Task-log keys seen while peeking at the dead-letter queue: at most ``limit``, each message once.
+
+    SQS samples servers on each short poll, so the peek is bounded (``max_receives`` calls), not an exact
+    listing: it stops at ``limit`` keys, or at the first receive that shows nothing new.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.max_receives = limit // SQS_BATCH_ENTRIES + 2
+        self._seen: dict[str, str] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self._seen) >= self.limit
+
+    def add(self, response: dict[str, Any]) -> bool:
+        """Take one ReceiveMessage answer; False when it had no message not seen before (stop)."""
+        new = [m for m in response.get("Messages", []) if m["MessageId"] not in self._seen]
+        for message in new:
+            self._seen[message["MessageId"]] = log_key_of(message)
+        return bool(new)
+
+    def keys(self) -> list[str]:
+        return list(self._seen.values())[: self.limit]
+
+
+# -- the client-side re-drive ------------------------------------------------------------------------------
+
+
+def redrive_receive_params(dlq_url: str, wanted: int) -> dict[str, Any]:
+    """ReceiveMessage arguments of the re-drive: hidden while being moved, a short long poll."""
+    return {
+        "QueueUrl": dlq_url,
+        "MaxNumberOfMessages": wanted,
+        "VisibilityTimeout": REDRIVE_VISIBILITY_SECONDS,
+        "WaitTimeSeconds": 1,
+    }
+
+
+def resend_params(queue_url: str, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """SendMessageBatch arguments that put received messages (by entry id) on ``queue_url`` again."""
+    return {
+        "QueueUrl": queue_url,
+        "Entries": [{"Id": key, "MessageBody": m["Body"]} for key, m in entries.items()],
+    }
+
+
+def delete_params(queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """DeleteMessageBatch arguments for received messages."""
+    return {
+        "QueueUrl": queue_url,
+        "Entries": [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+    }

@@ -1,0 +1,293 @@
+"""The sensor (hook, sync) and the trigger (AsyncClusterIO, aiobotocore) send the same requests for a round.
+
+One drain round is driven with ``run_sync`` on an EC2ClusterHook and with ``run_async`` on an
+AsyncClusterIO, each over recording fakes of the botocore clients that answer from the same fixed world;
+the sequences of (service, operation, arguments) must be identical, and so must the outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from ec2cluster_worker import records
+
+from airflow_ec2cluster.aws.dynamodb import deserialize_item, serialize_item
+from airflow_ec2cluster.cluster import LaunchSpec, launch_client_token
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async, run_sync
+from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
+from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from tests.plugin.conftest import REGION
+
+NOW = 1_700_000_000.0
+CLUSTER = "parity-1"
+TABLE = "parity-state"
+QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/parity-1-tasks"
+DLQ = "https://sqs.us-east-1.amazonaws.com/123456789012/parity-1-dlq"
+SHARDS = 4
+log = logging.getLogger(__name__)
+
+Call = tuple[str, str, dict[str, Any]]
+
+
+class World:
+    """Fixed answers for every call a round makes; the same for both runs (nothing is mutated)."""
+
+    def __init__(
+        self,
+        *,
+        meta: dict[str, Any],
+        main: dict[str, str],
+        dead: dict[str, str],
+        instances: list[dict[str, Any]],
+        workers: list[dict[str, Any]],
+        token_instances: list[dict[str, Any]] = (),
+        task_log: list[dict[str, Any]] = (),
+        dead_letters: list[dict[str, Any]] = (),
+    ) -> None:
+        self.meta, self.main, self.dead = meta, main, dead
+        self.instances, self.token_instances = instances, list(token_instances)
+        self.workers, self.task_log, self.dead_letters = workers, list(task_log), list(dead_letters)
+
+    def answer(self, service: str, operation: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        handler = getattr(self, f"{service}_{operation}")
+        return handler(**kwargs)
+
+    # DynamoDB
+    def dynamodb_get_item(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Item": serialize_item(self.meta)}
+
+    def dynamodb_update_item(self, **kwargs: Any) -> dict[str, Any]:
+        return {} if "ConditionExpression" in kwargs else {"Attributes": serialize_item(self.meta)}
+
+    def dynamodb_query(self, **kwargs: Any) -> dict[str, Any]:
+        pk = deserialize_item(kwargs["ExpressionAttributeValues"])[":pk"]
+        items = self.workers if pk == records.workers_pk(CLUSTER) else self.task_log
+        return {"Items": [serialize_item(i) for i in items if i[records.PK] == pk]}
+
+    def dynamodb_batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
+        keys = [deserialize_item(key) for key in RequestItems[TABLE]["Keys"]]
+        found = [i for i in self.task_log if {records.PK: i[records.PK], records.SK: i[records.SK]} in keys]
+        return {"Responses": {TABLE: [serialize_item(i) for i in found]}}
+
+    # SQS
+    def sqs_get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict[str, Any]:
+        return {"Attributes": self.main if QueueUrl == QUEUE else self.dead}
+
+    def sqs_receive_message(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Messages": self.dead_letters}
+
+    # EC2
+    def ec2_describe_instances(self, Filters: list[dict[str, Any]]) -> dict[str, Any]:
+        by_token = any(f["Name"].endswith("launch-token") for f in Filters)
+        instances = self.token_instances if by_token else self.instances
+        return {"Reservations": [{"Instances": instances}]}
+
+    def ec2_terminate_instances(self, InstanceIds: list[str]) -> dict[str, Any]:
+        return {"TerminatingInstances": [{"InstanceId": iid} for iid in InstanceIds]}
+
+    def ec2_run_instances(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Instances": [instance("i-new", NOW)]}
+
+
+class Recorder:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.calls: list[Call] = []
+
+    def __call__(self, service: str, operation: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((service, operation, copy.deepcopy(kwargs)))
+        return self.world.answer(service, operation, kwargs)
+
+
+class FakeClient:
+    """A botocore client's surface as the hook uses it: operations and paginators, one page each."""
+
+    def __init__(self, service: str, record: Recorder) -> None:
+        self.service, self.record = service, record
+
+    def __getattr__(self, operation: str):
+        if operation.startswith("_"):
+            raise AttributeError(operation)
+        return lambda **kwargs: self.record(self.service, operation, kwargs)
+
+    def get_paginator(self, operation: str):
+        client = self
+
+        class Paginator:
+            def paginate(self, **kwargs: Any):
+                return iter([client.record(client.service, operation, kwargs)])
+
+        return Paginator()
+
+
+class FakeAsyncClient(FakeClient):
+    """An aiobotocore client's surface: awaited operations, async-iterated paginators."""
+
+    def __getattr__(self, operation: str):
+        if operation.startswith("_"):
+            raise AttributeError(operation)
+
+        async def call(**kwargs: Any) -> dict[str, Any]:
+            return self.record(self.service, operation, kwargs)
+
+        return call
+
+    def get_paginator(self, operation: str):
+        client = self
+
+        class Paginator:
+            def paginate(self, **kwargs: Any):
+                async def pages():
+                    yield client.record(client.service, operation, kwargs)
+
+                return pages()
+
+        return Paginator()
+
+
+def instance(iid: str, launched: float, state: str = "running") -> dict[str, Any]:
+    return {
+        "InstanceId": iid,
+        "State": {"Name": state},
+        "LaunchTime": datetime.fromtimestamp(launched, tz=timezone.utc),
+    }
+
+
+def worker(iid: str, **fields: Any) -> dict[str, Any]:
+    return {
+        records.PK: records.workers_pk(CLUSTER),
+        records.SK: iid,
+        "worker_id": iid,
+        "state": "running",
+        "started_at": int(NOW - 900),
+        "heartbeat_at": int(NOW - 5),
+        "busy": True,
+        "busy_since": int(NOW - 5),
+        "tasks_done": 0,
+        "tasks_failed": 0,
+        **fields,
+    }
+
+
+def meta(**fields: Any) -> dict[str, Any]:
+    spec = LaunchSpec(
+        image_id="ami-1", instance_type="t3.micro", user_data_b64=base64.b64encode(b"#!").decode()
+    )
+    # The attribute names as the item holds them in the table (this test sees the wire, not the record).
+    return {
+        records.PK: records.cluster_pk(CLUSTER),
+        records.SK: records.META_SK,
+        "cluster_id": CLUSTER,
+        "queue_url": QUEUE,
+        "dlq_url": DLQ,
+        "enqueued": 10,
+        "enqueued_messages": 10,
+        "enqueue_complete": True,
+        "num_workers": 2,
+        "log_shards": SHARDS,
+        "launch_spec": json.dumps(spec.to_dict()),
+        "instance_ids": ["i-1", "i-2"],
+        "launched_at": NOW - 1000,
+        **fields,
+    }
+
+
+def replace_a_hung_worker() -> World:
+    return World(
+        meta=meta(),
+        main={"ApproximateNumberOfMessages": "5"},
+        dead={"ApproximateNumberOfMessages": "0"},
+        instances=[instance("i-1", NOW - 1000), instance("i-2", NOW - 1000)],
+        workers=[worker("i-1"), worker("i-2", heartbeat_at=int(NOW - 1000))],
+    )
+
+
+def finish_a_claimed_launch() -> World:
+    token = launch_client_token(CLUSTER, 0, 1)
+    return World(
+        meta=meta(pending_launch={"generation": 0, "count": 1, "token": token}),
+        main={"ApproximateNumberOfMessages": "5"},
+        dead={"ApproximateNumberOfMessages": "0"},
+        instances=[instance("i-1", NOW - 1000), instance("i-3", NOW - 10, "pending")],
+        token_instances=[instance("i-3", NOW - 10, "pending")],
+        workers=[worker("i-1")],
+    )
+
+
+def drained_with_a_dead_letter() -> World:
+    dead_id = "t000000009"
+    task_log = [
+        {**records.task_log_key(CLUSTER, f"t{i:09d}", SHARDS), "task_id": f"t{i:09d}", "status": "done"}
+        for i in range(9)
+    ]
+    task_log.append(
+        {
+            **records.task_log_key(CLUSTER, dead_id, SHARDS),
+            "task_id": dead_id,
+            "status": "failed",
+            "error": "E",
+        }
+    )
+    body = json.dumps({"task_id": dead_id, "payload": {}})
+    return World(
+        meta=meta(consecutive_empty=1),
+        main={"ApproximateNumberOfMessages": "0"},
+        dead={"ApproximateNumberOfMessages": "1"},
+        instances=[instance("i-1", NOW - 1000), instance("i-2", NOW - 1000)],
+        workers=[
+            worker("i-1", busy=False, idle_since=int(NOW - 10), tasks_done=5),
+            worker("i-2", busy=False, idle_since=int(NOW - 10), tasks_done=4),
+        ],
+        task_log=task_log,
+        dead_letters=[{"MessageId": "m-1", "ReceiptHandle": "r-1", "Body": body}],
+    )
+
+
+def run_both(world: World, settings: DrainSettings):
+    sync_record, async_record = Recorder(world), Recorder(world)
+    hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
+    fakes = {service: FakeClient(service, sync_record) for service in ("sqs", "ec2", "dynamodb")}
+    hook.client = fakes.__getitem__  # the hook's clients, without a session
+    sync_outcome = run_sync(drain_round(CLUSTER, settings, log), hook)
+    io = AsyncClusterIO(
+        {service: FakeAsyncClient(service, async_record) for service in ("sqs", "ec2", "dynamodb")}
+    )
+    async_outcome = asyncio.run(run_async(drain_round(CLUSTER, settings, log), io))
+    return sync_record.calls, async_record.calls, sync_outcome, async_outcome
+
+
+@pytest.mark.parametrize(
+    ("world", "expected"),
+    [
+        (replace_a_hung_worker, {"terminate_instances", "run_instances", "update_item"}),
+        (finish_a_claimed_launch, {"update_item"}),
+        (drained_with_a_dead_letter, {"receive_message", "batch_get_item", "update_item"}),
+    ],
+)
+def test_sync_and_async_rounds_send_the_same_requests(monkeypatch, world, expected):
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    settings = DrainSettings(state_table=TABLE, heartbeat_timeout=60, drained_checks=2)
+    sync_calls, async_calls, sync_outcome, async_outcome = run_both(world(), settings)
+    assert sync_calls == async_calls
+    assert expected <= {operation for _, operation, _ in sync_calls}
+    assert sync_outcome == async_outcome
+
+
+def test_the_rounds_end_as_their_scenarios_say(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    settings = DrainSettings(state_table=TABLE, heartbeat_timeout=60, drained_checks=2)
+    *_, replaced = run_both(replace_a_hung_worker(), settings)
+    assert replaced.launched == ("i-new",) and [r.instance_id for r in replaced.decision.reap] == ["i-2"]
+    *_, finished = run_both(finish_a_claimed_launch(), settings)
+    assert finished.launched == ("i-3",)
+    *_, drained = run_both(drained_with_a_dead_letter(), settings)
+    assert drained.drained and drained.summary["dead_letters"] == [{"task_id": "t000000009", "error": "E"}]
+    assert drained.summary["tasks_done"] == 9 and drained.summary["tasks_failed"] == 1
