@@ -1,7 +1,8 @@
 """When the worker stops: SIGTERM/SIGINT, a spot interruption notice, idle time, or its maximum lifetime.
 
-Every cause ends in ``StopRequest.request(reason)``; the loop checks it between tasks, finishes the task at
-hand, hands back the messages it has not started, and exits 0.
+Every cause ends in ``StopRequest.request(reason)``; the loop checks it between tasks and, every 0.2 s,
+during a long poll (``receiver.py``: it does not wait the poll out), finishes the task at hand, hands back
+the messages it has not started, and exits 0.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from .config import WorkerConfig
 from .handlers import Handler, TaskContext, TaskFailure, TaskTimeout
 from .lifecycle import SpotWatcher, StopRequest, due_stop_reason, install_signal_handlers
 from .logs import EventLog
-from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, parse_message
+from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, delivery_of, parse_message
+from .receiver import Receiver
 from .results import TaskResult, done_result, failed_result
 from .sinks import Sink, write_results
 from .status import Heartbeat, StatusWriter, WorkerStatus
@@ -72,6 +73,7 @@ class Worker:
         self.clock = clock
         self.queue = TaskQueue(clients.sqs, config.queue_url)
         self.keeper = VisibilityKeeper(clients.sqs, config.queue_url, config.visibility_timeout_seconds, log)
+        self.receiver = Receiver(self.queue, self._hand_back_late)
         self.heartbeat = Heartbeat(status_writer, config.heartbeat_seconds)
         self.task_log = TaskLog(
             clients.dynamodb,
@@ -111,7 +113,8 @@ class Worker:
         return self.exit_code
 
     def _threads(self) -> list[Any]:
-        return [self.heartbeat, self.keeper] + ([self.spot_watcher] if self.spot_watcher else [])
+        threads: list[Any] = [self.heartbeat, self.keeper, self.receiver]
+        return threads + ([self.spot_watcher] if self.spot_watcher else [])
 
     def _stopping(self, *, between_batches: bool = True) -> bool:
         """True when the worker must stop; on the first such answer, records and announces it."""
@@ -132,8 +135,10 @@ class Worker:
         return self.stop.requested
 
     def _receive(self) -> list[dict[str, Any]]:
+        """One long poll, cut short by a stop request (SIGTERM, spot notice): [] then."""
         try:
-            messages = self.queue.receive(
+            messages = self.receiver.receive(
+                lambda: self.stop.requested,
                 max_messages=messages_to_request(self.config.max_messages, self._tasks_per_message),
                 wait_time_seconds=self.config.wait_time_seconds,
                 visibility_timeout=self.config.visibility_timeout_seconds,
@@ -328,13 +333,23 @@ class Worker:
 
     # -- stopping -------------------------------------------------------------------------------------
 
+    def _hand_back_late(self, messages: list[dict[str, Any]]) -> None:
+        """Messages a receive brought after the worker stopped: visible again at once."""
+        refused = self.keeper.set_visibility([delivery_of(message) for message in messages], 0)
+        self.log.info("batch.released", messages=len(messages), refused=len(refused), after_stop=True)
+
     def _shut_down(self) -> None:
+        # A long poll may still be in flight: what it brings from now on is handed back, not run.
+        self.receiver.abandon()
         if self.spot_watcher:
             self.spot_watcher.stop()
         self.keeper.stop()
         self.heartbeat.stop()
         self.status.set_state(records.STATE_STOPPED, stop_reason=self.stop.reason or "unknown")
         self.status_writer.put_logged()
+        if not self.receiver.join():
+            # Its messages, if any, come back when their visibility timeout ends.
+            self.log.info("queue.receive_abandoned")
         snapshot = self.status.snapshot()
         self.log.info(
             "worker.stopped",
