@@ -34,7 +34,10 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 RUNNING_STATES = frozenset({"pending", "running"})
 DEFAULT_POLL_SECONDS = 0.4
-DEFAULT_GRACE_SECONDS = 10.0
+# SIGTERM to SIGKILL. EC2 gives a shutting-down instance's processes time to stop; a worker needs about 1.5 s
+# when idle (ec2cluster_worker.receiver: it does not wait out its long poll) plus whatever is left of the
+# task in hand, and writes its 'stopped' status item first. 30 s covers that with room for a busy machine.
+DEFAULT_GRACE_SECONDS = 30.0
 KILL_WAIT_SECONDS = 5.0
 # Inherited variables that would point boto3 somewhere else than the local cloud's stand-in credentials.
 DROPPED_ENV = (

@@ -1,6 +1,8 @@
 """End to end on the local cloud: three instances run the real worker from rendered user data.
 
 The user data is the launch's default: a loader that fetches the worker bundle from the state table.
+Terminating the instances while their workers sit in 20 s long polls stops each worker cleanly (status
+'stopped') well within the runner's grace period: none is killed.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def enqueue(sqs, queue_url: str, count: int) -> None:
 def test_three_workers_run_two_hundred_tasks(tmp_path: Path):
     cluster_id = f"e2e-{uuid.uuid4().hex[:12]}"
     table = f"ec2cluster-state-{uuid.uuid4().hex[:8]}"
-    with LocalCloud(work_dir=tmp_path, grace_seconds=5) as cloud:
+    with LocalCloud(work_dir=tmp_path) as cloud:
         ec2, sqs, dynamodb = cloud.client("ec2"), cloud.client("sqs"), cloud.client("dynamodb")
         create_state_table(dynamodb, table)
         queue_url = sqs.create_queue(QueueName=f"{cluster_id}-tasks")["QueueUrl"]
@@ -77,7 +79,7 @@ def test_three_workers_run_two_hundred_tasks(tmp_path: Path):
             "queue_url": queue_url,
             "state_table": table,
             "handler": {"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
-            "wait_time_seconds": 1,
+            "wait_time_seconds": 20,
             "heartbeat_seconds": 2,
             "idle_shutdown_seconds": 120,
         }
@@ -122,10 +124,14 @@ def test_three_workers_run_two_hundred_tasks(tmp_path: Path):
             "the workers to stop after termination",
         )
         assert processes_in_groups(groups) == []
+        assert not [iid for iid, info in cloud.worker_processes().items() if info["killed"]]
         status = dynamodb.query(
             TableName=table,
             KeyConditionExpression="pk = :pk",
             ExpressionAttributeValues={":pk": {"S": records.workers_pk(cluster_id)}},
         )["Items"]
         assert {item["sk"]["S"] for item in status} == set(instance_ids)
+        assert {(item["state"]["S"], item["stop_reason"]["S"]) for item in status} == {
+            (records.STATE_STOPPED, "signal:SIGTERM")
+        }
     assert processes_in_groups(groups) == []
