@@ -12,12 +12,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_METADATA_HOP_LIMIT
+
 MAX_CLUSTER_ID_LENGTH = 40
 HASH_LENGTH = 10
 CLUSTER_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
-
-DEFAULT_STATE_TABLE = "ec2cluster-state"
-DEFAULT_INSTANCE_PROFILE = "ec2cluster-worker"
 
 TAG_CLUSTER_ID = "ec2cluster:cluster-id"
 TAG_ROLE = "ec2cluster:role"
@@ -99,7 +98,7 @@ class LaunchSpec:
     spot: bool = False
     spot_max_price: str | None = None
     associate_public_ip: bool = False
-    metadata_hop_limit: int = 1
+    metadata_hop_limit: int = DEFAULT_METADATA_HOP_LIMIT
     root_device_name: str | None = None
     volume_size_gb: int | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)

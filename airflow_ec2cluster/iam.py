@@ -11,13 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_ec2cluster.cluster import (
-    DEAD_LETTER_QUEUE_SUFFIX,
-    DEFAULT_INSTANCE_PROFILE,
-    DEFAULT_STATE_TABLE,
-    TAG_CLUSTER_ID,
-    TASK_QUEUE_SUFFIX,
-)
+from airflow_ec2cluster.cluster import DEAD_LETTER_QUEUE_SUFFIX, TAG_CLUSTER_ID, TASK_QUEUE_SUFFIX
+from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
 
 POLICY_VERSION = "2012-10-17"
 

@@ -12,6 +12,7 @@ from ec2cluster_worker import records
 
 from airflow_ec2cluster.aws.dynamodb import deserialize_item, serialize_item
 from airflow_ec2cluster.cluster import META_INSTANCE_IDS, META_REPLACEMENT_GENERATION, META_REPLACEMENTS
+from airflow_ec2cluster.defaults import DEFAULT_RETENTION_SECONDS
 
 # META attribute: a replacement launch claimed but not yet recorded ({generation, count, token}).
 META_PENDING_LAUNCH = "pending_launch"
@@ -30,7 +31,7 @@ def update_meta_params(
     cluster_id: str,
     set_values: dict[str, Any] | None,
     add_values: dict[str, int] | None,
-    retention_seconds: int = records.DEFAULT_RETENTION_SECONDS,
+    retention_seconds: int = DEFAULT_RETENTION_SECONDS,
 ) -> dict[str, Any]:
     """UpdateItem arguments: SET ``set_values``, ADD ``add_values``, keep ``created_at``, refresh the TTL."""
     now = time.time()

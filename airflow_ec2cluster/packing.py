@@ -15,11 +15,10 @@ from typing import Any
 
 from ec2cluster_worker.messages import MAX_TASKS_PER_MESSAGE
 
+from airflow_ec2cluster.defaults import DEFAULT_TASKS_PER_MESSAGE
+
 # SQS limits (AWS-FACTS.md): one message, and one SendMessageBatch request, carry at most 1 MiB.
 MAX_MESSAGE_BYTES = 1_048_576
-# Ten tasks a message: one task-log item and a tenth of the SQS requests per task, and a slow task holds
-# back at most nine others.
-DEFAULT_TASKS_PER_MESSAGE = 10
 GROUP_HEAD, GROUP_TAIL = '{"tasks":[', "]}"
 
 

@@ -17,6 +17,8 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator
 
+from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE
+
 # EC2 limit on user data before base64 encoding.
 USER_DATA_LIMIT_BYTES = 16_384
 DEFAULT_HOME = "/opt/ec2cluster"
@@ -163,7 +165,7 @@ def table_worker_section(config: dict, bundle_sha256: str | None) -> str:
     from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, bundle_key
 
     key = {name: {"S": value} for name, value in bundle_key(config["cluster_id"]).items()}
-    table = config.get("state_table", "ec2cluster-state")
+    table = config.get("state_table", DEFAULT_STATE_TABLE)
     loader = f"""\
 import hashlib, io, sys, zipfile
 import boto3

@@ -392,7 +392,7 @@ def drain_latency(size: str) -> Result:
     tasks, workers = DRAIN_SIZES[size]
     target = 2 * POKE_INTERVAL + 3
     result = Result("drain-latency", size)
-    from airflow_ec2cluster.drain.decisions import DEFAULT_DRAINED_CHECKS
+    from airflow_ec2cluster.defaults import DEFAULT_DRAINED_CHECKS
 
     # The sensor's default (2 consecutive empty reads, with the task log agreeing), and beside it 3 reads
     # (the default before): what each extra read costs.

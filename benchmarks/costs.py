@@ -16,7 +16,7 @@ from ec2cluster_worker.config import WorkerConfig
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.runtime import run_worker
 
-from airflow_ec2cluster.packing import DEFAULT_TASKS_PER_MESSAGE
+from airflow_ec2cluster.defaults import DEFAULT_TASKS_PER_MESSAGE
 
 from . import cloud, references
 from .counting import CallCounter

@@ -71,7 +71,7 @@ def enqueue_provider(items: list[dict[str, Any]]) -> tuple[float, CallCounter]:
 
 
 def enqueue_rate(size: str) -> Result:
-    from airflow_ec2cluster.packing import DEFAULT_TASKS_PER_MESSAGE
+    from airflow_ec2cluster.defaults import DEFAULT_TASKS_PER_MESSAGE
 
     count = ENQUEUE_SIZES[size]
     items = payloads(count)

@@ -6,12 +6,12 @@ import json
 from typing import Any
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID, dead_letter_queue_name, task_queue_name
+from airflow_ec2cluster.defaults import DEAD_LETTER_RETENTION_SECONDS
 from airflow_ec2cluster.drain.decisions import QueueCounts
 from airflow_ec2cluster.tasklog import log_key_of
 
 # Entries per SendMessageBatch / DeleteMessageBatch, messages per ReceiveMessage.
 SQS_BATCH_ENTRIES = 10
-DLQ_RETENTION_SECONDS = 14 * 24 * 3600
 REDRIVE_VISIBILITY_SECONDS = 60
 QUEUE_COUNT_ATTRIBUTES = [
     "ApproximateNumberOfMessages",
@@ -32,7 +32,7 @@ def dead_letter_queue_params(cluster_id: str) -> dict[str, Any]:
         "QueueName": dead_letter_queue_name(cluster_id),
         "Attributes": {
             "SqsManagedSseEnabled": "true",
-            "MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS),
+            "MessageRetentionPeriod": str(DEAD_LETTER_RETENTION_SECONDS),
         },
         "tags": {TAG_CLUSTER_ID: cluster_id},
     }

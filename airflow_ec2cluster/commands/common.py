@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from airflow_ec2cluster.cluster import DEFAULT_STATE_TABLE
+from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:

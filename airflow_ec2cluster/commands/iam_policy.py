@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from airflow_ec2cluster.cluster import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
+from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
 from airflow_ec2cluster.iam import PolicyScope, controller_policy, worker_policy
 
 SIDES = ("controller", "worker", "both")

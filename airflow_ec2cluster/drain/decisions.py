@@ -37,6 +37,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_ec2cluster.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_DRAINED_CHECKS,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_TASK_SECONDS,
+)
+
 # EC2 instance states in which an instance can (or soon can) run the worker.
 CAPACITY_STATES = frozenset({"pending", "running"})
 # EC2 states in which an instance costs money or may come back: everything teardown must terminate.
@@ -53,10 +61,6 @@ REASON_INSTANCE_STOPPED = "instance-stopped"
 
 # The exact task-log count is retried every ``drained_checks`` empty pokes, this many times at most.
 EXACT_COUNT_ROUNDS = 3
-# Two consecutive empty reads: enough because "drained" also needs the messages accounted for (finished +
-# dead-lettered >= enqueued), a check that a stale zero cannot pass while messages are still queued or held.
-# Each extra read costs a poke interval of idle instances (drain latency <= 2 intervals + teardown).
-DEFAULT_DRAINED_CHECKS = 2
 # Without an enqueued count there is no cross-check: the queue counts alone must read empty this many times.
 UNCHECKED_DRAINED_CHECKS = 3
 
@@ -138,10 +142,10 @@ class WorkerStatus:
 
 @dataclass(frozen=True)
 class Policy:
-    idle_timeout: float = 600
-    heartbeat_timeout: float = 120
-    max_task_seconds: float = 3600
-    boot_timeout: float = 600
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    max_task_seconds: float = DEFAULT_MAX_TASK_SECONDS
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     drained_checks: int = DEFAULT_DRAINED_CHECKS
     cluster_size: int = 1
     replace_reaped: bool = True

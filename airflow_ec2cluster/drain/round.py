@@ -26,7 +26,6 @@ from typing import Any
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import (
-    DEFAULT_STATE_TABLE,
     META_CONSECUTIVE_EMPTY,
     META_DLQ_URL,
     META_ENQUEUE_COMPLETE,
@@ -45,8 +44,16 @@ from airflow_ec2cluster.cluster import (
     LaunchSpec,
     launch_client_token,
 )
-from airflow_ec2cluster.drain.decisions import (
+from airflow_ec2cluster.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_DEAD_LETTER_SAMPLE,
     DEFAULT_DRAINED_CHECKS,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_TASK_SECONDS,
+    DEFAULT_STATE_TABLE,
+)
+from airflow_ec2cluster.drain.decisions import (
     Decision,
     InstanceInfo,
     Policy,
@@ -67,15 +74,15 @@ class DrainSettings:
     """The sensor's thresholds: everything a round needs besides the cluster id (JSON-safe)."""
 
     state_table: str = DEFAULT_STATE_TABLE
-    idle_timeout: float = 600
-    heartbeat_timeout: float = 120
-    max_task_seconds: float = 3600
-    boot_timeout: float = 600
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    max_task_seconds: float = DEFAULT_MAX_TASK_SECONDS
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT
     drained_checks: int = DEFAULT_DRAINED_CHECKS
     replace_reaped: bool = True
     cluster_size: int | None = None
     max_replacements: int | None = None
-    dead_letter_sample: int = 100
+    dead_letter_sample: int = DEFAULT_DEAD_LETTER_SAMPLE
     exact_summary: bool = True
 
     def to_dict(self) -> dict[str, Any]:

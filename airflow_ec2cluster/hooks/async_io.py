@@ -34,6 +34,7 @@ from airflow_ec2cluster.aws.sqs import (
     queue_counts_params,
 )
 from airflow_ec2cluster.cluster import LaunchSpec
+from airflow_ec2cluster.defaults import DEFAULT_DEAD_LETTER_SAMPLE, DEFAULT_LOG_SHARDS
 from airflow_ec2cluster.drain.decisions import LIVE_STATES, QueueCounts
 from airflow_ec2cluster.meta import (
     claim_launch_params,
@@ -129,7 +130,7 @@ class AsyncClusterIO:
         return await self._query(table, records.workers_pk(cluster_id))
 
     async def count_task_log(
-        self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
+        self, table: str, cluster_id: str, shards: int = DEFAULT_LOG_SHARDS
     ) -> dict[str, int]:
         items: list[dict[str, Any]] = []
         for pk in records.all_log_pks(cluster_id, shards):
@@ -137,7 +138,7 @@ class AsyncClusterIO:
         return tally(items)
 
     async def task_log_items(
-        self, table: str, cluster_id: str, task_ids: list[str], shards: int = records.DEFAULT_LOG_SHARDS
+        self, table: str, cluster_id: str, task_ids: list[str], shards: int = DEFAULT_LOG_SHARDS
     ) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         for batch in chunks(sorted(set(task_ids)), DYNAMODB_GET_BATCH):
@@ -155,7 +156,7 @@ class AsyncClusterIO:
         dead = await self.sqs.get_queue_attributes(**dlq_counts_params(dlq_url))
         return counts_from_attributes(main["Attributes"], dead["Attributes"])
 
-    async def peek_dead_letters(self, dlq_url: str, limit: int = 100) -> list[str]:
+    async def peek_dead_letters(self, dlq_url: str, limit: int = DEFAULT_DEAD_LETTER_SAMPLE) -> list[str]:
         sample = DeadLetterSample(limit)
         for _ in range(sample.max_receives):
             if sample.full or not sample.add(await self.sqs.receive_message(**peek_params(dlq_url))):

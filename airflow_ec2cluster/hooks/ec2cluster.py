@@ -63,8 +63,19 @@ from airflow_ec2cluster.aws.sqs import (
     task_queue_params,
 )
 from airflow_ec2cluster.cluster import LaunchSpec
+from airflow_ec2cluster.defaults import (
+    DEFAULT_DEAD_LETTER_SAMPLE,
+    DEFAULT_LOG_SHARDS,
+    DEFAULT_MAX_RECEIVE_COUNT,
+    DEFAULT_QUEUE_RETENTION_SECONDS,
+    DEFAULT_RETENTION_SECONDS,
+    DEFAULT_SEND_CONCURRENCY,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    DEFAULT_WAITER_DELAY,
+    DEFAULT_WAITER_MAX_ATTEMPTS,
+)
 from airflow_ec2cluster.drain.decisions import LIVE_STATES, QueueCounts
-from airflow_ec2cluster.hooks.sqs_send import DEFAULT_SEND_CONCURRENCY, send_messages
+from airflow_ec2cluster.hooks.sqs_send import send_messages
 from airflow_ec2cluster.meta import (
     claim_launch_params,
     finish_launch_params,
@@ -76,8 +87,6 @@ from airflow_ec2cluster.packing import OutgoingMessage
 from airflow_ec2cluster.tasklog import log_key_of, tally, task_results_of
 
 DEFAULT_RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
-TERMINATED_WAITER_DELAY = 5
-TERMINATED_WAITER_MAX_ATTEMPTS = 120
 
 
 class EC2ClusterHook(AwsBaseHook):
@@ -183,7 +192,7 @@ class EC2ClusterHook(AwsBaseHook):
     def put_worker_bundle(self, table: str, cluster_id: str, data: bytes, sha256: str) -> None:
         """Store the worker's zip for the cluster's instances to fetch at boot (see workerbundle)."""
         self.dynamodb.put_item(
-            **worker_bundle_params(table, cluster_id, data, sha256, records.DEFAULT_RETENTION_SECONDS)
+            **worker_bundle_params(table, cluster_id, data, sha256, DEFAULT_RETENTION_SECONDS)
         )
 
     def update_meta(
@@ -193,7 +202,7 @@ class EC2ClusterHook(AwsBaseHook):
         *,
         set_values: dict[str, Any] | None = None,
         add_values: dict[str, int] | None = None,
-        retention_seconds: int = records.DEFAULT_RETENTION_SECONDS,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
     ) -> dict[str, Any]:
         """SET and ADD attributes of the META item (created when missing); returns the item after."""
         response = self.dynamodb.update_item(
@@ -233,22 +242,20 @@ class EC2ClusterHook(AwsBaseHook):
         return list(self._query(table, records.workers_pk(cluster_id)))
 
     def iter_task_log(
-        self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
+        self, table: str, cluster_id: str, shards: int = DEFAULT_LOG_SHARDS
     ) -> Iterator[dict[str, Any]]:
         """Every task-log item of the cluster, shard by shard, as a stream."""
         for pk in records.all_log_pks(cluster_id, shards):
             yield from self._query(table, pk)
 
     def iter_results(
-        self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
+        self, table: str, cluster_id: str, shards: int = DEFAULT_LOG_SHARDS
     ) -> Iterator[dict[str, Any]]:
         """Per task: ``task_id``, ``status``, ``result`` (JSON-decoded) or ``output`` URI, ``error``."""
         for item in self.iter_task_log(table, cluster_id, shards):
             yield from task_results_of(item)
 
-    def count_task_log(
-        self, table: str, cluster_id: str, shards: int = records.DEFAULT_LOG_SHARDS
-    ) -> dict[str, int]:
+    def count_task_log(self, table: str, cluster_id: str, shards: int = DEFAULT_LOG_SHARDS) -> dict[str, int]:
         """Exact tasks and messages done / failed over the task log (one item per message: no duplicates)."""
         return tally(
             item
@@ -257,7 +264,7 @@ class EC2ClusterHook(AwsBaseHook):
         )
 
     def task_log_items(
-        self, table: str, cluster_id: str, task_ids: list[str], shards: int = records.DEFAULT_LOG_SHARDS
+        self, table: str, cluster_id: str, task_ids: list[str], shards: int = DEFAULT_LOG_SHARDS
     ) -> dict[str, dict[str, Any]]:
         """Task-log items of ``task_ids`` by task id (BatchGetItem, 100 keys a call; missing ids absent)."""
         found: dict[str, dict[str, Any]] = {}
@@ -275,9 +282,9 @@ class EC2ClusterHook(AwsBaseHook):
         self,
         cluster_id: str,
         *,
-        visibility_timeout: int = 120,
-        max_receive_count: int = 3,
-        retention_seconds: int = 4 * 24 * 3600,
+        visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT,
+        max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
+        retention_seconds: int = DEFAULT_QUEUE_RETENTION_SECONDS,
     ) -> tuple[str, str]:
         """Create (or find) the task queue and its dead-letter queue; returns (queue_url, dlq_url)."""
         dlq_url = self.sqs.create_queue(**dead_letter_queue_params(cluster_id))["QueueUrl"]
@@ -332,7 +339,7 @@ class EC2ClusterHook(AwsBaseHook):
         # The client is made here, not in the pool's threads.
         return send_messages(self.sqs, queue_url, messages, concurrency=concurrency, on_progress=on_progress)
 
-    def peek_dead_letters(self, dlq_url: str, limit: int = 100) -> list[str]:
+    def peek_dead_letters(self, dlq_url: str, limit: int = DEFAULT_DEAD_LETTER_SAMPLE) -> list[str]:
         """Up to ``limit`` task-log keys (task ids; a group's first id) from the DLQ, without consuming them.
 
         Receives with VisibilityTimeout=0 so the messages stay available; SQS samples servers on each short
@@ -430,8 +437,8 @@ class EC2ClusterHook(AwsBaseHook):
         instance_ids: Iterable[str],
         *,
         wait: bool = True,
-        waiter_delay: int = TERMINATED_WAITER_DELAY,
-        waiter_max_attempts: int = TERMINATED_WAITER_MAX_ATTEMPTS,
+        waiter_delay: int = DEFAULT_WAITER_DELAY,
+        waiter_max_attempts: int = DEFAULT_WAITER_MAX_ATTEMPTS,
     ) -> list[str]:
         ids = sorted(set(instance_ids))
         for batch in chunks(ids, EC2_ID_BATCH):

@@ -13,10 +13,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from airflow_ec2cluster.aws.sqs import SQS_BATCH_ENTRIES
+from airflow_ec2cluster.defaults import DEFAULT_SEND_CONCURRENCY
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES, OutgoingMessage
 
-# Concurrent SendMessageBatch calls: enough to hide latency, few enough to stay polite.
-DEFAULT_SEND_CONCURRENCY = 4
 # Resend entries SQS reported as failed on its side (not the sender's fault) at most this many times.
 FAILED_ENTRY_RESENDS = 2
 

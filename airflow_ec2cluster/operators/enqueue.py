@@ -13,7 +13,6 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import (
-    DEFAULT_STATE_TABLE,
     META_DLQ_URL,
     META_ENQUEUE_COMPLETE,
     META_ENQUEUED,
@@ -21,11 +20,17 @@ from airflow_ec2cluster.cluster import (
     META_QUEUE_URL,
     META_TASKS_PER_MESSAGE,
 )
+from airflow_ec2cluster.defaults import (
+    DEFAULT_MAX_RECEIVE_COUNT,
+    DEFAULT_QUEUE_RETENTION_SECONDS,
+    DEFAULT_SEND_CONCURRENCY,
+    DEFAULT_STATE_TABLE,
+    DEFAULT_TASKS_PER_MESSAGE,
+    DEFAULT_VISIBILITY_TIMEOUT,
+)
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
-from airflow_ec2cluster.hooks.sqs_send import DEFAULT_SEND_CONCURRENCY
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 from airflow_ec2cluster.packing import (
-    DEFAULT_TASKS_PER_MESSAGE,
     OutgoingMessage,
     PendingTask,
     pack_tasks,
@@ -85,9 +90,9 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         id_field: str | None = None,
         cluster_id: str | None = None,
         state_table: str = DEFAULT_STATE_TABLE,
-        visibility_timeout: int = 120,
-        max_receive_count: int = 3,
-        retention_seconds: int = 4 * 24 * 3600,
+        visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT,
+        max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
+        retention_seconds: int = DEFAULT_QUEUE_RETENTION_SECONDS,
         send_concurrency: int = DEFAULT_SEND_CONCURRENCY,
         tasks_per_message: int = DEFAULT_TASKS_PER_MESSAGE,
         **kwargs: Any,

@@ -14,8 +14,6 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import (
-    DEFAULT_INSTANCE_PROFILE,
-    DEFAULT_STATE_TABLE,
     META_DLQ_URL,
     META_INSTANCE_IDS,
     META_LAUNCH_SPEC,
@@ -31,6 +29,13 @@ from airflow_ec2cluster.cluster import (
     launch_client_token,
     task_queue_name,
 )
+from airflow_ec2cluster.defaults import (
+    DEFAULT_INSTANCE_PROFILE,
+    DEFAULT_LOG_SHARDS,
+    DEFAULT_METADATA_HOP_LIMIT,
+    DEFAULT_ROOT_VOLUME_GB,
+    DEFAULT_STATE_TABLE,
+)
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin, as_bool
@@ -39,10 +44,6 @@ from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-
-# Root volume size when neither the operator nor the AMI gives one.
-DEFAULT_ROOT_VOLUME_GB = 8
 
 
 class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
@@ -108,7 +109,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         spot: bool = False,
         spot_max_price: str | None = None,
         associate_public_ip: bool = False,
-        metadata_hop_limit: int = 1,
+        metadata_hop_limit: int = DEFAULT_METADATA_HOP_LIMIT,
         volume_size_gb: int | None = None,
         worker_source: str = WORKER_FROM_TABLE,
         requirements: list[str] | None = None,
@@ -165,7 +166,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
                 META_QUEUE_URL: queue_url,
                 META_DLQ_URL: dlq_url,
                 META_NUM_WORKERS: num_workers,
-                META_LOG_SHARDS: int(config.get("log_shards") or 16),
+                META_LOG_SHARDS: int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
                 META_LAUNCH_SPEC: json.dumps(spec.to_dict()),
             },
         )

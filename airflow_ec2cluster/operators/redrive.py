@@ -9,11 +9,8 @@ from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_ec2cluster.cluster import (
-    DEFAULT_STATE_TABLE,
-    dead_letter_queue_name,
-    task_queue_name,
-)
+from airflow_ec2cluster.cluster import dead_letter_queue_name, task_queue_name
+from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin

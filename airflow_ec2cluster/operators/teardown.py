@@ -12,11 +12,11 @@ from botocore.exceptions import ClientError
 
 from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.cluster import (
-    DEFAULT_STATE_TABLE,
     META_TORN_DOWN_AT,
     dead_letter_queue_name,
     task_queue_name,
 )
+from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE, DEFAULT_WAITER_DELAY, DEFAULT_WAITER_MAX_ATTEMPTS
 from airflow_ec2cluster.drain.decisions import LIVE_STATES
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
@@ -53,8 +53,8 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         state_table: str = DEFAULT_STATE_TABLE,
         delete_queues: bool = False,
         wait_for_termination: bool = True,
-        waiter_delay: int = 5,
-        waiter_max_attempts: int = 120,
+        waiter_delay: int = DEFAULT_WAITER_DELAY,
+        waiter_max_attempts: int = DEFAULT_WAITER_MAX_ATTEMPTS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

@@ -13,8 +13,16 @@ from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import BotoCoreError, ClientError
 
-from airflow_ec2cluster.cluster import DEFAULT_STATE_TABLE, META_QUEUE_URL, cluster_id_from_context
-from airflow_ec2cluster.drain.decisions import DEFAULT_DRAINED_CHECKS
+from airflow_ec2cluster.cluster import META_QUEUE_URL, cluster_id_from_context
+from airflow_ec2cluster.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_DEAD_LETTER_SAMPLE,
+    DEFAULT_DRAINED_CHECKS,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_TASK_SECONDS,
+    DEFAULT_STATE_TABLE,
+)
 from airflow_ec2cluster.drain.round import DrainSettings, drain_round, instance_seconds, run_sync
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
@@ -90,15 +98,15 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         *,
         cluster_id: str | None = None,
         state_table: str = DEFAULT_STATE_TABLE,
-        idle_timeout: float = 600,
-        heartbeat_timeout: float = 120,
-        max_task_seconds: float = 3600,
-        boot_timeout: float = 600,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        max_task_seconds: float = DEFAULT_MAX_TASK_SECONDS,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         drained_checks: int = DEFAULT_DRAINED_CHECKS,
         replace_reaped: bool = True,
         cluster_size: int | None = None,
         max_replacements: int | None = None,
-        dead_letter_sample: int = 100,
+        dead_letter_sample: int = DEFAULT_DEAD_LETTER_SAMPLE,
         exact_summary: bool = True,
         fail_on_dead_letters: bool = False,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),

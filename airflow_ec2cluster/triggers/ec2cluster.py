@@ -9,6 +9,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from botocore.exceptions import BotoCoreError, ClientError
 
+from airflow_ec2cluster.defaults import DEFAULT_MAX_ERROR_ROUNDS
 from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
 from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
@@ -16,8 +17,6 @@ from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 STATUS_SUCCESS = "success"
 STATUS_FAILURE = "failure"
 STATUS_ERROR = "error"
-# Rounds in a row that may fail on AWS errors (after botocore's own retries) before the task is failed.
-DEFAULT_MAX_ERROR_ROUNDS = 5
 
 
 class QueueDrainedTrigger(BaseTrigger):
