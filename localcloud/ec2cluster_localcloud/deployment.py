@@ -43,6 +43,7 @@ SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_mana
 DEFAULT_USERNAME = "admin"
 START_TIMEOUT_SECONDS = 240.0
 STOP_TIMEOUT_SECONDS = 30.0
+DEFAULT_PARALLELISM = 8  # task processes at once: a run of ec2_cluster_example needs 2
 MIGRATE_TIMEOUT_SECONDS = 300.0
 FINISHED_RUN_STATES = ("success", "failed")
 ERROR_LEVELS = ("error", "critical", "fatal", "exception")
@@ -72,6 +73,8 @@ def free_port(preferred: int | None = None) -> int:
     """``preferred`` when it is free on 127.0.0.1, else a port the kernel picks."""
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the server will: a port whose last connections linger in TIME_WAIT is free to it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -112,6 +115,7 @@ class AirflowDeployment:
         port: int = 0,
         username: str = DEFAULT_USERNAME,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        parallelism: int = DEFAULT_PARALLELISM,
         airflow_bin: str | Path | None = None,
     ):
         self.airflow_home = Path(airflow_home).resolve()
@@ -120,6 +124,7 @@ class AirflowDeployment:
         self.requested_port = port
         self.username = username
         self.start_timeout = start_timeout
+        self.parallelism = parallelism
         self.airflow_bin = str(airflow_bin or Path(sys.executable).with_name("airflow"))
         self.port: int | None = None
         self.password: str | None = None
@@ -166,6 +171,8 @@ class AirflowDeployment:
             "AIRFLOW_HOME": str(self.airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            # LocalExecutor starts this many worker processes up front (Airflow's default: 32).
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.username}:ADMIN",
