@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: demo test lint format lock clean
+.PHONY: demo up test lint format lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml worker/pyproj
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet -r requirements.lock -e ./worker -e ./localcloud -e .
 	touch $@
 
+# The example DAG in a real Airflow deployment on the local cloud, triggered as from the UI; exits with its result.
 demo: $(VENV)/.installed
-	$(BIN)/python -m ec2cluster_localcloud.demo
+	$(BIN)/python -m ec2cluster_localcloud.demo run
+
+# The local cloud and Airflow, kept running until Ctrl-C: trigger ec2_cluster_example from the UI.
+up: $(VENV)/.installed
+	$(BIN)/python -m ec2cluster_localcloud.demo up
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
