@@ -2,10 +2,15 @@
 
 A ``Job`` is one cluster: enqueue, launch, drain (the sensor's poke loop, with a hook called between pokes to
 inject faults), teardown; then what the cloud holds afterwards (task log, worker logs, live instances).
+
+Faults are injected on observed progress, never on the clock: messages done (read from the queue, whose
+counts are exact on the local cloud), worker states (their status items). A worker counts as started only
+when its status item says ``running``: it installs its SIGTERM handler before writing that.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,6 +23,7 @@ from typing import Any
 
 from airflow.sdk import PokeReturnValue
 from ec2cluster_localcloud import LocalCloud
+from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
@@ -146,6 +152,47 @@ class Job:
         operator = EC2ClusterTeardownOperator(task_id="teardown", waiter_delay=1, **self.common, **options)
         self.xcom["teardown"] = operator.execute(self.context)
         return self.xcom["teardown"]
+
+    # -- progress, as observed --------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _sqs(self) -> Any:
+        return self.cloud.client("sqs")
+
+    @functools.cached_property
+    def _dynamodb(self) -> Any:
+        return self.cloud.client("dynamodb")
+
+    def messages_left(self) -> int:
+        """Messages of the task queue not deleted yet: visible, in flight (held by a worker) or delayed."""
+        names = [
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ]
+        answer = self._sqs.get_queue_attributes(
+            QueueUrl=self.xcom["enqueue"]["queue_url"], AttributeNames=names
+        )
+        return sum(int(answer["Attributes"][name]) for name in names)
+
+    def messages_done(self) -> int:
+        """Messages deleted from the task queue (every task in them done)."""
+        return int(self.xcom["enqueue"]["enqueued_messages"]) - self.messages_left()
+
+    def worker_states(self) -> dict[str, str]:
+        """Worker id (instance id) -> the state its status item says."""
+        pages = self._dynamodb.get_paginator("query").paginate(
+            TableName=self.state_table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": records.workers_pk(self.cluster_id)}},
+        )
+        return {item["sk"]["S"]: item["state"]["S"] for page in pages for item in page["Items"]}
+
+    def running_worker_pids(self) -> dict[str, int]:
+        """Instance id -> pid of each live worker whose status item says running (its handlers are set)."""
+        states = self.worker_states()
+        pids = worker_pids(self.cloud, self.instance_ids())
+        return {iid: pid for iid, pid in pids.items() if states.get(iid) == records.STATE_RUNNING}
 
     # -- what the cloud holds ---------------------------------------------------------------------------
 

@@ -1,4 +1,8 @@
-"""Controller death: the sensor's process is killed mid-run; the workers still stop and a re-run picks up."""
+"""Controller death: the sensor's process is killed mid-run; the workers still stop and a re-run picks up.
+
+Mid-run by construction, not by timing: the job's last task waits for a gate file that the test creates only
+after it killed the sensor, so the sensor (however slow to start) cannot see the job drained first.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(180)
 def test_workers_stop_by_themselves_when_the_controller_dies(cloud_env, tmp_path):
     job = Job(cloud_env, "orphan")
-    job.enqueue([{"n": n, "sleep": 0.02} for n in range(TASKS)])
-    job.launch(WORKERS, "tests.reliability.handlers:double")
+    gate = tmp_path / "sensor-killed"
+    tasks = [{"n": n, "sleep": 0.02} for n in range(TASKS)]
+    tasks[-1]["gate"] = str(gate)
+    job.enqueue(tasks)
+    # The gated task waits for the sensor's start-up (Airflow's imports) and two pokes: a long task timeout.
+    job.launch(WORKERS, "tests.reliability.handlers:double", task_timeout_seconds=300)
     output = (tmp_path / "sensor.out").open("w")
     sensor = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.sensor_process", job.cluster_id, job.state_table],
@@ -43,6 +51,7 @@ def test_workers_stop_by_themselves_when_the_controller_dies(cloud_env, tmp_path
         if sensor.poll() is None:
             sensor.kill()
         output.close()
+        gate.touch()  # the job may end now
     assert "DRAINED" not in (tmp_path / "sensor.out").read_text()
 
     # Nobody watches now: the workers finish the queue, go idle, exit, and their instances shut down.
