@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 
 from ec2cluster_worker import records
@@ -69,8 +70,17 @@ def test_a_redelivered_group_runs_only_what_is_not_done(cluster, state_table, tm
         queue_url,
         state_table,
         handler={"type": "python", "target": "sample_handlers:fail_first_attempt"},
+        idle_shutdown_seconds=300,
     )
     worker = WorkerProcess(config, tmp_path)
+    # Stopped once the second attempt is logged (observed), not by an idle timer racing the retry delay.
+    wait_for(
+        lambda: task_log(state_table, cluster).get("g0", {}).get("attempt") == 2,
+        60,
+        "the second attempt's task-log item",
+        interval=0.1,
+    )
+    worker.process.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=90) == 0, worker.log_path.read_text()
 
     # Attempt 1 runs all six (g2 and g4 fail); attempt 2 reruns only g2 (now done) and g4 (fails again).

@@ -12,6 +12,7 @@ import boto3
 import pytest
 from ec2cluster_worker import records
 
+from ..localcloud.helpers import wait_for
 from .cloud import (
     REGION,
     WorkerProcess,
@@ -63,15 +64,26 @@ def test_failures_and_malformed_bodies_end_in_the_dead_letter_queue(cluster, sta
     malformed_ids = send_bodies(
         queue_url, ["not json at all", json.dumps({"task_id": "has space", "payload": 1})]
     )
-    # Idle longer than the 2 s retry delay of a second failure, so the worker's own receive redrives them.
     config = worker_config(
         cluster,
         queue_url,
         state_table,
         handler={"type": "python", "target": "sample_handlers:fail_if_asked"},
-        idle_shutdown_seconds=4,
+        idle_shutdown_seconds=300,
     )
     worker = WorkerProcess(config, tmp_path)
+    # Stopped on observed progress, not by an idle timer racing the retry delays: the worker's own receives
+    # moved the three failing messages (received twice each) to the dead-letter queue, the rest is done.
+    wait_for(
+        lambda: (
+            queue_counts(dlq_url)["visible"] == 3
+            and queue_counts(queue_url) == {"visible": 0, "in_flight": 0}
+        ),
+        60,
+        "the failing messages in the dead-letter queue",
+        interval=0.1,
+    )
+    worker.process.send_signal(signal.SIGTERM)
 
     assert worker.wait() == 0, worker.log_path.read_text()
 
