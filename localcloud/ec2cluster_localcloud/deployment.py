@@ -499,13 +499,27 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         os.killpg(process.pid, signum)  # start_new_session: the group id is the leader's pid
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the process that started it dies (Linux), so nothing is orphaned."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _linux_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, not in the forked child: a child of a threaded process should only make the call.
+_PRCTL = _linux_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the thread that started it dies (Linux), so a killed test or demo
+    orphans no component. ``stop()`` is the normal way; this is the safety net."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _ignore_sigint():
