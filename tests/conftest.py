@@ -44,7 +44,7 @@ def aws_endpoint(moto_server, monkeypatch):
 
 # Tests that run a whole local cloud with many worker processes share one xdist worker (`make test` runs
 # two): side by side they would starve each other's heartbeats and idle timers on a 2-core machine.
-LOCAL_CLOUD_SUITES = ("tests/reliability/", "tests/e2e/", "tests/localcloud/test_e2e_workers.py")
+LOCAL_CLOUD_SUITES = ("tests/reliability/", "tests/deployment/", "tests/localcloud/test_e2e_workers.py")
 
 
 def pytest_collection_modifyitems(config, items):
