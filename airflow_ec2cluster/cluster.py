@@ -7,7 +7,6 @@ the AWS console) can find the whole cluster again from the id alone.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -156,38 +155,3 @@ def cluster_id_from_context(explicit: str | None, context: Any) -> str:
     if not dag_id or not run_id:
         raise ValueError("cluster_id is not set and the task context has no dag_id/run_id to derive it from")
     return cluster_id_for(dag_id, run_id)
-
-
-# META item attributes (pk = C#<cluster>, sk = META) that the controller writes; see DESIGN.md.
-META_QUEUE_URL = "queue_url"
-META_DLQ_URL = "dlq_url"
-META_ENQUEUED = "enqueued"  # tasks
-META_ENQUEUED_MESSAGES = "enqueued_messages"  # messages (one task or a group each): the resume point
-META_ENQUEUE_COMPLETE = "enqueue_complete"
-META_TASKS_PER_MESSAGE = "tasks_per_message"
-META_REGION = "region"
-META_NUM_WORKERS = "num_workers"
-META_LAUNCH_SPEC = "launch_spec"  # LaunchSpec as JSON text
-META_LOG_SHARDS = "log_shards"
-META_INSTANCE_IDS = "instance_ids"  # every instance ever launched for the cluster
-META_LAUNCHED_AT = "launched_at"
-META_CONSECUTIVE_EMPTY = "consecutive_empty"
-META_REPLACEMENTS = "replacements_launched"
-META_REPLACEMENT_GENERATION = "replacement_generation"
-META_REAPED = "reaped_total"
-META_TORN_DOWN_AT = "torn_down_at"
-
-
-def descriptor_from_meta(meta: dict[str, Any], state_table: str) -> ClusterDescriptor:
-    """Rebuild the descriptor of a launched cluster from its META item."""
-    return ClusterDescriptor(
-        cluster_id=meta["cluster_id"],
-        region=meta[META_REGION],
-        queue_url=meta[META_QUEUE_URL],
-        dlq_url=meta[META_DLQ_URL],
-        state_table=state_table,
-        instance_ids=list(meta.get(META_INSTANCE_IDS) or []),
-        launch_time=float(meta.get(META_LAUNCHED_AT) or 0.0),
-        num_workers=int(meta[META_NUM_WORKERS]),
-        launch_spec=LaunchSpec.from_dict(json.loads(meta[META_LAUNCH_SPEC])),
-    )

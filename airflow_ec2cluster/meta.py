@@ -1,21 +1,191 @@
-"""The cluster's META item (pk = C#<cluster>, sk = META): every request on it.
+"""The cluster's META item (pk = C#<cluster>, sk = META): its typed record, and every request on it.
 
-Shared by the hook and AsyncClusterIO, so both read and write the item with the same requests.
+Everything the controller remembers about a cluster between tasks and pokes is in this one DynamoDB item:
+the queues and the enqueue's resume point (enqueue operator), the launch spec and the instances (launch
+operator), the drain's counters and a replacement launch in progress (sensor / trigger), the teardown. This
+module is the only one that knows the item's attribute names: readers get a :class:`ClusterMeta`, writers
+describe a change with a :class:`MetaUpdate`, and the requests (GetItem, UpdateItem, the conditional
+writes of a replacement launch) are built here, for the hook and AsyncClusterIO alike.
+
+The attribute names are the field names of :class:`ClusterMeta` (``tests/plugin/test_meta.py`` checks that
+no other module of the provider spells one).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.aws.dynamodb import deserialize_item, serialize_item
-from airflow_ec2cluster.cluster import META_INSTANCE_IDS, META_REPLACEMENT_GENERATION, META_REPLACEMENTS
-from airflow_ec2cluster.defaults import DEFAULT_RETENTION_SECONDS
+from airflow_ec2cluster.cluster import ClusterDescriptor, LaunchSpec
+from airflow_ec2cluster.defaults import DEFAULT_LOG_SHARDS, DEFAULT_RETENTION_SECONDS
 
-# META attribute: a replacement launch claimed but not yet recorded ({generation, count, token}).
-META_PENDING_LAUNCH = "pending_launch"
+# Written by every UpdateItem: the item's cluster id, and its first write's time (kept afterwards).
+CLUSTER_ID = "cluster_id"
+CREATED_AT = "created_at"
+# Counted by the ADD of a round that reaped instances.
+REAPED_TOTAL = "reaped_total"
+# Written only by the conditional updates of a replacement launch.
+PENDING_LAUNCH = "pending_launch"
+REPLACEMENT_GENERATION = "replacement_generation"
+REPLACEMENTS_LAUNCHED = "replacements_launched"
+INSTANCE_IDS = "instance_ids"
+
+
+@dataclass(frozen=True)
+class PendingLaunch:
+    """A replacement launch claimed and not yet recorded: launch ``generation`` of ``count`` instances."""
+
+    generation: int
+    count: int
+    token: str  # the RunInstances ClientToken, also tagged on the instances it starts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation, "count": self.count, "token": self.token}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PendingLaunch:
+        return cls(generation=int(data["generation"]), count=int(data["count"]), token=str(data["token"]))
+
+
+@dataclass(frozen=True)
+class ClusterMeta:
+    """The META item as read: one field per attribute; an attribute not (yet) written has the default.
+
+    Written by the enqueue: ``queue_url`` .. ``enqueue_complete``. By the launch: ``region`` ..
+    ``launched_at`` (and the queues again). By the drain: ``consecutive_empty`` .. ``pending_launch``. By the
+    teardown: ``torn_down_at``, ``terminated_at_teardown``. By every write: ``cluster_id``, ``created_at``
+    (the first write's time) and ``expires_at`` (the TTL, refreshed).
+    """
+
+    cluster_id: str = ""
+    region: str | None = None
+    queue_url: str | None = None
+    dlq_url: str | None = None
+    enqueued: int | None = None  # tasks
+    enqueued_messages: int | None = None  # messages (one task or a group each): the resume point
+    tasks_per_message: int | None = None
+    enqueue_complete: bool | None = None
+    num_workers: int | None = None
+    log_shards: int = DEFAULT_LOG_SHARDS
+    launch_spec: LaunchSpec | None = None  # stored as JSON text
+    instance_ids: list[str] = field(default_factory=list)  # every instance ever launched for the cluster
+    launched_at: float | None = None
+    consecutive_empty: int = 0
+    replacements_launched: int = 0
+    replacement_generation: int = 0
+    reaped_total: int = 0
+    pending_launch: PendingLaunch | None = None
+    torn_down_at: float | None = None
+    terminated_at_teardown: list[str] = field(default_factory=list)
+    created_at: float | None = None
+    expires_at: int | None = None
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> ClusterMeta:
+        """From the item with plain values (:func:`~airflow_ec2cluster.aws.dynamodb.deserialize_item`)."""
+
+        def number(name: str, kind: type = int) -> Any:
+            value = item.get(name)
+            return None if value is None else kind(value)
+
+        spec = item.get("launch_spec")
+        pending = item.get(PENDING_LAUNCH)
+        return cls(
+            cluster_id=str(item.get(CLUSTER_ID) or ""),
+            region=item.get("region"),
+            queue_url=item.get("queue_url"),
+            dlq_url=item.get("dlq_url"),
+            enqueued=number("enqueued"),
+            enqueued_messages=number("enqueued_messages"),
+            tasks_per_message=number("tasks_per_message"),
+            enqueue_complete=None if item.get("enqueue_complete") is None else bool(item["enqueue_complete"]),
+            num_workers=number("num_workers"),
+            log_shards=int(item.get("log_shards") or DEFAULT_LOG_SHARDS),
+            launch_spec=LaunchSpec.from_dict(json.loads(spec)) if spec else None,
+            instance_ids=list(item.get(INSTANCE_IDS) or []),
+            launched_at=number("launched_at", float),
+            consecutive_empty=int(item.get("consecutive_empty") or 0),
+            replacements_launched=int(item.get(REPLACEMENTS_LAUNCHED) or 0),
+            replacement_generation=int(item.get(REPLACEMENT_GENERATION) or 0),
+            reaped_total=int(item.get(REAPED_TOTAL) or 0),
+            pending_launch=PendingLaunch.from_dict(pending) if pending else None,
+            torn_down_at=number("torn_down_at", float),
+            terminated_at_teardown=list(item.get("terminated_at_teardown") or []),
+            created_at=number(CREATED_AT, float),
+            expires_at=number(records.TTL_ATTRIBUTE),
+        )
+
+    @property
+    def enqueue_finished(self) -> bool:
+        """Whether the enqueue finished (a META item no enqueue wrote counts as finished)."""
+        return self.enqueue_complete if self.enqueue_complete is not None else self.enqueued is None
+
+    def descriptor(self, state_table: str) -> ClusterDescriptor:
+        """The descriptor of the launched cluster (the launch operator's XCom)."""
+        if self.launch_spec is None:
+            raise ValueError(f"cluster {self.cluster_id} has no launch record in its META item")
+        return ClusterDescriptor(
+            cluster_id=self.cluster_id,
+            region=str(self.region),
+            queue_url=str(self.queue_url),
+            dlq_url=str(self.dlq_url),
+            state_table=state_table,
+            instance_ids=list(self.instance_ids),
+            launch_time=float(self.launched_at or 0.0),
+            num_workers=int(self.num_workers or 0),
+            launch_spec=self.launch_spec,
+        )
+
+
+@dataclass(frozen=True)
+class MetaUpdate:
+    """One UpdateItem of the META item: the fields to SET (None: left as they are) and the counters to ADD.
+
+    The field names are :class:`ClusterMeta`'s; the order of the fields is the order of the SET clauses.
+    """
+
+    region: str | None = None
+    queue_url: str | None = None
+    dlq_url: str | None = None
+    enqueued: int | None = None
+    enqueued_messages: int | None = None
+    tasks_per_message: int | None = None
+    enqueue_complete: bool | None = None
+    num_workers: int | None = None
+    log_shards: int | None = None
+    launch_spec: LaunchSpec | None = None
+    instance_ids: list[str] | None = None
+    launched_at: float | None = None
+    consecutive_empty: int | None = None
+    torn_down_at: float | None = None
+    terminated_at_teardown: list[str] | None = None
+    # ADD to reaped_total.
+    add_reaped: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.set_values() or self.add_values())
+
+    def set_values(self) -> dict[str, Any]:
+        """Attribute -> value to SET, as stored (the launch spec as JSON text)."""
+        values = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "add_reaped" or value is None:
+                continue
+            values[spec.name] = json.dumps(value.to_dict()) if isinstance(value, LaunchSpec) else value
+        return values
+
+    def add_values(self) -> dict[str, int]:
+        return {REAPED_TOTAL: self.add_reaped} if self.add_reaped else {}
+
+
+# -- requests ----------------------------------------------------------------------------------------------
 
 
 def meta_key(cluster_id: str) -> dict[str, Any]:
@@ -23,24 +193,21 @@ def meta_key(cluster_id: str) -> dict[str, Any]:
 
 
 def get_meta_params(table: str, cluster_id: str) -> dict[str, Any]:
+    """GetItem arguments: the META item, strongly consistent."""
     return {"TableName": table, "Key": meta_key(cluster_id), "ConsistentRead": True}
 
 
 def update_meta_params(
-    table: str,
-    cluster_id: str,
-    set_values: dict[str, Any] | None,
-    add_values: dict[str, int] | None,
-    retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+    table: str, cluster_id: str, update: MetaUpdate, retention_seconds: int = DEFAULT_RETENTION_SECONDS
 ) -> dict[str, Any]:
-    """UpdateItem arguments: SET ``set_values``, ADD ``add_values``, keep ``created_at``, refresh the TTL."""
+    """UpdateItem arguments: SET and ADD ``update``, keep ``created_at``, refresh the TTL; the item after."""
     now = time.time()
     set_values = {
-        "cluster_id": cluster_id,
+        CLUSTER_ID: cluster_id,
         records.TTL_ATTRIBUTE: int(now + retention_seconds),
-        **(set_values or {}),
+        **update.set_values(),
     }
-    names: dict[str, str] = {"#created": "created_at"}
+    names: dict[str, str] = {"#created": CREATED_AT}
     values: dict[str, Any] = {":created": now}
     set_parts, add_parts = [], []
     for index, (key, value) in enumerate(set_values.items()):
@@ -48,7 +215,7 @@ def update_meta_params(
         values[f":s{index}"] = value
         set_parts.append(f"#s{index} = :s{index}")
     set_parts.append("#created = if_not_exists(#created, :created)")
-    for index, (key, value) in enumerate((add_values or {}).items()):
+    for index, (key, value) in enumerate(update.add_values().items()):
         names[f"#a{index}"] = key
         values[f":a{index}"] = value
         add_parts.append(f"#a{index} :a{index}")
@@ -65,10 +232,8 @@ def update_meta_params(
     }
 
 
-def claim_launch_params(
-    table: str, cluster_id: str, generation: int, count: int, token: str
-) -> dict[str, Any]:
-    """One conditional UpdateItem: only the round that read generation ``generation``, with no launch
+def claim_launch_params(table: str, cluster_id: str, pending: PendingLaunch) -> dict[str, Any]:
+    """One conditional UpdateItem: only the round that read generation ``pending.generation``, with no launch
     pending, may record the intent; it counts the replacements against the budget at once."""
     return {
         "TableName": table,
@@ -76,16 +241,16 @@ def claim_launch_params(
         "UpdateExpression": "SET #p = :p ADD #g :one, #r :n",
         "ConditionExpression": "attribute_not_exists(#p) AND (attribute_not_exists(#g) OR #g = :g)",
         "ExpressionAttributeNames": {
-            "#p": META_PENDING_LAUNCH,
-            "#g": META_REPLACEMENT_GENERATION,
-            "#r": META_REPLACEMENTS,
+            "#p": PENDING_LAUNCH,
+            "#g": REPLACEMENT_GENERATION,
+            "#r": REPLACEMENTS_LAUNCHED,
         },
         "ExpressionAttributeValues": serialize_item(
             {
-                ":p": {"generation": generation, "count": count, "token": token},
+                ":p": pending.to_dict(),
                 ":one": 1,
-                ":n": count,
-                ":g": generation,
+                ":n": pending.count,
+                ":g": pending.generation,
             }
         ),
     }
@@ -94,14 +259,15 @@ def claim_launch_params(
 def finish_launch_params(
     table: str, cluster_id: str, generation: int, instance_ids: list[str]
 ) -> dict[str, Any]:
+    """Conditional UpdateItem: append the launched ids and clear the intent, if generation's is pending."""
     return {
         "TableName": table,
         "Key": meta_key(cluster_id),
         "UpdateExpression": "SET #ids = list_append(if_not_exists(#ids, :empty), :ids) REMOVE #p",
         "ConditionExpression": "#p.#gen = :g",
         "ExpressionAttributeNames": {
-            "#ids": META_INSTANCE_IDS,
-            "#p": META_PENDING_LAUNCH,
+            "#ids": INSTANCE_IDS,
+            "#p": PENDING_LAUNCH,
             "#gen": "generation",
         },
         "ExpressionAttributeValues": serialize_item(
@@ -110,6 +276,6 @@ def finish_launch_params(
     }
 
 
-def meta_of(raw: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The META item of a GetItem (``Item``) or UpdateItem (``Attributes``) answer, as plain values."""
-    return deserialize_item(raw) if raw else None
+def meta_of(raw: dict[str, Any] | None) -> ClusterMeta | None:
+    """The record in a GetItem (``Item``) or UpdateItem (``Attributes``) answer; None without an item."""
+    return ClusterMeta.from_item(deserialize_item(raw)) if raw else None

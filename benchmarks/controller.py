@@ -9,6 +9,7 @@ from typing import Any
 
 from ec2cluster_worker import records
 
+from airflow_ec2cluster.meta import MetaUpdate
 from airflow_ec2cluster.tasklog import tally
 
 from . import cloud
@@ -65,14 +66,14 @@ def busy_cluster(hook: Any, table: str, tasks: int) -> str:
     hook.update_meta(
         table,
         cluster_id,
-        set_values={
-            "queue_url": queue_url,
-            "dlq_url": dlq_url,
-            "enqueued": tasks + 20,
-            "enqueue_complete": True,
-            "log_shards": records.DEFAULT_LOG_SHARDS,
-            "launched_at": time.time(),
-        },
+        MetaUpdate(
+            queue_url=queue_url,
+            dlq_url=dlq_url,
+            enqueued=tasks + 20,
+            enqueue_complete=True,
+            log_shards=records.DEFAULT_LOG_SHARDS,
+            launched_at=time.time(),
+        ),
     )
     write_task_log(table, cluster_id, tasks)
     return cluster_id
@@ -218,7 +219,7 @@ def measure_per_worker_reads(
     counter = CallCounter().attach_clients(hook.sqs, hook.ec2, hook.dynamodb)
     cpu, wall = time.thread_time(), time.perf_counter()
     hook.get_meta(table, cluster_id)
-    hook.queue_counts(meta["queue_url"], meta["dlq_url"])
+    hook.queue_counts(meta.queue_url, meta.dlq_url)
     hook.list_cluster_instances(cluster_id)
     fixed_calls = counter.total
     fixed_cpu, fixed_wall = time.thread_time() - cpu, time.perf_counter() - wall

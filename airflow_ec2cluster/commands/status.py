@@ -41,18 +41,18 @@ def collect_status(
 ) -> ClusterStatus | None:
     """The cluster as the sensor sees it (same calls), or None when it has no META item."""
     meta = hook.get_meta(table, cluster_id)
-    if not meta or not meta.get("queue_url"):
+    if meta is None or not meta.queue_url:
         return None
-    counts = hook.queue_counts(meta["queue_url"], meta["dlq_url"])
+    counts = hook.queue_counts(meta.queue_url, meta.dlq_url)
     instances = hook.list_cluster_instances(cluster_id)
     workers = hook.worker_statuses(table, cluster_id)
     policy = DrainSettings(state_table=table).policy(meta)
     snapshot = build_snapshot(meta, counts, instances, workers, policy, time.time())
     dead: list[dict[str, Any]] = []
     if counts.dead_lettered and dead_letter_limit > 0:
-        ids = hook.peek_dead_letters(meta["dlq_url"], dead_letter_limit)
-        shards = int(meta.get("log_shards") or 16)
-        dead = dead_letter_errors(ids, hook.task_log_items(table, cluster_id, ids, shards) if ids else {})
+        ids = hook.peek_dead_letters(meta.dlq_url, dead_letter_limit)
+        items = hook.task_log_items(table, cluster_id, ids, meta.log_shards) if ids else {}
+        dead = dead_letter_errors(ids, items)
     return ClusterStatus(cluster_id, snapshot, decide(snapshot), dead)
 
 

@@ -1,10 +1,12 @@
 """One drain round (read -> decide -> act), written once for the sync sensor and the async trigger.
 
 ``drain_round`` is a generator: it yields each AWS call it needs as a :class:`Call` (a method name of
-:class:`~airflow_ec2cluster.hooks.ec2cluster.EC2ClusterHook` / ``AsyncClusterIO`` and its arguments) and is
-sent the result. ``run_sync`` drives it with the hook (a poke); ``run_async`` awaits the same calls on
-aiobotocore clients (the trigger). So both paths share the snapshot, :func:`decide`, the acting and the
-summary, and differ only in how a call is made.
+:class:`~airflow_ec2cluster.hooks.ec2cluster.EC2ClusterHook` /
+:class:`~airflow_ec2cluster.hooks.async_io.AsyncClusterIO` and its arguments) and is sent the result.
+``run_sync`` drives it with the hook (a poke); ``run_async`` awaits the same calls on aiobotocore clients
+(the trigger). So both paths share the snapshot, :func:`decide`, the acting and the summary, and differ only
+in how a call is made (both build their requests with the same builders: ``tests/plugin/test_io_parity.py``).
+The cluster's state between rounds is its META item, read as a :class:`~airflow_ec2cluster.meta.ClusterMeta`.
 
 Acting is safe to repeat (a triggerer restart, two triggerers, a poke retried): terminating is idempotent,
 and a replacement launch is first *claimed* in the META item with a conditional write (only the round that
@@ -25,25 +27,7 @@ from typing import Any
 
 from ec2cluster_worker import records
 
-from airflow_ec2cluster.cluster import (
-    META_CONSECUTIVE_EMPTY,
-    META_DLQ_URL,
-    META_ENQUEUE_COMPLETE,
-    META_ENQUEUED,
-    META_ENQUEUED_MESSAGES,
-    META_INSTANCE_IDS,
-    META_LAUNCH_SPEC,
-    META_LAUNCHED_AT,
-    META_LOG_SHARDS,
-    META_NUM_WORKERS,
-    META_QUEUE_URL,
-    META_REAPED,
-    META_REPLACEMENT_GENERATION,
-    META_REPLACEMENTS,
-    TAG_LAUNCH_TOKEN,
-    LaunchSpec,
-    launch_client_token,
-)
+from airflow_ec2cluster.cluster import TAG_LAUNCH_TOKEN, launch_client_token
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_DEAD_LETTER_SAMPLE,
@@ -62,7 +46,7 @@ from airflow_ec2cluster.drain.decisions import (
     WorkerStatus,
     decide,
 )
-from airflow_ec2cluster.meta import META_PENDING_LAUNCH
+from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate, PendingLaunch
 from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished
 
 # Dead-lettered task ids whose last error is looked up for the summary (BatchGetItem, 100 a call).
@@ -93,8 +77,8 @@ class DrainSettings:
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in data.items() if key in known})
 
-    def policy(self, meta: dict[str, Any]) -> Policy:
-        size = self.cluster_size if self.cluster_size is not None else meta.get(META_NUM_WORKERS) or 0
+    def policy(self, meta: ClusterMeta) -> Policy:
+        size = self.cluster_size if self.cluster_size is not None else meta.num_workers or 0
         return Policy(
             idle_timeout=float(self.idle_timeout),
             heartbeat_timeout=float(self.heartbeat_timeout),
@@ -102,7 +86,7 @@ class DrainSettings:
             boot_timeout=float(self.boot_timeout),
             drained_checks=int(self.drained_checks),
             cluster_size=int(size),
-            replace_reaped=bool(self.replace_reaped) and bool(meta.get(META_LAUNCH_SPEC)),
+            replace_reaped=bool(self.replace_reaped) and meta.launch_spec is not None,
             max_replacements=None if self.max_replacements is None else int(self.max_replacements),
         )
 
@@ -167,16 +151,16 @@ def drain_round(
 ) -> Round:
     """One poke: read the cluster, decide, reap, replace, record; see the module docstring."""
     table = settings.state_table
-    meta = yield call("get_meta", table, cluster_id)
-    if not meta or not meta.get(META_QUEUE_URL):
+    meta: ClusterMeta | None = yield call("get_meta", table, cluster_id)
+    if meta is None or not meta.queue_url:
         return RoundOutcome(failure=missing_meta_message(cluster_id, table))
-    shards = int(meta.get(META_LOG_SHARDS) or records.DEFAULT_LOG_SHARDS)
+    shards = meta.log_shards
     finished_pending: list[str] = []
-    if meta.get(META_PENDING_LAUNCH):
+    if meta.pending_launch is not None:
         # A launch claimed by an earlier (or concurrent) round and not recorded: finish it, launch no more.
-        finished_pending = yield from finish_launch(cluster_id, table, meta, meta[META_PENDING_LAUNCH], log)
+        finished_pending = yield from finish_launch(cluster_id, table, meta, meta.pending_launch, log)
 
-    counts = yield call("queue_counts", meta[META_QUEUE_URL], meta[META_DLQ_URL])
+    counts = yield call("queue_counts", meta.queue_url, meta.dlq_url)
     instances = yield call("list_cluster_instances", cluster_id)
     workers = yield call("worker_statuses", table, cluster_id)
     snapshot = build_snapshot(meta, counts, instances, workers, settings.policy(meta), now or time.time())
@@ -210,15 +194,13 @@ def drain_round(
 
 
 def build_snapshot(
-    meta: dict[str, Any],
+    meta: ClusterMeta,
     counts: QueueCounts,
     instances: list[dict[str, Any]],
     worker_items: list[dict[str, Any]],
     policy: Policy,
     now: float,
 ) -> Snapshot:
-    enqueued = meta.get(META_ENQUEUED)
-    enqueued_messages = meta.get(META_ENQUEUED_MESSAGES)
     return Snapshot(
         counts=counts,
         instances=tuple(
@@ -227,39 +209,38 @@ def build_snapshot(
         workers=tuple(WorkerStatus.from_item(item) for item in worker_items),
         now=now,
         policy=policy,
-        enqueued=None if enqueued is None else int(enqueued),
-        enqueued_messages=None if enqueued_messages is None else int(enqueued_messages),
-        enqueue_complete=bool(meta.get(META_ENQUEUE_COMPLETE, enqueued is None)),
-        consecutive_empty=int(meta.get(META_CONSECUTIVE_EMPTY) or 0),
-        replacements_launched=int(meta.get(META_REPLACEMENTS) or 0),
-        reaped_total=int(meta.get(META_REAPED) or 0),
-        started_at=meta.get(META_LAUNCHED_AT),
+        enqueued=meta.enqueued,
+        enqueued_messages=meta.enqueued_messages,
+        enqueue_complete=meta.enqueue_finished,
+        consecutive_empty=meta.consecutive_empty,
+        replacements_launched=meta.replacements_launched,
+        reaped_total=meta.reaped_total,
+        started_at=meta.launched_at,
     )
 
 
 def launch_replacements(
-    cluster_id: str, table: str, meta: dict[str, Any], count: int, log: Any
+    cluster_id: str, table: str, meta: ClusterMeta, count: int, log: Any
 ) -> Generator[Call, Any, list[str]]:
-    generation = int(meta.get(META_REPLACEMENT_GENERATION) or 0)
-    token = launch_client_token(cluster_id, generation, count)
-    claimed = yield call("claim_replacement_launch", table, cluster_id, generation, count, token)
+    generation = meta.replacement_generation
+    pending = PendingLaunch(generation, count, launch_client_token(cluster_id, generation, count))
+    claimed = yield call("claim_replacement_launch", table, cluster_id, pending)
     if not claimed:
         log.info("Replacement launch %d was claimed by another drain round; not launching", generation)
         return []
-    pending = {"generation": generation, "count": count, "token": token}
     return (yield from finish_launch(cluster_id, table, meta, pending, log))
 
 
 def finish_launch(
-    cluster_id: str, table: str, meta: dict[str, Any], pending: dict[str, Any], log: Any
+    cluster_id: str, table: str, meta: ClusterMeta, pending: PendingLaunch, log: Any
 ) -> Generator[Call, Any, list[str]]:
     """Launch a claimed replacement batch unless it already exists, then record its ids."""
-    generation, count, token = int(pending["generation"]), int(pending["count"]), str(pending["token"])
+    generation, count, token = pending.generation, pending.count, pending.token
     ids = yield call("instances_with_launch_token", cluster_id, token)
     if ids:
         log.info("Replacement launch %d already started %s", generation, ", ".join(ids))
     else:
-        spec = LaunchSpec.from_dict(json.loads(meta[META_LAUNCH_SPEC]))
+        spec = meta.launch_spec
         spec = replace(spec, extra_tags={**spec.extra_tags, TAG_LAUNCH_TOKEN: token})
         instances = yield call(
             "run_instances", cluster_id=cluster_id, spec=spec, count=count, client_token=token
@@ -270,27 +251,22 @@ def finish_launch(
     return list(ids)
 
 
-def meta_changes(meta: dict[str, Any], decision: Decision) -> tuple[dict[str, Any], dict[str, int]]:
-    """(SET, ADD) for the META item after a round; launches record themselves (claim and finish)."""
-    set_values: dict[str, Any] = {}
-    add_values: dict[str, int] = {}
-    if decision.consecutive_empty != int(meta.get(META_CONSECUTIVE_EMPTY) or 0):
-        set_values[META_CONSECUTIVE_EMPTY] = decision.consecutive_empty
-    if decision.reap:
-        add_values[META_REAPED] = len(decision.reap)
-    return set_values, add_values
+def meta_update(meta: ClusterMeta, decision: Decision) -> MetaUpdate:
+    """The META item's change after a round; launches record themselves (claim and finish)."""
+    changed = decision.consecutive_empty != meta.consecutive_empty
+    return MetaUpdate(
+        consecutive_empty=decision.consecutive_empty if changed else None, add_reaped=len(decision.reap)
+    )
 
 
-def record(
-    cluster_id: str, table: str, meta: dict[str, Any], decision: Decision
-) -> Generator[Call, Any, None]:
-    set_values, add_values = meta_changes(meta, decision)
-    if set_values or add_values:
-        yield call("update_meta", table, cluster_id, set_values=set_values, add_values=add_values)
+def record(cluster_id: str, table: str, meta: ClusterMeta, decision: Decision) -> Generator[Call, Any, None]:
+    update = meta_update(meta, decision)
+    if update:
+        yield call("update_meta", table, cluster_id, update)
 
 
 def build_summary(
-    cluster_id: str, settings: DrainSettings, meta: dict[str, Any], snapshot: Snapshot, shards: int
+    cluster_id: str, settings: DrainSettings, meta: ClusterMeta, snapshot: Snapshot, shards: int
 ) -> Generator[Call, Any, dict[str, Any]]:
     table = settings.state_table
     if settings.exact_summary:
@@ -302,13 +278,13 @@ def build_summary(
     dead_ids: list[str] = []
     errors: dict[str, dict[str, Any]] = {}
     if snapshot.counts.dead_lettered:
-        dead_ids = yield call("peek_dead_letters", meta[META_DLQ_URL], settings.dead_letter_sample)
+        dead_ids = yield call("peek_dead_letters", meta.dlq_url, settings.dead_letter_sample)
         if dead_ids:
             errors = yield call(
                 "task_log_items", table, cluster_id, dead_ids[:MAX_DEAD_LETTER_ERRORS], shards
             )
     dead_letters = dead_letter_errors(dead_ids, errors)
-    launched = set(meta.get(META_INSTANCE_IDS) or []) | {w.worker_id for w in snapshot.workers}
+    launched = set(meta.instance_ids) | {w.worker_id for w in snapshot.workers}
     started_at = snapshot.started_at
     return {
         "cluster_id": cluster_id,

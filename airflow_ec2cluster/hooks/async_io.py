@@ -37,6 +37,9 @@ from airflow_ec2cluster.cluster import LaunchSpec
 from airflow_ec2cluster.defaults import DEFAULT_DEAD_LETTER_SAMPLE, DEFAULT_LOG_SHARDS
 from airflow_ec2cluster.drain.decisions import LIVE_STATES, QueueCounts
 from airflow_ec2cluster.meta import (
+    ClusterMeta,
+    MetaUpdate,
+    PendingLaunch,
     claim_launch_params,
     finish_launch_params,
     get_meta_params,
@@ -79,20 +82,11 @@ class AsyncClusterIO:
 
     # -- the META item --------------------------------------------------------------------------------
 
-    async def get_meta(self, table: str, cluster_id: str) -> dict[str, Any] | None:
+    async def get_meta(self, table: str, cluster_id: str) -> ClusterMeta | None:
         return meta_of((await self.dynamodb.get_item(**get_meta_params(table, cluster_id))).get("Item"))
 
-    async def update_meta(
-        self,
-        table: str,
-        cluster_id: str,
-        *,
-        set_values: dict[str, Any] | None = None,
-        add_values: dict[str, int] | None = None,
-    ) -> dict[str, Any]:
-        response = await self.dynamodb.update_item(
-            **update_meta_params(table, cluster_id, set_values, add_values)
-        )
+    async def update_meta(self, table: str, cluster_id: str, update: MetaUpdate) -> ClusterMeta:
+        response = await self.dynamodb.update_item(**update_meta_params(table, cluster_id, update))
         return meta_of(response["Attributes"])
 
     async def _conditional_update(self, params: dict[str, Any]) -> bool:
@@ -104,12 +98,8 @@ class AsyncClusterIO:
             return False
         return True
 
-    async def claim_replacement_launch(
-        self, table: str, cluster_id: str, generation: int, count: int, token: str
-    ) -> bool:
-        return await self._conditional_update(
-            claim_launch_params(table, cluster_id, generation, count, token)
-        )
+    async def claim_replacement_launch(self, table: str, cluster_id: str, pending: PendingLaunch) -> bool:
+        return await self._conditional_update(claim_launch_params(table, cluster_id, pending))
 
     async def finish_replacement_launch(
         self, table: str, cluster_id: str, generation: int, instance_ids: list[str]

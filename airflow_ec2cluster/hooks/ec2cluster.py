@@ -77,6 +77,9 @@ from airflow_ec2cluster.defaults import (
 from airflow_ec2cluster.drain.decisions import LIVE_STATES, QueueCounts
 from airflow_ec2cluster.hooks.sqs_send import send_messages
 from airflow_ec2cluster.meta import (
+    ClusterMeta,
+    MetaUpdate,
+    PendingLaunch,
     claim_launch_params,
     finish_launch_params,
     get_meta_params,
@@ -185,7 +188,7 @@ class EC2ClusterHook(AwsBaseHook):
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             self.dynamodb.update_time_to_live(**ttl_params(table))
 
-    def get_meta(self, table: str, cluster_id: str) -> dict[str, Any] | None:
+    def get_meta(self, table: str, cluster_id: str) -> ClusterMeta | None:
         """The cluster's META item (strongly consistent read), or None."""
         return meta_of(self.dynamodb.get_item(**get_meta_params(table, cluster_id)).get("Item"))
 
@@ -199,14 +202,13 @@ class EC2ClusterHook(AwsBaseHook):
         self,
         table: str,
         cluster_id: str,
+        update: MetaUpdate,
         *,
-        set_values: dict[str, Any] | None = None,
-        add_values: dict[str, int] | None = None,
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
-    ) -> dict[str, Any]:
-        """SET and ADD attributes of the META item (created when missing); returns the item after."""
+    ) -> ClusterMeta:
+        """Apply ``update`` to the META item (created when missing); returns the item after."""
         response = self.dynamodb.update_item(
-            **update_meta_params(table, cluster_id, set_values, add_values, retention_seconds)
+            **update_meta_params(table, cluster_id, update, retention_seconds)
         )
         return meta_of(response["Attributes"])
 
@@ -219,11 +221,9 @@ class EC2ClusterHook(AwsBaseHook):
             return False
         return True
 
-    def claim_replacement_launch(
-        self, table: str, cluster_id: str, generation: int, count: int, token: str
-    ) -> bool:
-        """Record the intent to launch replacement ``generation``; False when another round came first."""
-        return self._conditional_update(claim_launch_params(table, cluster_id, generation, count, token))
+    def claim_replacement_launch(self, table: str, cluster_id: str, pending: PendingLaunch) -> bool:
+        """Record the intent to launch replacements ``pending``; False when another round came first."""
+        return self._conditional_update(claim_launch_params(table, cluster_id, pending))
 
     def finish_replacement_launch(
         self, table: str, cluster_id: str, generation: int, instance_ids: list[str]

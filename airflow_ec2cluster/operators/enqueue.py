@@ -12,14 +12,6 @@ from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_ec2cluster.cluster import (
-    META_DLQ_URL,
-    META_ENQUEUE_COMPLETE,
-    META_ENQUEUED,
-    META_ENQUEUED_MESSAGES,
-    META_QUEUE_URL,
-    META_TASKS_PER_MESSAGE,
-)
 from airflow_ec2cluster.defaults import (
     DEFAULT_MAX_RECEIVE_COUNT,
     DEFAULT_QUEUE_RETENTION_SECONDS,
@@ -29,6 +21,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_VISIBILITY_TIMEOUT,
 )
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 from airflow_ec2cluster.packing import (
     OutgoingMessage,
@@ -128,12 +121,10 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
             retention_seconds=self.retention_seconds,
         )
         result = {"cluster_id": cluster_id, "queue_url": queue_url, "dlq_url": dlq_url}
-        meta = hook.get_meta(self.state_table, cluster_id) or {}
-        if meta.get(META_ENQUEUE_COMPLETE):
+        meta = hook.get_meta(self.state_table, cluster_id) or ClusterMeta(cluster_id=cluster_id)
+        if meta.enqueue_complete:
             self.log.info(
-                "Cluster %s: all %s tasks were enqueued before; nothing to do",
-                cluster_id,
-                meta[META_ENQUEUED],
+                "Cluster %s: all %s tasks were enqueued before; nothing to do", cluster_id, meta.enqueued
             )
             return {**result, **enqueued_counts(meta)}
 
@@ -149,14 +140,14 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         hook.update_meta(
             self.state_table,
             cluster_id,
-            set_values={
-                META_QUEUE_URL: queue_url,
-                META_DLQ_URL: dlq_url,
-                META_ENQUEUED: resumed["enqueued"],
-                META_ENQUEUED_MESSAGES: resumed["enqueued_messages"],
-                META_TASKS_PER_MESSAGE: self.tasks_per_message,
-                META_ENQUEUE_COMPLETE: False,
-            },
+            MetaUpdate(
+                queue_url=queue_url,
+                dlq_url=dlq_url,
+                enqueued=resumed["enqueued"],
+                enqueued_messages=resumed["enqueued_messages"],
+                tasks_per_message=self.tasks_per_message,
+                enqueue_complete=False,
+            ),
         )
         checkpoint = EnqueueCheckpoint(
             hook, self.state_table, cluster_id, resumed["enqueued_messages"], resumed["enqueued"]
@@ -175,11 +166,9 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         hook.update_meta(
             self.state_table,
             cluster_id,
-            set_values={
-                META_ENQUEUED: checkpoint.tasks,
-                META_ENQUEUED_MESSAGES: checkpoint.messages,
-                META_ENQUEUE_COMPLETE: True,
-            },
+            MetaUpdate(
+                enqueued=checkpoint.tasks, enqueued_messages=checkpoint.messages, enqueue_complete=True
+            ),
         )
         self.log.info(
             "Cluster %s: %d tasks enqueued in %d messages on %s",
@@ -190,8 +179,8 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         )
         return {**result, **counts}
 
-    def check_resumable(self, meta: dict[str, Any], resumed: dict[str, int]) -> None:
-        recorded = meta.get(META_TASKS_PER_MESSAGE)
+    def check_resumable(self, meta: ClusterMeta, resumed: dict[str, int]) -> None:
+        recorded = meta.tasks_per_message
         if resumed["enqueued_messages"] and recorded is not None and int(recorded) != self.tasks_per_message:
             raise AirflowException(
                 f"tasks_per_message: this cluster's enqueue was started with {int(recorded)} and is resumed "
@@ -258,11 +247,11 @@ def skip_sent(messages: Iterator[OutgoingMessage], count: int) -> Iterator[Outgo
             yield message
 
 
-def enqueued_counts(meta: dict[str, Any]) -> dict[str, int]:
+def enqueued_counts(meta: ClusterMeta) -> dict[str, int]:
     """Tasks and messages a (possibly interrupted) enqueue recorded; one task per message before groups."""
-    tasks = int(meta.get(META_ENQUEUED) or 0)
-    messages = meta.get(META_ENQUEUED_MESSAGES)
-    return {"enqueued": tasks, "enqueued_messages": tasks if messages is None else int(messages)}
+    tasks = meta.enqueued or 0
+    messages = meta.enqueued_messages
+    return {"enqueued": tasks, "enqueued_messages": tasks if messages is None else messages}
 
 
 class EnqueueCheckpoint:
@@ -287,7 +276,7 @@ class EnqueueCheckpoint:
             self.hook.update_meta(
                 self.table,
                 self.cluster_id,
-                set_values={META_ENQUEUED: self.tasks, META_ENQUEUED_MESSAGES: self.messages},
+                MetaUpdate(enqueued=self.tasks, enqueued_messages=self.messages),
             )
             self.recorded = (self.messages, self.tasks)
         self.recorded_at = time.monotonic()

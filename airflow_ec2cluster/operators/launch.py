@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 from collections.abc import Sequence
@@ -14,18 +13,9 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import (
-    META_DLQ_URL,
-    META_INSTANCE_IDS,
-    META_LAUNCH_SPEC,
-    META_LAUNCHED_AT,
-    META_LOG_SHARDS,
-    META_NUM_WORKERS,
-    META_QUEUE_URL,
-    META_REGION,
     ClusterDescriptor,
     LaunchSpec,
     dead_letter_queue_name,
-    descriptor_from_meta,
     launch_client_token,
     task_queue_name,
 )
@@ -38,6 +28,7 @@ from airflow_ec2cluster.defaults import (
 )
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
+from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin, as_bool
 from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
 from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
@@ -161,14 +152,14 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         hook.update_meta(
             self.state_table,
             cluster_id,
-            set_values={
-                META_REGION: hook.region,
-                META_QUEUE_URL: queue_url,
-                META_DLQ_URL: dlq_url,
-                META_NUM_WORKERS: num_workers,
-                META_LOG_SHARDS: int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
-                META_LAUNCH_SPEC: json.dumps(spec.to_dict()),
-            },
+            MetaUpdate(
+                region=hook.region,
+                queue_url=queue_url,
+                dlq_url=dlq_url,
+                num_workers=num_workers,
+                log_shards=int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
+                launch_spec=spec,
+            ),
         )
         launched_at = time.time()
         self.log.info(
@@ -190,7 +181,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             hook.update_meta(
                 self.state_table,
                 cluster_id,
-                set_values={META_INSTANCE_IDS: self._launched_ids, META_LAUNCHED_AT: launched_at},
+                MetaUpdate(instance_ids=self._launched_ids, launched_at=launched_at),
             )
             context["ti"].xcom_push(key="instance_ids", value=self._launched_ids)
             self.log.info("Cluster %s: launched %s", cluster_id, ", ".join(self._launched_ids))
@@ -221,18 +212,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
 
     def existing_cluster(self, hook: EC2ClusterHook, cluster_id: str) -> ClusterDescriptor | None:
         """The cluster an earlier try of this task launched, if any."""
-        meta = hook.get_meta(self.state_table, cluster_id) or {}
-        if meta.get(META_INSTANCE_IDS) and meta.get(META_LAUNCH_SPEC):
+        meta = hook.get_meta(self.state_table, cluster_id) or ClusterMeta(cluster_id=cluster_id)
+        if meta.instance_ids and meta.launch_spec is not None:
             self.log.info(
-                "Cluster %s was launched before (%s); not launching again",
-                cluster_id,
-                meta[META_INSTANCE_IDS],
+                "Cluster %s was launched before (%s); not launching again", cluster_id, meta.instance_ids
             )
-            return descriptor_from_meta(meta, self.state_table)
+            return meta.descriptor(self.state_table)
         live = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id)]
         if not live:
             return None
-        if not meta.get(META_LAUNCH_SPEC):
+        if meta.launch_spec is None:
             raise AirflowException(
                 f"instances {live} are tagged with cluster {cluster_id} but it has no launch record: "
                 "tear the cluster down (EC2ClusterTeardownOperator) or use another cluster_id"
@@ -244,9 +233,9 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         meta = hook.update_meta(
             self.state_table,
             cluster_id,
-            set_values={META_INSTANCE_IDS: live, META_LAUNCHED_AT: meta.get(META_LAUNCHED_AT) or time.time()},
+            MetaUpdate(instance_ids=live, launched_at=meta.launched_at or time.time()),
         )
-        return descriptor_from_meta(meta, self.state_table)
+        return meta.descriptor(self.state_table)
 
     def resolve_queues(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[str, str]:
         queue_url = self.queue_url or hook.get_queue_url(task_queue_name(cluster_id))

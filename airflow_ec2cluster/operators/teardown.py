@@ -12,7 +12,6 @@ from botocore.exceptions import ClientError
 
 from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.cluster import (
-    META_TORN_DOWN_AT,
     dead_letter_queue_name,
     task_queue_name,
 )
@@ -20,6 +19,7 @@ from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE, DEFAULT_WAITER_DELA
 from airflow_ec2cluster.drain.decisions import LIVE_STATES
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
+from airflow_ec2cluster.meta import MetaUpdate
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             hook.update_meta(
                 self.state_table,
                 cluster_id,
-                set_values={META_TORN_DOWN_AT: time.time(), "terminated_at_teardown": instance_ids},
+                MetaUpdate(torn_down_at=time.time(), terminated_at_teardown=instance_ids),
             )
         except ClientError as error:
             _ignore_missing_table(error)

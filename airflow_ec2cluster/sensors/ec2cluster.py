@@ -13,7 +13,7 @@ from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import BotoCoreError, ClientError
 
-from airflow_ec2cluster.cluster import META_QUEUE_URL, cluster_id_from_context
+from airflow_ec2cluster.cluster import cluster_id_from_context
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_DEAD_LETTER_SAMPLE,
@@ -205,7 +205,8 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         queue_url = None
         if not uses_custom_endpoint(hook):
             try:
-                queue_url = (hook.get_meta(self.state_table, cluster_id) or {}).get(META_QUEUE_URL)
+                meta = hook.get_meta(self.state_table, cluster_id)
+                queue_url = meta.queue_url if meta is not None else None
             except (ClientError, BotoCoreError) as error:
                 self.log.warning("Console link to the queue not recorded: %s", error)
         persist_cluster_links(

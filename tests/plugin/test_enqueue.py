@@ -78,8 +78,8 @@ def test_enqueue_sends_in_batches_and_records_meta(aws, context, cluster_id):
     assert sorted(b["task_id"] for b in bodies) == [f"t{i:09d}" for i in range(25)]
     assert {b["task_id"]: b["payload"]["n"] for b in bodies}["t000000007"] == 7
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert meta["enqueued"] == 25 and meta["enqueue_complete"] is True
-    assert meta["queue_url"] == result["queue_url"] and meta["dlq_url"] == result["dlq_url"]
+    assert meta.enqueued == 25 and meta.enqueue_complete is True
+    assert meta.queue_url == result["queue_url"] and meta.dlq_url == result["dlq_url"]
 
 
 def test_queue_has_dead_letter_queue_and_encryption(aws, context, cluster_id):
@@ -119,7 +119,7 @@ def test_interrupted_enqueue_resumes_after_the_recorded_point(aws, context, clus
         enqueue(cluster_id, tasks_callable=source).execute(context)
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
     meta = hook.get_meta(TABLE, cluster_id)
-    assert meta["enqueued"] == 20 and meta["enqueue_complete"] is False
+    assert meta.enqueued == 20 and meta.enqueue_complete is False
     result = enqueue(cluster_id, tasks=tasks).execute(context)
     assert result["enqueued"] == 30
     ids = sorted(b["task_id"] for b in receive_all(result["queue_url"]))
@@ -213,7 +213,7 @@ def test_ten_tasks_a_message_by_default(aws, context, cluster_id):
     assert [len(body["tasks"]) for body in bodies] == [10, 10, 5]
     assert tasks_of(bodies) == [(f"t{i:09d}", {"n": i}) for i in range(25)]
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert (meta["enqueued"], meta["enqueued_messages"], meta["tasks_per_message"]) == (25, 3, 10)
+    assert (meta.enqueued, meta.enqueued_messages, meta.tasks_per_message) == (25, 3, 10)
 
 
 def test_a_group_closes_before_the_message_size_limit(aws, context, cluster_id):
@@ -236,7 +236,7 @@ def test_interrupted_grouped_enqueue_resumes_with_the_same_grouping(aws, context
     with pytest.raises(AirflowException, match="stopped after 20 tasks"):
         grouped(cluster_id, tasks_callable=source, tasks_per_message=2).execute(context)
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert (meta["enqueued"], meta["enqueued_messages"], meta["enqueue_complete"]) == (20, 10, False)
+    assert (meta.enqueued, meta.enqueued_messages, meta.enqueue_complete) == (20, 10, False)
     with pytest.raises(
         AirflowException, match="tasks_per_message: this cluster's enqueue was started with 2"
     ):

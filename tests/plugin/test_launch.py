@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.meta import MetaUpdate
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.userdata import parse_user_data
 from tests.plugin.conftest import REGION
@@ -141,7 +142,7 @@ def test_one_run_instances_call_with_the_right_parameters(
     assert sorted(descriptor["instance_ids"]) == ids and len(ids) == 2
     assert context["ti"].pushed["instance_ids"] == descriptor["instance_ids"]
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert sorted(meta["instance_ids"]) == ids and meta["num_workers"] == 2
+    assert sorted(meta.instance_ids) == ids and meta.num_workers == 2
     assert descriptor["queue_url"] == queues["queue_url"] and descriptor["dlq_url"] == queues["dlq_url"]
     assert descriptor["launch_spec"]["root_device_name"]
 
@@ -169,12 +170,12 @@ def test_retry_after_a_crash_before_recording_ids_finds_them_by_tag(
 ):
     first = launch(cluster_id, ami_id).execute(context)
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
-    hook.update_meta(TABLE, cluster_id, set_values={"instance_ids": []})  # as if the first try died here
+    hook.update_meta(TABLE, cluster_id, MetaUpdate(instance_ids=[]))  # as if the first try died here
     retry = launch(cluster_id, ami_id)
     runs = record_calls(retry, "RunInstances")
     second = retry.execute(context)
     assert runs == [] and sorted(second["instance_ids"]) == sorted(first["instance_ids"])
-    assert sorted(hook.get_meta(TABLE, cluster_id)["instance_ids"]) == sorted(first["instance_ids"])
+    assert sorted(hook.get_meta(TABLE, cluster_id).instance_ids) == sorted(first["instance_ids"])
 
 
 def test_failure_after_launch_terminates_what_it_started(
@@ -190,7 +191,7 @@ def test_failure_after_launch_terminates_what_it_started(
     assert len(cluster_instances(cluster_id, ("shutting-down", "terminated"))) == 2
     # The ids were recorded before the failure, so nothing is orphaned even without the tag look-up.
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert len(meta["instance_ids"]) == 2
+    assert len(meta.instance_ids) == 2
 
 
 def test_on_kill_terminates_launched_instances(queues, context, cluster_id, ami_id, instance_profile):

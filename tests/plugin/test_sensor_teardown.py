@@ -77,7 +77,7 @@ def test_hung_worker_is_reaped_and_replaced(cluster, context):
     live = live_ids(cluster["cluster_id"])
     assert hung not in live and healthy in live and len(live) == 2
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster["cluster_id"])
-    assert meta["replacements_launched"] == 1 and meta["reaped_total"] == 1 and len(meta["instance_ids"]) == 3
+    assert meta.replacements_launched == 1 and meta.reaped_total == 1 and len(meta.instance_ids) == 3
 
 
 def test_fails_fast_when_no_worker_can_run_the_work(cluster, context):

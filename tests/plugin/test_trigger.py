@@ -16,6 +16,7 @@ from airflow_ec2cluster.cluster import launch_client_token
 from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
 from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.meta import PendingLaunch
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.triggers.ec2cluster import QueueDrainedTrigger
 from tests.plugin.conftest import MOTO_AMI_ID, REGION, FakeTaskInstance, write_worker_status
@@ -82,8 +83,8 @@ def test_round_reaps_a_hung_worker_and_launches_one_replacement(cluster):
     live = live_ids(cid)
     assert hung not in live and healthy in live and len(live) == 2
     meta = hook().get_meta(TABLE, cid)
-    assert meta["replacements_launched"] == 1 and meta["reaped_total"] == 1
-    assert len(meta["instance_ids"]) == 3 and "pending_launch" not in meta
+    assert meta.replacements_launched == 1 and meta.reaped_total == 1
+    assert len(meta.instance_ids) == 3 and meta.pending_launch is None
     # The next round sees a full cluster: nothing more is launched.
     write_status(cid, outcome.launched[0])
     again = asyncio.run(one_round(cid, heartbeat_timeout=60))
@@ -104,7 +105,7 @@ def test_two_triggers_at_once_never_exceed_the_cluster_size(cluster):
     asyncio.run(two_rounds())
     assert len(live_ids(cid)) == 2
     meta = hook().get_meta(TABLE, cid)
-    assert meta["replacements_launched"] == 2 and "pending_launch" not in meta
+    assert meta.replacements_launched == 2 and meta.pending_launch is None
 
 
 def test_a_restarted_trigger_finishes_a_launch_claimed_before_the_restart(cluster):
@@ -114,14 +115,15 @@ def test_a_restarted_trigger_finishes_a_launch_claimed_before_the_restart(cluste
     write_status(cid, hung, heartbeat_at=int(time.time() - 1000))
     hook().terminate_instances([hung], wait=False)
     # The triggerer died after claiming replacement 0 and before RunInstances returned.
-    assert hook().claim_replacement_launch(TABLE, cid, 0, 1, launch_client_token(cid, 0, 1))
-    assert not hook().claim_replacement_launch(TABLE, cid, 0, 1, launch_client_token(cid, 0, 1))
+    pending = PendingLaunch(generation=0, count=1, token=launch_client_token(cid, 0, 1))
+    assert hook().claim_replacement_launch(TABLE, cid, pending)
+    assert not hook().claim_replacement_launch(TABLE, cid, pending)
     first = asyncio.run(one_round(cid, heartbeat_timeout=60))
     assert len(first.launched) == 1 and len(live_ids(cid)) == 2
     # And the same launch finished again (a second restart) adopts the tagged instance instead of launching.
     assert asyncio.run(one_round(cid, heartbeat_timeout=60)).launched == ()
     meta = hook().get_meta(TABLE, cid)
-    assert len(live_ids(cid)) == 2 and meta["replacements_launched"] == 1 and "pending_launch" not in meta
+    assert len(live_ids(cid)) == 2 and meta.replacements_launched == 1 and meta.pending_launch is None
 
 
 def drain_queue(queue_url: str) -> None:

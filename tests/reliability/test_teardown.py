@@ -45,10 +45,10 @@ def test_teardown_after_a_half_failed_launch_terminates_what_it_started(cloud_en
     job.enqueue([{"n": n} for n in range(10)])
     original = EC2ClusterHook.update_meta
 
-    def fail_after_run_instances(self, table, cluster_id, **kwargs):
-        if "instance_ids" in (kwargs.get("set_values") or {}):
+    def fail_after_run_instances(self, table, cluster_id, update, **kwargs):
+        if update.instance_ids is not None:
             raise RuntimeError("injected: the launch task died after RunInstances")
-        return original(self, table, cluster_id, **kwargs)
+        return original(self, table, cluster_id, update, **kwargs)
 
     monkeypatch.setattr(EC2ClusterHook, "update_meta", fail_after_run_instances)
     launch = EC2ClusterLaunchOperator(
