@@ -86,7 +86,8 @@ def test_status_output_on_a_known_cluster(known_cluster, capsys):
     busy = next(line for line in lines if line.startswith(known_cluster["busy_id"]))
     idle = next(line for line in lines if line.startswith(known_cluster["idle_id"]))
     assert busy.split()[1:5] == ["running", "running", "3", "1"] and "busy " in busy
-    assert idle.split()[1:5] == ["running", "running", "1", "0"] and idle.split()[-1] in ("40s", "41s", "42s")
+    # Idle since 40 s before the fixture's clock read, plus however long moto took since (slow under load).
+    assert idle.split()[1:5] == ["running", "running", "1", "0"] and 40 <= int(idle.split()[-1][:-1]) < 120
     assert "t000000007  ZeroDivisionError: division by zero at line 3" in out
     assert f"ec2cluster redrive {known_cluster['cluster_id']}" in out
 
