@@ -24,7 +24,7 @@ from typing import Any
 from .taskqueue import TaskQueue
 
 STOP_CHECK_SECONDS = 0.2
-ABANDON_WAIT_SECONDS = 1.0
+ABANDON_WAIT_SECONDS = 0.5
 
 Messages = list[dict[str, Any]]
 
