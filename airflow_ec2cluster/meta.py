@@ -80,6 +80,8 @@ class ClusterMeta:
     replacements_launched: int = 0
     replacement_generation: int = 0
     reaped_total: int = 0
+    # The highest finished-task count a round reported (from an exact count): progress never goes back.
+    progress_finished: int = 0
     pending_launch: PendingLaunch | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] = field(default_factory=list)
@@ -114,6 +116,7 @@ class ClusterMeta:
             replacements_launched=int(item.get(REPLACEMENTS_LAUNCHED) or 0),
             replacement_generation=int(item.get(REPLACEMENT_GENERATION) or 0),
             reaped_total=int(item.get(REAPED_TOTAL) or 0),
+            progress_finished=int(item.get("progress_finished") or 0),
             pending_launch=PendingLaunch.from_dict(pending) if pending else None,
             torn_down_at=number("torn_down_at", float),
             terminated_at_teardown=list(item.get("terminated_at_teardown") or []),
@@ -163,6 +166,7 @@ class MetaUpdate:
     instance_ids: list[str] | None = None
     launched_at: float | None = None
     consecutive_empty: int | None = None
+    progress_finished: int | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] | None = None
     # ADD to reaped_total.

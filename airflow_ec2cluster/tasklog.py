@@ -59,6 +59,10 @@ def messages_finished(counts: dict[str, int]) -> int:
     return counts["messages_done"] + counts["messages_failed"]
 
 
+def tasks_finished(counts: dict[str, int]) -> int:
+    return counts[records.TASK_DONE] + counts[records.TASK_FAILED]
+
+
 def log_key_of(message: dict[str, Any]) -> str:
     """The task-log key of an SQS message: its task id, a group's first task id, or malformed-<MessageId>."""
     try:

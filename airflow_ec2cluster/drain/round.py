@@ -47,7 +47,7 @@ from airflow_ec2cluster.drain.decisions import (
     decide,
 )
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate, PendingLaunch
-from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished
+from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished, tasks_finished
 
 # Dead-lettered task ids whose last error is looked up for the summary (BatchGetItem, 100 a call).
 MAX_DEAD_LETTER_ERRORS = 100
@@ -165,10 +165,13 @@ def drain_round(
     workers = yield call("worker_statuses", table, cluster_id)
     snapshot = build_snapshot(meta, counts, instances, workers, settings.policy(meta), now or time.time())
     decision = decide(snapshot)
+    exact: dict[str, int] | None = None
     if decision.needs_exact_count:
         exact = yield call("count_task_log", table, cluster_id, shards)
         log.info("Queue empty; exact task-log count: %s", exact)
-        snapshot = replace(snapshot, exact_finished=messages_finished(exact))
+        snapshot = replace(
+            snapshot, exact_finished=messages_finished(exact), exact_tasks_finished=tasks_finished(exact)
+        )
         decision = decide(snapshot)
 
     for reap in decision.reap:
@@ -178,7 +181,7 @@ def drain_round(
     launched: list[str] = []
     if decision.launch > 0 and not decision.failure and not finished_pending:
         launched = yield from launch_replacements(cluster_id, table, meta, decision.launch, log)
-    yield from record(cluster_id, table, meta, decision)
+    yield from record(cluster_id, table, meta, decision, exact_count=exact is not None)
     log.info("Cluster %s: %s", cluster_id, decision.progress)
 
     outcome = RoundOutcome(
@@ -188,7 +191,7 @@ def drain_round(
         return replace(outcome, failure=f"cluster {cluster_id}: {decision.failure}")
     if not decision.drained:
         return outcome
-    summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards)
+    summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards, exact)
     log.info("Cluster %s drained: %s", cluster_id, json.dumps(summary))
     return replace(outcome, drained=True, summary=summary)
 
@@ -213,6 +216,7 @@ def build_snapshot(
         enqueued_messages=meta.enqueued_messages,
         enqueue_complete=meta.enqueue_finished,
         consecutive_empty=meta.consecutive_empty,
+        finished_before=meta.progress_finished,
         replacements_launched=meta.replacements_launched,
         reaped_total=meta.reaped_total,
         started_at=meta.launched_at,
@@ -251,26 +255,42 @@ def finish_launch(
     return list(ids)
 
 
-def meta_update(meta: ClusterMeta, decision: Decision) -> MetaUpdate:
-    """The META item's change after a round; launches record themselves (claim and finish)."""
+def meta_update(meta: ClusterMeta, decision: Decision, *, exact_count: bool = False) -> MetaUpdate:
+    """The META item's change after a round; launches record themselves (claim and finish).
+
+    A higher finished count is recorded after an exact count (the workers' counters lag behind it) or
+    with a write the round makes anyway: never an extra call in a steady round.
+    """
     changed = decision.consecutive_empty != meta.consecutive_empty
-    return MetaUpdate(
+    update = MetaUpdate(
         consecutive_empty=decision.consecutive_empty if changed else None, add_reaped=len(decision.reap)
     )
+    if decision.finished > meta.progress_finished and (exact_count or update):
+        update = replace(update, progress_finished=decision.finished)
+    return update
 
 
-def record(cluster_id: str, table: str, meta: ClusterMeta, decision: Decision) -> Generator[Call, Any, None]:
-    update = meta_update(meta, decision)
+def record(
+    cluster_id: str, table: str, meta: ClusterMeta, decision: Decision, *, exact_count: bool = False
+) -> Generator[Call, Any, None]:
+    update = meta_update(meta, decision, exact_count=exact_count)
     if update:
         yield call("update_meta", table, cluster_id, update)
 
 
 def build_summary(
-    cluster_id: str, settings: DrainSettings, meta: ClusterMeta, snapshot: Snapshot, shards: int
+    cluster_id: str,
+    settings: DrainSettings,
+    meta: ClusterMeta,
+    snapshot: Snapshot,
+    shards: int,
+    exact: dict[str, int] | None = None,
 ) -> Generator[Call, Any, dict[str, Any]]:
+    """The drained cluster's summary; ``exact`` is the round's own count of the task log, when it made one."""
     table = settings.state_table
     if settings.exact_summary:
-        exact = yield call("count_task_log", table, cluster_id, shards)
+        if exact is None:
+            exact = yield call("count_task_log", table, cluster_id, shards)
         done, failed = exact.get(records.TASK_DONE, 0), exact.get(records.TASK_FAILED, 0)
     else:
         done = sum(w.tasks_done for w in snapshot.workers)
