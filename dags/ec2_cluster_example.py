@@ -35,16 +35,6 @@ def read_tweets(limit: int | None = None):
             yield {"id": tweet["id"], "text": tweet["text"]}
 
 
-def defer_when_asked(context) -> None:
-    """The drain's pre-execute hook: the run's ``deferrable`` param on hands its wait to the triggerer.
-
-    (The sensor's ``deferrable`` is a constructor argument, not a template field; off leaves it as Airflow's
-    ``[operators] default_deferrable`` set it.)
-    """
-    if context["params"].get("deferrable"):
-        context["task"].deferrable = True
-
-
 with DAG(
     dag_id="ec2_cluster_example",
     description="Count smileys in tweets on a temporary EC2 cluster fed by SQS",
@@ -94,7 +84,7 @@ with DAG(
         idle_timeout="{{ params.idle_timeout }}",
         fail_on_dead_letters="{{ params.fail_on_dead_letters }}",
         poke_interval=5,
-        pre_execute=defer_when_asked,
+        deferrable="{{ params.deferrable }}",
         timeout=6 * 3600,
     )
 

@@ -11,7 +11,7 @@ DAGS = Path(__file__).resolve().parent.parent / "dags"
 
 @pytest.fixture(scope="module")
 def dag_bag():
-    from airflow.models.dagbag import DagBag
+    from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(DAGS))
 

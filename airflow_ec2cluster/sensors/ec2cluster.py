@@ -61,7 +61,8 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     (default twice the cluster size). The sensor fails at once (no retry) when work remains and no worker can
     run it.
 
-    ``deferrable=True`` (default: Airflow's ``[operators] default_deferrable``, as in the amazon provider)
+    ``deferrable=True`` (default: Airflow's ``[operators] default_deferrable``, as in the amazon provider;
+    templated, so a run can choose it: ``deferrable="{{ params.deferrable }}"``)
     hands the wait to :class:`~airflow_ec2cluster.triggers.ec2cluster.QueueDrainedTrigger`, which runs the
     very same round (:mod:`airflow_ec2cluster.drain.round`) in the triggerer with async AWS calls,
     so no worker slot is held for the hours a drain can last. ``mode="reschedule"`` frees the slot between
@@ -89,6 +90,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         "cluster_size",
         "max_replacements",
         "fail_on_dead_letters",
+        "deferrable",
     )
     operator_extra_links = CLUSTER_LINKS
     ui_color = "#b3e5fc"
@@ -153,7 +155,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     def execute(self, context: Context) -> Any:
         cluster_id = self.resolve_cluster_id(context)
         self.persist_links(context, cluster_id)
-        if not self.deferrable:
+        if not as_bool(self.deferrable):
             return super().execute(context)
         self.defer(
             trigger=QueueDrainedTrigger(

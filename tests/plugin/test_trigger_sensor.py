@@ -28,6 +28,17 @@ def test_deferrable_sensor_hands_its_settings_to_the_trigger(aws, context):
     assert QueueDrainedTrigger(**kwargs).serialize() == trigger.serialize()
 
 
+def test_deferrable_is_templated_so_a_run_can_choose_it(aws, context, monkeypatch):
+    assert "deferrable" in QueueDrainedSensor.template_fields
+    # As rendered from "{{ params.deferrable }}": text.
+    with pytest.raises(TaskDeferred):
+        sensor(deferrable="True").execute(context)
+    pokes = []
+    monkeypatch.setattr(QueueDrainedSensor, "poke", lambda self, ctx: pokes.append(ctx) or True)
+    sensor(deferrable="False", poke_interval=1, timeout=60).execute(context)
+    assert len(pokes) == 1  # the sync path: poked in the worker slot, no deferral
+
+
 def test_default_comes_from_operators_default_deferrable():
     import inspect
 
