@@ -102,6 +102,36 @@ def make_terminate_idempotent() -> None:
     Instance.terminate = terminate
 
 
+def make_run_instances_idempotent() -> None:
+    """RunInstances with a ClientToken already used answers with that launch's reservation, as on AWS.
+
+    moto records the token but launches again: two drain rounds finishing one claimed replacement launch at
+    once (a triggerer restarted mid-launch) would start the batch twice, where AWS starts it once.
+    """
+    from moto.ec2.models.instances import InstanceBackend
+
+    original = InstanceBackend.run_instances
+    if getattr(original, "ec2cluster_idempotent", False):
+        return
+
+    def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        token = kwargs.get("client_token")
+        if token:
+            for reservation in self.reservations.values():
+                if any(instance.client_token == token for instance in reservation.instances):
+                    return reservation
+        return original(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    run_instances.ec2cluster_idempotent = True
+    InstanceBackend.run_instances = run_instances
+
+
+def make_ec2_like_aws() -> None:
+    """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
+    make_terminate_idempotent()
+    make_run_instances_idempotent()
+
+
 def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -114,7 +144,7 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
         from ec2cluster_localcloud import sqs_speedup as speedup
 
         speedup.apply()
-    make_terminate_idempotent()
+    make_ec2_like_aws()
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES)

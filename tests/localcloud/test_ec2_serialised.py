@@ -45,3 +45,27 @@ def test_terminating_a_terminated_instance_succeeds_as_on_aws(monkeypatch):
         make_terminate_idempotent()  # applying twice wraps once
         again = ec2.terminate_instances(InstanceIds=[instance])["TerminatingInstances"][0]
         assert again["InstanceId"] == instance and again["PreviousState"]["Name"] == "terminated"
+
+
+def test_run_instances_with_a_used_client_token_starts_nothing_new_as_on_aws(monkeypatch):
+    import boto3
+    from ec2cluster_localcloud.server import make_run_instances_idempotent
+    from moto import mock_aws
+    from moto.ec2.models.instances import InstanceBackend
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(InstanceBackend, "run_instances", InstanceBackend.run_instances)  # undone after
+    make_run_instances_idempotent()
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+        def launch(token: str) -> list[str]:
+            answer = ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2, ClientToken=token)
+            return sorted(i["InstanceId"] for i in answer["Instances"])
+
+        first = launch("c-r0-n2")
+        assert launch("c-r0-n2") == first  # the retry gets the first launch's instances
+        assert set(launch("c-r1-n2")).isdisjoint(first)
+        running = ec2.describe_instances()["Reservations"]
+        assert sum(len(r["Instances"]) for r in running) == 4

@@ -7,6 +7,7 @@ import uuid
 
 import boto3
 import pytest
+from ec2cluster_localcloud.server import make_ec2_like_aws
 from moto import mock_aws
 
 REGION = "us-east-1"
@@ -26,8 +27,9 @@ class FakeTaskInstance:
 
 @pytest.fixture
 def aws(monkeypatch):
-    """moto's in-process AWS; never the shared server (AWS_ENDPOINT_URL unset)."""
+    """moto's in-process AWS, with the EC2 behaviours of AWS the local cloud adds; never the shared server."""
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    make_ec2_like_aws()
     with mock_aws():
         yield
 
