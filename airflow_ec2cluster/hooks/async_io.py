@@ -27,12 +27,11 @@ from airflow_ec2cluster.aws.dynamodb import (
 )
 from airflow_ec2cluster.aws.ec2 import EC2_ID_BATCH, instance_filters, instances_of, run_instances_params
 from airflow_ec2cluster.aws.sqs import (
-    DeadLetterSample,
     counts_from_attributes,
     dlq_counts_params,
-    peek_params,
     queue_counts_params,
 )
+from airflow_ec2cluster.aws.sqs_peek import DeadLetterPeek
 from airflow_ec2cluster.cluster import LaunchSpec
 from airflow_ec2cluster.defaults import DEFAULT_DEAD_LETTER_SAMPLE, DEFAULT_LOG_SHARDS
 from airflow_ec2cluster.drain.decisions import LIVE_STATES, QueueCounts
@@ -147,11 +146,14 @@ class AsyncClusterIO:
         return counts_from_attributes(main["Attributes"], dead["Attributes"])
 
     async def peek_dead_letters(self, dlq_url: str, limit: int = DEFAULT_DEAD_LETTER_SAMPLE) -> list[str]:
-        sample = DeadLetterSample(limit)
-        for _ in range(sample.max_receives):
-            if sample.full or not sample.add(await self.sqs.receive_message(**peek_params(dlq_url))):
-                break
-        return sample.keys()
+        peek = DeadLetterPeek(dlq_url, limit)
+        try:
+            while (params := peek.next_receive()) is not None:
+                peek.add(await self.sqs.receive_message(**params))
+        finally:
+            for params in peek.give_back():
+                await self.sqs.change_message_visibility_batch(**params)
+        return peek.keys()
 
     # -- EC2 ------------------------------------------------------------------------------------------
 

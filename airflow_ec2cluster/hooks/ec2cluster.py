@@ -49,12 +49,10 @@ from airflow_ec2cluster.aws.s3 import parse_s3_uri
 from airflow_ec2cluster.aws.sqs import (
     NONEXISTENT_QUEUE_CODES,
     SQS_BATCH_ENTRIES,
-    DeadLetterSample,
     counts_from_attributes,
     dead_letter_queue_params,
     delete_params,
     dlq_counts_params,
-    peek_params,
     queue_arn_of,
     queue_arn_params,
     queue_counts_params,
@@ -62,6 +60,7 @@ from airflow_ec2cluster.aws.sqs import (
     resend_params,
     task_queue_params,
 )
+from airflow_ec2cluster.aws.sqs_peek import DeadLetterPeek
 from airflow_ec2cluster.cluster import LaunchSpec
 from airflow_ec2cluster.defaults import (
     DEFAULT_DEAD_LETTER_SAMPLE,
@@ -342,14 +341,17 @@ class EC2ClusterHook(AwsBaseHook):
     def peek_dead_letters(self, dlq_url: str, limit: int = DEFAULT_DEAD_LETTER_SAMPLE) -> list[str]:
         """Up to ``limit`` task-log keys (task ids; a group's first id) from the DLQ, without consuming them.
 
-        Receives with VisibilityTimeout=0 so the messages stay available; SQS samples servers on each short
-        poll, so this is a bounded sample (at most ``limit // 10 + 2`` calls), not an exact listing.
+        Receives up to ``limit`` messages, 10 a call, hidden meanwhile so each call brings new ones, then
+        makes them all visible again (:mod:`airflow_ec2cluster.aws.sqs_peek` says why).
         """
-        sample = DeadLetterSample(limit)
-        for _ in range(sample.max_receives):
-            if sample.full or not sample.add(self.sqs.receive_message(**peek_params(dlq_url))):
-                break
-        return sample.keys()
+        peek = DeadLetterPeek(dlq_url, limit)
+        try:
+            while (params := peek.next_receive()) is not None:
+                peek.add(self.sqs.receive_message(**params))
+        finally:
+            for params in peek.give_back():
+                self.sqs.change_message_visibility_batch(**params)
+        return peek.keys()
 
     def redrive_dead_letters(self, dlq_url: str, queue_url: str, limit: int | None = None) -> list[str]:
         """Move dead-lettered messages back to the task queue; returns their task-log keys.

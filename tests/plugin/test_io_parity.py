@@ -84,6 +84,9 @@ class World:
     def sqs_receive_message(self, **kwargs: Any) -> dict[str, Any]:
         return {"Messages": self.dead_letters}
 
+    def sqs_change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
+
     # EC2
     def ec2_describe_instances(self, Filters: list[dict[str, Any]]) -> dict[str, Any]:
         by_token = any(f["Name"].endswith("launch-token") for f in Filters)
@@ -269,7 +272,10 @@ def run_both(world: World, settings: DrainSettings):
     [
         (replace_a_hung_worker, {"terminate_instances", "run_instances", "update_item"}),
         (finish_a_claimed_launch, {"update_item"}),
-        (drained_with_a_dead_letter, {"receive_message", "batch_get_item", "update_item"}),
+        (
+            drained_with_a_dead_letter,
+            {"receive_message", "change_message_visibility_batch", "batch_get_item", "update_item"},
+        ),
     ],
 )
 def test_sync_and_async_rounds_send_the_same_requests(monkeypatch, world, expected):
