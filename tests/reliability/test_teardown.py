@@ -84,7 +84,7 @@ def test_the_example_dag_runs_teardown_whatever_happens_upstream():
     import importlib.util
     from pathlib import Path
 
-    from airflow.utils.trigger_rule import TriggerRule
+    from airflow.sdk import TriggerRule
 
     path = Path(__file__).resolve().parents[2] / "dags" / "ec2_cluster_example.py"
     spec = importlib.util.spec_from_file_location("ec2_cluster_example_for_test", path)
