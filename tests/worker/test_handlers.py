@@ -99,14 +99,20 @@ def test_command_sees_the_task_in_its_environment():
     assert command(PY, "-c", script)(None, CONTEXT, 10) == "t-1/2"
 
 
-def test_non_zero_exit_is_a_failure_with_the_stderr_tail():
-    script = "import sys; sys.stderr.write('x' * 5000 + 'the real reason'); sys.exit(3)"
+def test_non_zero_exit_is_a_failure_with_the_last_stderr_line_and_the_tail_beside_it():
+    script = "import sys; sys.stderr.write('x' * 5000 + '\\nthe real reason\\n\\n'); sys.exit(3)"
     with pytest.raises(TaskFailure) as caught:
         command(PY, "-c", script)(None, CONTEXT, 10)
-    message = str(caught.value)
-    assert message.startswith("command exited with status 3; stderr: ")
-    assert message.endswith("the real reason")
-    assert len(message) < 1600
+    # What a person reads: the exit status and what the command said last; the stderr tail is the detail.
+    assert str(caught.value) == "command exited with status 3: the real reason"
+    assert caught.value.detail.endswith("the real reason") and 1000 < len(caught.value.detail) <= 1500
+
+
+def test_a_silent_failing_command_says_so():
+    with pytest.raises(TaskFailure) as caught:
+        command(PY, "-c", "import sys; sys.exit(4)")(None, CONTEXT, 10)
+    assert str(caught.value) == "command exited with status 4 (nothing on stderr)"
+    assert caught.value.detail is None
 
 
 def test_command_timeout_kills_the_whole_process_group(tmp_path):

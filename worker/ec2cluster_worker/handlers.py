@@ -4,6 +4,10 @@ Both get a per-task timeout. A Python handler is interrupted with SIGALRM in the
 BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread it runs in a
 daemon thread that is abandoned at the deadline. A command runs in its own process group, killed whole at the
 deadline.
+
+A failed task's ``error`` is what a person reads in a report: the exception's type and message, or a
+command's exit status and the last line it wrote on stderr (``error_summary``, ``command_error``). The whole
+traceback, or the end of the command's stderr, goes with it as the task's ``error_detail``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,9 @@ from typing import Any
 from .config import PAYLOAD_PLACEHOLDER, CommandHandlerSpec, HandlerSpec, PythonHandlerSpec
 
 STDERR_TAIL_CHARS = 1500
+# A task's error is a summary: its first lines, at most this many characters.
+SUMMARY_LINES = 3
+SUMMARY_CHARS = 500
 
 
 class HandlerError(Exception):
@@ -30,7 +38,11 @@ class HandlerError(Exception):
 
 
 class TaskFailure(Exception):
-    """A task failed; the message says why (it goes in the task log's ``error``)."""
+    """A task failed: the message says why (task log ``error``), ``detail`` says more (``error_detail``)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class TaskTimeout(BaseException):
@@ -148,7 +160,7 @@ class CommandHandler:
         stdout, stderr = _communicate(process, stdin_text, timeout)
         if process.returncode != 0:
             tail = stderr.decode("utf-8", "replace")[-STDERR_TAIL_CHARS:].strip()
-            raise TaskFailure(f"command exited with status {process.returncode}; stderr: {tail}")
+            raise TaskFailure(command_error(process.returncode, tail), detail=tail or None)
         return parse_command_output(stdout.decode("utf-8", "replace"))
 
 
@@ -171,6 +183,44 @@ def _communicate(process: subprocess.Popen, stdin_text: str | None, timeout: flo
 def _kill_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def first_lines(text: str, lines: int = SUMMARY_LINES, chars: int = SUMMARY_CHARS) -> str:
+    """The first non-blank ``lines`` of ``text``, joined, at most ``chars`` characters."""
+    kept = [line.rstrip() for line in text.strip().splitlines() if line.strip()][:lines]
+    joined = "\n".join(kept)
+    return joined if len(joined) <= chars else joined[: chars - 3] + "..."
+
+
+def error_summary(error: BaseException) -> str:
+    """``ValueError: bad payload 7``: the exception's type (module-qualified unless built in) and message."""
+    kind = type(error)
+    name = (
+        kind.__qualname__
+        if kind.__module__ in ("builtins", "__main__")
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    message = first_lines(str(error))
+    return f"{name}: {message}" if message else name
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def error_detail(error: BaseException) -> str:
+    """The traceback of a handler's exception from the handler's own frames (the worker's are noise)."""
+    frames = error.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frames = frames.tb_next
+    return "".join(traceback.format_exception(type(error), error, frames or error.__traceback__))
+
+
+def command_error(returncode: int, stderr_tail: str) -> str:
+    """A failed command's error: its exit status and the last line it wrote on stderr."""
+    lines = [line.strip() for line in stderr_tail.splitlines() if line.strip()]
+    if not lines:
+        return f"command exited with status {returncode} (nothing on stderr)"
+    return f"command exited with status {returncode}: {first_lines(lines[-1], lines=1)}"
 
 
 def parse_command_output(text: str) -> Any:

@@ -3,13 +3,15 @@
 Per received batch of messages (each one task or a group of tasks) the loop makes three AWS calls
 (ReceiveMessage, one BatchWriteItem for every message's task-log item, one DeleteMessageBatch), plus a
 ChangeMessageVisibilityBatch only when something failed or must be handed back, and one BatchGetItem only
-when a message is a redelivery (its tasks already logged done are not run again). A message with a failed
+when a message is a redelivery or was moved back by a redrive (its tasks already logged done are not run
+again; a first delivery never costs a read). A message with a failed
 task is left undeleted with a short visibility, so SQS retries it and redrive moves it to the dead-letter
 queue after maxReceiveCount receives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import traceback
@@ -21,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from . import records
 from .aws import AwsClients, error_code
 from .config import WorkerConfig
-from .handlers import Handler, TaskContext, TaskFailure, TaskTimeout
+from .handlers import Handler, TaskContext, TaskFailure, TaskTimeout, error_detail, error_summary
 from .lifecycle import SpotWatcher, StopRequest, due_stop_reason, install_signal_handlers
 from .logs import EventLog
 from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, delivery_of, parse_message
@@ -190,7 +192,7 @@ class Worker:
         self.last_activity_at = self.clock()
 
     def _done_before(self, parsed: list[Parsed]) -> dict[str, dict[str, dict[str, Any]]]:
-        """Tasks of redelivered messages that an earlier delivery logged done: one read, redeliveries only."""
+        """Tasks an earlier delivery logged done: one read, for redelivered or redriven messages only."""
         keys = [item.log_key for item in parsed if isinstance(item, TaskMessage) and item.redelivered]
         if not keys:
             return {}
@@ -239,14 +241,17 @@ class Worker:
         started_at = time.time()
         self.status.task_started(task.task_id, started_at)
         context = TaskContext(task.task_id, delivery.attempt, self.worker_id, self.config.cluster_id)
+        detail = None
         try:
             value = self.handler(task.payload, context, self.config.task_timeout_seconds)
         except TaskTimeout:
             error = f"timed out after {self.config.task_timeout_seconds:g} s (task_timeout_seconds)"
         except TaskFailure as failure:
-            error = str(failure)
+            error, detail = str(failure), failure.detail
         except Exception as exception:  # the handler's own error: the task fails, the worker goes on
-            error = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+            # A person reads the type and message; the traceback is kept beside it for whoever wants it.
+            error = error_summary(exception)
+            detail = error_detail(exception)
         else:
             error = None
         finally:
@@ -256,6 +261,7 @@ class Worker:
             result = done_result(started_at=started_at, finished_at=finished_at, result=value, **common)
         else:
             result = failed_result(started_at=started_at, finished_at=finished_at, error=error, **common)
+            result = dataclasses.replace(result, error_detail=detail)
         self._log_task(result)
         return result
 
@@ -264,6 +270,8 @@ class Worker:
         if result.done:
             self.log.info("task.done", **fields)
         else:
+            if result.error_detail:
+                fields["detail"] = result.error_detail
             self.log.warning("task.failed", error=result.error, **fields)
 
     def finish(self, runs: list[MessageRun]) -> None:

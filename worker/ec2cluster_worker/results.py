@@ -23,7 +23,8 @@ class TaskResult:
     finished_at: float
     result: Any = None
     result_json: str | None = None  # the result as JSON text (done tasks)
-    error: str | None = None  # failed tasks, at most MAX_ERROR_CHARS
+    error: str | None = None  # failed tasks, at most MAX_ERROR_CHARS: what a person reads (type: message)
+    error_detail: str | None = None  # the traceback, or a command's stderr tail (task log ``error_detail``)
 
     @property
     def duration_s(self) -> float:

@@ -8,6 +8,10 @@ worker stopped before running them all: the message is handed back). One item pe
 group cheap: a DynamoDB write unit per KB, not per task. A redelivered message is logged under the same key,
 so a re-run overwrites its own item.
 
+A failed task has ``error`` (what a person reads: ``ValueError: bad payload 7``, or a command's exit status
+and last stderr line) and, when there is more, ``error_detail`` (the traceback or the stderr's end), kept
+short in a group (DETAIL_CHARS_IN_GROUP each): the item's size is what its write costs, and 400 KB its limit.
+
 All items of a received batch go in one BatchWriteItem (boto3's BatchWriter, which resends UnprocessedItems
 and, with overwrite_by_pkeys, keeps one item when a duplicate delivery puts the same key twice). It runs on
 the low-level client with items serialised here: the resource layer's request transformation walks and
@@ -25,10 +29,12 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 from . import records
 from .messages import Delivery
-from .results import TaskResult, truncate_error
+from .results import MAX_ERROR_CHARS, TaskResult, truncate_error
 
 # A DynamoDB item holds at most 400 KB; leave room for the task log's other attributes.
 MAX_INLINE_RESULT_BYTES = 350_000
+# The end of a traceback says the most; a flat item keeps MAX_ERROR_CHARS of it, a group's entry this much.
+DETAIL_CHARS_IN_GROUP = 1000
 # BatchGetItem reads at most 100 keys per call.
 MAX_GET_KEYS = 100
 _serialize = TypeSerializer().serialize
@@ -105,9 +111,15 @@ def task_log_item(
     }
     if result.error is not None:
         item["error"] = result.error
+    if result.error_detail:
+        item["error_detail"] = tail(result.error_detail, MAX_ERROR_CHARS)
     if result.done and extra:
         item.update(stored_attributes(extra))
     return item
+
+
+def tail(text: str, chars: int) -> str:
+    return text if len(text) <= chars else "..." + text[-(chars - 3) :]
 
 
 def stored_attributes(extra: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +135,8 @@ def task_entry(result: TaskResult, extra: dict[str, Any] | None) -> dict[str, An
     }
     if result.error is not None:
         entry["error"] = result.error
+    if result.error_detail:
+        entry["error_detail"] = tail(result.error_detail, DETAIL_CHARS_IN_GROUP)
     if result.done and extra:
         entry.update(stored_attributes(extra))
     return entry
@@ -172,6 +186,12 @@ def group_log_item(
 def fit_inline_results(run: MessageRun, attributes: dict[str, dict[str, Any]]) -> None:
     """Fail the tasks whose inline results no longer fit in the message's one item (S3 takes big ones)."""
     total = sum(len(str(entry.get("result", ""))) for entry in run.kept.values())
+    # The failed tasks' errors share the item too.
+    total += sum(
+        len(result.error or "") + min(len(result.error_detail or ""), DETAIL_CHARS_IN_GROUP)
+        for result in run.results
+        if not result.done
+    )
     for index, result in enumerate(run.results):
         inline = attributes.get(result.task_id, {}).get("result")
         if not result.done or inline is None:
