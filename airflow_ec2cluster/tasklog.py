@@ -36,6 +36,8 @@ def task_results_of(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
             "result": decoded(entry.get("result")),
             "output": entry.get("output"),
             "error": entry.get("error"),
+            # The traceback, or a command's stderr tail, behind a failed task's error.
+            "error_detail": entry.get("error_detail"),
             "worker_id": item.get("worker_id"),
         }
 
@@ -63,6 +65,48 @@ def tasks_finished(counts: dict[str, int]) -> int:
     return counts[records.TASK_DONE] + counts[records.TASK_FAILED]
 
 
+def readable_error(error: str | None) -> str | None:
+    """What a person reads of a task's error: an older worker's whole traceback becomes its last line."""
+    marker = "Traceback (most recent call last):"
+    # Older workers kept a traceback's end when it was too long: "...  File ..." without the marker.
+    cut = error.startswith("...") and '\n  File "' in error if error else False
+    if not error or (marker not in error and not cut):
+        return error
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    head = error.partition(marker)[0] if marker in error else ""
+    return head + lines[-1]
+
+
+def message_task_ids(message: dict[str, Any]) -> list[str]:
+    """The task ids an SQS message carries: its task, a group's tasks, or ``[malformed-<MessageId>]``."""
+    try:
+        body = json.loads(message.get("Body", ""))
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("task_id"), str):
+            return [body["task_id"]]
+        tasks = body.get("tasks")
+        if isinstance(tasks, list) and tasks:
+            ids = [task.get("task_id") for task in tasks if isinstance(task, dict)]
+            if ids and all(isinstance(task_id, str) for task_id in ids):
+                return ids
+    return [f"malformed-{message['MessageId']}"]
+
+
+def done_task_ids(item: dict[str, Any] | None) -> set[str]:
+    """The tasks a message's task-log item shows done (none when it has no item)."""
+    return (
+        {r["task_id"] for r in task_results_of(item) if r["status"] == records.TASK_DONE} if item else set()
+    )
+
+
+def unfinished_task_ids(message: dict[str, Any], item: dict[str, Any] | None) -> list[str]:
+    """The tasks of a (dead-lettered) message that its task-log item does not show done, in body order."""
+    done = done_task_ids(item)
+    return [task_id for task_id in message_task_ids(message) if task_id not in done]
+
+
 def log_key_of(message: dict[str, Any]) -> str:
     """The task-log key of an SQS message: its task id, a group's first task id, or malformed-<MessageId>."""
     try:
@@ -88,7 +132,7 @@ def dead_letter_errors(keys: list[str], items: dict[str, dict[str, Any]]) -> lis
         item = items.get(key) or {}
         unfinished = [r for r in task_results_of(item) if r["status"] != records.TASK_DONE] if item else []
         if "tasks" in item and unfinished:
-            found.extend({"task_id": r["task_id"], "error": r["error"]} for r in unfinished)
+            found.extend({"task_id": r["task_id"], "error": readable_error(r["error"])} for r in unfinished)
         else:
-            found.append({"task_id": key, "error": item.get("error")})
+            found.append({"task_id": key, "error": readable_error(item.get("error"))})
     return found

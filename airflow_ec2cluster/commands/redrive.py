@@ -7,8 +7,8 @@ import sys
 
 from airflow_ec2cluster.cluster import dead_letter_queue_name, task_queue_name
 from airflow_ec2cluster.commands.common import add_connection_arguments, hook_from
-
-SHOWN_IDS = 20
+from airflow_ec2cluster.defaults import DEFAULT_LOG_SHARDS
+from airflow_ec2cluster.operators.redrive import shown_ids
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,13 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "redrive",
         help="move a cluster's dead-lettered tasks back to its task queue",
         description="Move the messages of the cluster's dead-letter queue back to its task queue, so the "
-        "next workers (re-run launch and drain) run those tasks again. Client-side by default (receive, "
-        "send, delete in batches of 10); --server-side uses SQS StartMessageMoveTask (AWS only).",
+        "next workers (re-run launch and drain) run the tasks in them that had not finished, and only those. "
+        "Client-side by default (receive, read their task-log items, send, delete in batches of 10); "
+        "--server-side uses SQS StartMessageMoveTask (AWS only), which cannot mark the messages: the workers "
+        "then run every task of a moved group again, those already done included.",
     )
     add_connection_arguments(parser)
     parser.add_argument("--max", type=int, default=None, help="move at most this many messages")
     parser.add_argument(
-        "--server-side", action="store_true", help="start an SQS message move task instead (not on moto)"
+        "--server-side",
+        action="store_true",
+        help="start an SQS message move task instead (not on moto; re-runs a group's tasks already done)",
     )
     parser.set_defaults(handler=run_redrive)
 
@@ -38,10 +42,20 @@ def run_redrive(args: argparse.Namespace) -> int:
         handle = hook.start_dead_letter_move(dlq_url, queue_url)
         print(f"started SQS message move task {handle}")
         return 0
-    moved = hook.redrive_dead_letters(dlq_url, queue_url, limit=args.max)
-    shown = ", ".join(moved[:SHOWN_IDS]) + (
-        f" and {len(moved) - SHOWN_IDS} more" if len(moved) > SHOWN_IDS else ""
+    meta = hook.get_meta(args.state_table, args.cluster_id)
+    outcome = hook.redrive_dead_letters(
+        dlq_url,
+        queue_url,
+        limit=args.max,
+        table=args.state_table,
+        cluster_id=args.cluster_id,
+        shards=meta.log_shards if meta else DEFAULT_LOG_SHARDS,
     )
-    # A message is a task or a group of tasks; each is named by its (first) task id.
-    print(f"moved {len(moved)} message(s) back to {queue_url}" + (f": {shown}" if moved else ""))
+    # A message is a task or a group of tasks: the ids are those of its tasks that had not finished.
+    print(
+        f"moved {outcome.messages} message(s) back to {queue_url}; "
+        f"{len(outcome.task_ids)} task(s) to run again: {shown_ids(outcome.task_ids)}"
+    )
+    if outcome.marked:
+        print(f"{outcome.marked} of those message(s) also hold tasks already done: the workers skip them")
     return 0

@@ -49,6 +49,8 @@ from airflow_ec2cluster.aws.s3 import parse_s3_uri
 from airflow_ec2cluster.aws.sqs import (
     NONEXISTENT_QUEUE_CODES,
     SQS_BATCH_ENTRIES,
+    Redriven,
+    RedriveOutcome,
     counts_from_attributes,
     dead_letter_queue_params,
     delete_params,
@@ -56,7 +58,9 @@ from airflow_ec2cluster.aws.sqs import (
     queue_arn_of,
     queue_arn_params,
     queue_counts_params,
+    redrive_plan,
     redrive_receive_params,
+    resend_batches,
     resend_params,
     task_queue_params,
 )
@@ -353,37 +357,52 @@ class EC2ClusterHook(AwsBaseHook):
                 self.sqs.change_message_visibility_batch(**params)
         return peek.keys()
 
-    def redrive_dead_letters(self, dlq_url: str, queue_url: str, limit: int | None = None) -> list[str]:
-        """Move dead-lettered messages back to the task queue; returns their task-log keys.
+    def redrive_dead_letters(
+        self,
+        dlq_url: str,
+        queue_url: str,
+        limit: int | None = None,
+        *,
+        table: str,
+        cluster_id: str,
+        shards: int = DEFAULT_LOG_SHARDS,
+    ) -> RedriveOutcome:
+        """Move dead-lettered messages back to the task queue; returns what moved and its unfinished task ids.
 
-        Receive (10 at a time) -> SendMessageBatch to the task queue -> DeleteMessageBatch of exactly the
-        entries that were sent, checking ``Failed`` of both: a message is deleted from the dead-letter queue
-        only once it is on the task queue (at worst it is on both, and the task id keys every write). Stops
-        after two empty long polls, or ``limit`` messages. Works on moto, which lacks StartMessageMoveTask;
-        see :meth:`start_dead_letter_move` for the server-side move on AWS.
+        Per receive of 10: one BatchGetItem of their task-log items (which tasks are done) ->
+        SendMessageBatch to the task queue, marking the messages with tasks logged done
+        (:func:`~airflow_ec2cluster.aws.sqs.redrive_plan`: the worker then runs only the others) ->
+        DeleteMessageBatch of exactly the entries that were sent, checking ``Failed`` of both: a message is
+        deleted from the dead-letter queue only once it is on the task queue (at worst it is on both, and the
+        task id keys every write). Stops after two empty long polls, or ``limit`` messages. Works on moto,
+        which lacks StartMessageMoveTask; see :meth:`start_dead_letter_move` for the server-side move.
         """
-        moved: list[str] = []
+        outcome = RedriveOutcome()
         empty_polls = 0
-        while empty_polls < 2 and (limit is None or len(moved) < limit):
-            wanted = SQS_BATCH_ENTRIES if limit is None else min(SQS_BATCH_ENTRIES, limit - len(moved))
+        while empty_polls < 2 and (limit is None or outcome.messages < limit):
+            wanted = SQS_BATCH_ENTRIES if limit is None else min(SQS_BATCH_ENTRIES, limit - outcome.messages)
             messages = self.sqs.receive_message(**redrive_receive_params(dlq_url, wanted)).get("Messages", [])
             if not messages:
                 empty_polls += 1
                 continue
             empty_polls = 0
-            moved.extend(self._move_batch(dlq_url, queue_url, messages))
-        return moved
+            items = self.task_log_items(table, cluster_id, [log_key_of(m) for m in messages], shards)
+            for batch in resend_batches(redrive_plan(messages, items)):
+                outcome.add(self._move_batch(dlq_url, queue_url, batch))
+        return outcome
 
-    def _move_batch(self, dlq_url: str, queue_url: str, messages: list[dict[str, Any]]) -> list[str]:
-        entries = {str(i): message for i, message in enumerate(messages)}
-        sent = self.sqs.send_message_batch(**resend_params(queue_url, entries))
+    def _move_batch(self, dlq_url: str, queue_url: str, batch: list[Redriven]) -> list[Redriven]:
+        by_id = {redriven.entry_id: redriven for redriven in batch}
+        sent = self.sqs.send_message_batch(**resend_params(queue_url, batch))
         if sent.get("Failed"):
-            failures = ", ".join(f"{log_key_of(entries[f['Id']])}: {f.get('Code')}" for f in sent["Failed"])
+            failures = ", ".join(
+                f"{log_key_of(by_id[f['Id']].message)}: {f.get('Code')}" for f in sent["Failed"]
+            )
             self.log.warning("Not moved (left in the dead-letter queue): %s", failures)
-        ok = [entries[s["Id"]] for s in sent.get("Successful", [])]
+        ok = [by_id[s["Id"]] for s in sent.get("Successful", [])]
         if not ok:
             return []
-        deleted = self.sqs.delete_message_batch(**delete_params(dlq_url, ok))
+        deleted = self.sqs.delete_message_batch(**delete_params(dlq_url, [r.message for r in ok]))
         if deleted.get("Failed"):
             self.log.warning(
                 "%d moved message(s) could not be deleted from the dead-letter queue and will show up "
@@ -391,10 +410,15 @@ class EC2ClusterHook(AwsBaseHook):
                 len(deleted["Failed"]),
                 deleted["Failed"],
             )
-        return [log_key_of(m) for m in ok]
+        return ok
 
     def start_dead_letter_move(self, dlq_url: str, queue_url: str) -> str:
-        """Server-side move (SQS StartMessageMoveTask, AWS only); returns the task handle."""
+        """Server-side move (SQS StartMessageMoveTask, AWS only); returns the task handle.
+
+        SQS moves the messages as they are: it cannot mark them as :meth:`redrive_dead_letters` does, and a
+        moved message is new to SQS (receive count 1), so the workers run every task of a moved group again,
+        those already done included (at least once: their items are overwritten).
+        """
         arns = [
             queue_arn_of(self.sqs.get_queue_attributes(**queue_arn_params(url)))
             for url in (dlq_url, queue_url)

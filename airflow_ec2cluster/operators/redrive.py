@@ -10,7 +10,7 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import dead_letter_queue_name, task_queue_name
-from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE
+from airflow_ec2cluster.defaults import DEFAULT_LOG_SHARDS, DEFAULT_STATE_TABLE
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
@@ -23,10 +23,12 @@ class EC2ClusterRedriveOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
     """Move the cluster's dead-lettered messages back to its task queue, for another run.
 
     Run it before launching (or re-running launch and drain) again: the next workers pick the messages up,
-    run the tasks their task-log items do not show done, and overwrite those items with the new outcome.
-    Moves with receive / SendMessageBatch / DeleteMessageBatch (checking ``Failed``), at most
-    ``max_messages`` (default all). Returns ``{"cluster_id", "redriven": n, "task_ids": [...]}``: the
-    messages moved and their (first) task ids.
+    run only the tasks their task-log items do not show done (a moved message that has tasks logged done
+    is marked, and the worker reads its item first), and overwrite those items with the new outcome.
+    Moves with receive / BatchGetItem of their task-log items / SendMessageBatch / DeleteMessageBatch
+    (checking ``Failed``), at most ``max_messages`` (default all). Returns ``{"cluster_id", "redriven": n,
+    "task_ids": [...]}``: the number of messages moved, and the ids of the tasks in them that had not
+    finished (each failing task by its own id, not its group's).
     """
 
     aws_hook_class = EC2ClusterHook
@@ -59,8 +61,34 @@ class EC2ClusterRedriveOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
                 "nothing to re-drive"
             )
         limit = None if self.max_messages is None else int(self.max_messages)
-        moved = hook.redrive_dead_letters(dlq_url, queue_url, limit=limit)
-        self.log.info(
-            "Cluster %s: %d dead-lettered message(s) moved back to %s", cluster_id, len(moved), queue_url
+        meta = hook.get_meta(self.state_table, cluster_id)
+        outcome = hook.redrive_dead_letters(
+            dlq_url,
+            queue_url,
+            limit=limit,
+            table=self.state_table,
+            cluster_id=cluster_id,
+            shards=meta.log_shards if meta else DEFAULT_LOG_SHARDS,
         )
-        return {"cluster_id": cluster_id, "redriven": len(moved), "task_ids": moved}
+        self.log.info(
+            "Cluster %s: %d dead-lettered message(s) moved back to %s, with %d task(s) not finished: %s",
+            cluster_id,
+            outcome.messages,
+            queue_url,
+            len(outcome.task_ids),
+            shown_ids(outcome.task_ids),
+        )
+        if outcome.marked:
+            self.log.info(
+                "%d of those message(s) also hold tasks already done: the workers skip them", outcome.marked
+            )
+        return {"cluster_id": cluster_id, "redriven": outcome.messages, "task_ids": outcome.task_ids}
+
+
+SHOWN_IDS = 20
+
+
+def shown_ids(task_ids: list[str], limit: int = SHOWN_IDS) -> str:
+    """The first ``limit`` ids, and how many more."""
+    more = len(task_ids) - limit
+    return ", ".join(task_ids[:limit]) + (f" and {more} more" if more > 0 else "") if task_ids else "none"

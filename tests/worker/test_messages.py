@@ -7,6 +7,7 @@ import json
 import pytest
 from ec2cluster_worker.messages import (
     MAX_TASKS_PER_MESSAGE,
+    REDRIVEN_ATTRIBUTE,
     Malformed,
     TaskMessage,
     group_body,
@@ -37,6 +38,16 @@ def test_a_task():
         "rh-1",
         3,
     )
+
+
+def test_a_message_the_redrive_marked_is_a_redelivery_even_on_its_first_receive():
+    # A redriven message is new to SQS (receive count 1): the mark is what says tasks may be logged done.
+    marked = message(group_body([("t1", 1), ("t2", 2)]))
+    marked["MessageAttributes"] = {REDRIVEN_ATTRIBUTE: {"DataType": "String", "StringValue": "1"}}
+    parsed = parse_message(marked)
+    assert parsed.delivery.attempt == 1 and parsed.delivery.redriven and parsed.redelivered
+    fresh = parse_message(message(group_body([("t1", 1), ("t2", 2)])))
+    assert not fresh.delivery.redriven and not fresh.redelivered
 
 
 @pytest.mark.parametrize("payload", [None, 0, "text", [1, 2], {"nested": {"a": [None]}}])

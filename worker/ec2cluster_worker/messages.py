@@ -9,6 +9,11 @@ Either way the message is one TaskMessage whose ``log_key`` (its first task's id
 A body of any other shape becomes a Malformed value (never an exception), logged under task id
 ``malformed-<MessageId>`` and left undeleted so that redrive moves it to the dead-letter queue.
 Keys other than these are ignored, so that a newer controller can add some.
+
+A message the controller's redrive moved back from the dead-letter queue is a new SQS message (its receive
+count starts again at 1), so the redrive marks it with the message attribute REDRIVEN_ATTRIBUTE: the worker
+treats a marked message as a redelivery and reads its task-log item, so the tasks already done are not run
+again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any, Union
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 # A group's results share one task-log item (at most 400 KB) and its body one SQS message (at most 1 MiB).
 MAX_TASKS_PER_MESSAGE = 100
+# Set by the controller's redrive (airflow_ec2cluster.aws.sqs) on a moved message that has tasks logged done.
+REDRIVEN_ATTRIBUTE = "ec2cluster-redriven"
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class Delivery:
     message_id: str
     receipt_handle: str
     attempt: int  # ApproximateReceiveCount
+    redriven: bool = False  # moved back from the dead-letter queue, marked by the redrive
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ class TaskMessage:
 
     @property
     def redelivered(self) -> bool:
-        return self.delivery.attempt > 1
+        """An earlier delivery may have logged some tasks done: a receive count above 1, or a redrive mark."""
+        return self.delivery.attempt > 1 or self.delivery.redriven
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,12 @@ def delivery_of(message: dict[str, Any]) -> Delivery:
         attempt = int(attempt_text)
     except ValueError:
         attempt = 1
-    return Delivery(message_id=message["MessageId"], receipt_handle=message["ReceiptHandle"], attempt=attempt)
+    return Delivery(
+        message_id=message["MessageId"],
+        receipt_handle=message["ReceiptHandle"],
+        attempt=attempt,
+        redriven=REDRIVEN_ATTRIBUTE in message.get("MessageAttributes", {}),
+    )
 
 
 def task_problem(body: Any, where: str = "body") -> str | None:

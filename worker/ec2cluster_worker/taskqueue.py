@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .messages import Delivery
+from .messages import REDRIVEN_ATTRIBUTE, Delivery
 from .visibility import chunks
 
 
@@ -32,6 +32,8 @@ class TaskQueue:
             # Set here, so the worker knows when each message's visibility ends without asking the queue.
             VisibilityTimeout=visibility_timeout,
             AttributeNames=["ApproximateReceiveCount"],
+            # The redrive's mark (messages.py): asked for in the same call, so it costs no request.
+            MessageAttributeNames=[REDRIVEN_ATTRIBUTE],
         )
         return response.get("Messages", [])
 
