@@ -392,10 +392,28 @@ def progress_line(snapshot: Snapshot, stats: dict[str, Any]) -> str:
     )
 
 
-def eta_text(total: int | None, finished: int, dead_lettered: int, rate: float | None) -> str:
+def eta_text(
+    total: int | None,
+    finished: int,
+    dead_lettered: int,
+    rate: float | None,
+    *,
+    held_by_stopped: int = 0,
+    held_at_least: bool = False,
+) -> str:
+    """Time left at ``rate``; "-" when nothing is left or there is no rate yet.
+
+    Messages held by workers that are gone come back only when their visibility timeout lapses, whatever
+    the rate: with any (``held_by_stopped``), the ETA is unknown and says why.
+    """
+    if held_by_stopped > 0:
+        count = f"at least {held_by_stopped}" if held_at_least else str(held_by_stopped)
+        return f"unknown: {count} message(s) held by stopped workers until their visibility timeout"
     if total is None or not rate:
         return "-"
     remaining = max(0, total - finished - dead_lettered)
+    if remaining == 0:
+        return "-"
     seconds = math.ceil(remaining / rate)
     minutes, secs = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)

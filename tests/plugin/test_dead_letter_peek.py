@@ -1,4 +1,4 @@
-"""Peeking at the dead-letter queue lists up to the limit asked for (not 10) and leaves every message there."""
+"""A dead-letter peek lists up to the limit asked for (not 10) and leaves every message there."""
 
 from __future__ import annotations
 
