@@ -7,6 +7,7 @@ the handler and sink are loaded, so a bad handler stops the worker at once with 
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Mapping
 
 import boto3
@@ -21,7 +22,7 @@ from .lifecycle import SpotWatcher, StopRequest
 from .logs import EventLog
 from .loop import Worker
 from .sinks import SinkContext, build_sink
-from .status import StatusWriter, WorkerStatus
+from .status import StatusWriter, WorkerStatus, startup_failure_reason
 
 EXIT_STARTUP_FAILED = 3
 
@@ -69,8 +70,13 @@ def run_worker(
             ),
         )
     except HandlerError as error:
-        log.error("worker.startup_failed", error=str(error))
-        status.set_state(records.STATE_STOPPED, stop_reason=f"error: {error}")
+        cause = error.__cause__ or error
+        log.error(
+            "worker.startup_failed",
+            error=str(error),
+            traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
+        )
+        status.set_state(records.STATE_STOPPED, stop_reason=startup_failure_reason(str(error), worker_id))
         status_writer.put_logged()
         return EXIT_STARTUP_FAILED
     stop = StopRequest()

@@ -19,6 +19,28 @@ from . import records
 from .logs import EventLog
 from .tasklog import dynamo_number
 
+# ``stop_reason`` of a worker that could not start (its handler or sink failed to load): this prefix,
+# then the error's type and message, first lines. The controller stops replacing workers when several in
+# a row stop with the same one (a failure every new worker would repeat).
+STARTUP_FAILED = "startup-failed"
+STOP_REASON_LINES = 5
+STOP_REASON_CHARS = 1000
+
+
+def startup_failure_reason(error: str, worker_id: str = "") -> str:
+    """The stop reason of a start-up failure: ``startup-failed: <error>``, its first lines.
+
+    ``error`` says what failed with the exception's type and message (``handlers.HandlerError`` does:
+    "handler.target: cannot import module 'x' (ModuleNotFoundError: No module named 'x'); ..."). The
+    worker's own id is blanked out, so that every worker failing the same way records the same reason (the
+    traceback goes to the worker's log).
+    """
+    text = error
+    if worker_id:
+        text = text.replace(worker_id, "<worker>")
+    lines = text.strip().splitlines()[:STOP_REASON_LINES]
+    return f"{STARTUP_FAILED}: " + "\n".join(lines)[:STOP_REASON_CHARS]
+
 
 @dataclass
 class StatusSnapshot:
