@@ -35,6 +35,8 @@ PENDING_LAUNCH = "pending_launch"
 REPLACEMENT_GENERATION = "replacement_generation"
 REPLACEMENTS_LAUNCHED = "replacements_launched"
 INSTANCE_IDS = "instance_ids"
+# The launch generation a launch try starts (conditional on the one it read).
+LAUNCH_GENERATION = "launch_generation"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,18 @@ class ClusterMeta:
     launch_spec: LaunchSpec | None = None  # stored as JSON text
     instance_ids: list[str] = field(default_factory=list)  # every instance ever launched for the cluster
     launched_at: float | None = None
+    # Launch generations: each run of the launch operator that finds no live instance starts one (a re-run
+    # after a fix); ``launch_generation`` is the one started (claimed before RunInstances, with its
+    # ``launch_count``), ``launched_generation`` the one whose instances are recorded. 0: none yet (a META
+    # item of an older version with a launch spec reads as generation 1: see ``current_generation``).
+    launch_generation: int = 0
+    launched_generation: int = 0
+    launch_count: int | None = None
+    # Instances of the generations before the current one: their workers' stops are history, not a
+    # reason to stop the current generation early.
+    retired_instance_ids: list[str] = field(default_factory=list)
+    # Workers whose stop (and its reason) a drain round has already logged: each is logged once.
+    stops_reported: list[str] = field(default_factory=list)
     consecutive_empty: int = 0
     replacements_launched: int = 0
     replacement_generation: int = 0
@@ -112,6 +126,11 @@ class ClusterMeta:
             launch_spec=LaunchSpec.from_dict(json.loads(spec)) if spec else None,
             instance_ids=list(item.get(INSTANCE_IDS) or []),
             launched_at=number("launched_at", float),
+            launch_generation=int(item.get(LAUNCH_GENERATION) or 0),
+            launched_generation=int(item.get("launched_generation") or 0),
+            launch_count=number("launch_count"),
+            retired_instance_ids=list(item.get("retired_instance_ids") or []),
+            stops_reported=list(item.get("stops_reported") or []),
             consecutive_empty=int(item.get("consecutive_empty") or 0),
             replacements_launched=int(item.get(REPLACEMENTS_LAUNCHED) or 0),
             replacement_generation=int(item.get(REPLACEMENT_GENERATION) or 0),
@@ -123,6 +142,16 @@ class ClusterMeta:
             created_at=number(CREATED_AT, float),
             expires_at=number(records.TTL_ATTRIBUTE),
         )
+
+    @property
+    def current_generation(self) -> int:
+        """The launch generation last started (an older version's launch, with its spec, is generation 1)."""
+        return self.launch_generation or (1 if self.launch_spec is not None else 0)
+
+    @property
+    def recorded_generation(self) -> int:
+        """The launch generation whose instances are recorded (an older version's: 1 once ids are)."""
+        return self.launched_generation or (1 if self.instance_ids else 0)
 
     @property
     def enqueue_finished(self) -> bool:
@@ -165,7 +194,14 @@ class MetaUpdate:
     launch_spec: LaunchSpec | None = None
     instance_ids: list[str] | None = None
     launched_at: float | None = None
+    launch_generation: int | None = None
+    launched_generation: int | None = None
+    launch_count: int | None = None
+    retired_instance_ids: list[str] | None = None
+    stops_reported: list[str] | None = None
     consecutive_empty: int | None = None
+    # SET to 0 by a new launch generation: a fresh replacement budget (claims ADD to it).
+    replacements_launched: int | None = None
     progress_finished: int | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] | None = None
@@ -234,6 +270,24 @@ def update_meta_params(
         "ExpressionAttributeValues": serialize_item(values),
         "ReturnValues": "ALL_NEW",
     }
+
+
+def start_generation_params(
+    table: str,
+    cluster_id: str,
+    read_generation: int,
+    update: MetaUpdate,
+    retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+) -> dict[str, Any]:
+    """UpdateItem arguments that start a launch generation: ``update`` (which sets the new generation), only
+    if the item still holds generation ``read_generation`` (two launch tries cannot both start the next),
+    and drop a replacement launch an earlier generation claimed and never recorded."""
+    params = update_meta_params(table, cluster_id, update, retention_seconds)
+    params["UpdateExpression"] += " REMOVE #pending"
+    params["ConditionExpression"] = "attribute_not_exists(#gen) OR #gen = :read_gen"
+    params["ExpressionAttributeNames"].update({"#pending": PENDING_LAUNCH, "#gen": LAUNCH_GENERATION})
+    params["ExpressionAttributeValues"].update(serialize_item({":read_gen": read_generation}))
+    return params
 
 
 def claim_launch_params(table: str, cluster_id: str, pending: PendingLaunch) -> dict[str, Any]:

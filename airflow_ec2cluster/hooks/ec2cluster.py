@@ -87,6 +87,7 @@ from airflow_ec2cluster.meta import (
     finish_launch_params,
     get_meta_params,
     meta_of,
+    start_generation_params,
     update_meta_params,
 )
 from airflow_ec2cluster.packing import OutgoingMessage
@@ -213,6 +214,21 @@ class EC2ClusterHook(AwsBaseHook):
         response = self.dynamodb.update_item(
             **update_meta_params(table, cluster_id, update, retention_seconds)
         )
+        return meta_of(response["Attributes"])
+
+    def start_launch_generation(
+        self, table: str, cluster_id: str, read_generation: int, update: MetaUpdate
+    ) -> ClusterMeta | None:
+        """Start a launch generation (``update`` names it); None when another launch try started one since
+        this one read generation ``read_generation``."""
+        try:
+            response = self.dynamodb.update_item(
+                **start_generation_params(table, cluster_id, read_generation, update)
+            )
+        except ClientError as error:
+            if error_code(error) != CONDITION_FAILED:
+                raise
+            return None
         return meta_of(response["Attributes"])
 
     def _conditional_update(self, params: dict[str, Any]) -> bool:

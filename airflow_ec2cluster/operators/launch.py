@@ -6,6 +6,7 @@ import base64
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
@@ -13,6 +14,7 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import (
+    TAG_LAUNCH_TOKEN,
     ClusterDescriptor,
     LaunchSpec,
     dead_letter_queue_name,
@@ -26,6 +28,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_ROOT_VOLUME_GB,
     DEFAULT_STATE_TABLE,
 )
+from airflow_ec2cluster.drain.decisions import CAPACITY_STATES
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate
@@ -44,10 +47,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
     worker's own ``WorkerConfig.from_dict``), the user data size, the AMI, instance type, subnet, security
     groups and instance profile; one error lists every problem with its fix. The launch spec is recorded in
     the cluster's META item before launching and the instance ids right after, so the sensor can launch
-    replacements and teardown finds everything by tag. A retry finds the cluster launched by its first try
-    (META item, then the cluster tag) instead of launching a second one; RunInstances also carries a
-    ClientToken derived from the cluster id. When anything fails after the launch, or the task is killed,
-    the instances it started are terminated.
+    replacements and teardown finds everything by tag. When anything fails after the launch, or the task is
+    killed, the instances it started are terminated.
+
+    Running it again (an Airflow retry, or clearing the launch and drain tasks after a failure; see
+    :func:`plan_launch`): while the cluster has live instances it launches nothing (a retry never launches
+    twice: RunInstances carries a ClientToken of the launch generation, and an unrecorded launch is found
+    by it); once none is left it starts a new launch generation from its current arguments (the launch spec
+    and the stored worker code are replaced, so replacements use them too), with as many workers as the
+    work still queued needs and a fresh replacement budget for the drain. Tasks already done are not run
+    again: the workers skip tasks the task log holds as done.
 
     ``worker_options`` holds any other worker configuration field (``output``, ``task_timeout_seconds``,
     ``idle_shutdown_seconds``...; see DESIGN.md). Returns the :class:`ClusterDescriptor` as a dict.
@@ -138,66 +147,115 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         hook = self.hook
         hook.ensure_state_table(self.state_table)
         self.persist_links(context, hook, cluster_id, self.state_table)
-        existing = self.existing_cluster(hook, cluster_id)
-        if existing is not None:
-            return existing.to_dict()
+        meta = hook.get_meta(self.state_table, cluster_id) or ClusterMeta(cluster_id=cluster_id)
+        live = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id, CAPACITY_STATES)]
+        if live and meta.launch_spec is None:
+            raise AirflowException(
+                f"instances {live} are tagged with cluster {cluster_id} but it has no launch record: "
+                "tear the cluster down (EC2ClusterTeardownOperator) or use another cluster_id"
+            )
 
         queue_url, dlq_url = self.resolve_queues(hook, cluster_id)
         config = self.worker_config(cluster_id, hook.region, queue_url)
         bundle = build_worker_bundle() if self.worker_source == WORKER_FROM_TABLE else None
         spec = self.validated_spec(hook, config, bundle)
         num_workers = int(self.num_workers)
+        work = None
+        if meta.current_generation and meta.enqueue_finished and not live:
+            # A re-run: start only the workers the work still queued needs (held messages count).
+            work = hook.queue_counts(queue_url, dlq_url).work
+        plan = plan_launch(meta, live, spec, num_workers, work)
+        self.log.info("Cluster %s: %s", cluster_id, plan.why)
         if bundle is not None:
+            # Replaced on every run, so replacements boot the worker of the current arguments.
             hook.put_worker_bundle(self.state_table, cluster_id, bundle.data, bundle.sha256)
-        hook.update_meta(
-            self.state_table,
-            cluster_id,
-            MetaUpdate(
-                region=hook.region,
-                queue_url=queue_url,
-                dlq_url=dlq_url,
-                num_workers=num_workers,
-                log_shards=int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
-                launch_spec=spec,
-            ),
+        common = MetaUpdate(
+            region=hook.region,
+            queue_url=queue_url,
+            dlq_url=dlq_url,
+            num_workers=num_workers,
+            log_shards=int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
+            launch_spec=spec,
         )
-        launched_at = time.time()
-        self.log.info(
-            "Cluster %s: launching %d x %s from %s",
-            cluster_id,
-            num_workers,
-            spec.instance_type,
-            spec.image_id,
-        )
-        instances = hook.run_instances(
-            cluster_id=cluster_id,
-            spec=spec,
-            count=num_workers,
-            min_count=int(self.min_workers) if self.min_workers else None,
-            client_token=launch_client_token(cluster_id),
-        )
-        self._launched_ids = [i["InstanceId"] for i in instances]
-        try:
-            hook.update_meta(
+        if plan.action == ADOPT:
+            known = list(meta.instance_ids)
+            meta = hook.update_meta(
                 self.state_table,
                 cluster_id,
-                MetaUpdate(instance_ids=self._launched_ids, launched_at=launched_at),
+                replace(
+                    common,
+                    instance_ids=known + [i for i in live if i not in known],
+                    launched_generation=plan.generation,
+                    launched_at=meta.launched_at or time.time(),
+                ),
+            )
+            return replace(meta.descriptor(self.state_table), instance_ids=sorted(live)).to_dict()
+        if plan.action == START:
+            started = hook.start_launch_generation(
+                self.state_table,
+                cluster_id,
+                meta.launch_generation,
+                replace(
+                    common,
+                    launch_generation=plan.generation,
+                    launch_count=plan.count,
+                    retired_instance_ids=list(meta.instance_ids),
+                    replacements_launched=0,
+                    consecutive_empty=0,
+                ),
+            )
+            if started is None:
+                raise AirflowException(
+                    f"cluster {cluster_id}: another launch try started launch generation {plan.generation} "
+                    "at the same time; this one launched nothing (run only one launch task per cluster)"
+                )
+            meta = started
+        else:
+            meta = hook.update_meta(self.state_table, cluster_id, common)
+        return self.launch_generation(context, hook, meta, plan, spec).to_dict()
+
+    def launch_generation(
+        self, context: Context, hook: EC2ClusterHook, meta: ClusterMeta, plan: LaunchPlan, spec: LaunchSpec
+    ) -> ClusterDescriptor:
+        """RunInstances for ``plan`` (its ClientToken: a retried call starts nothing new), then record."""
+        cluster_id = meta.cluster_id
+        launched_at = time.time()
+        if plan.count:
+            self.log.info(
+                "Cluster %s: launching %d x %s from %s (launch generation %d)",
+                cluster_id,
+                plan.count,
+                spec.instance_type,
+                spec.image_id,
+                plan.generation,
+            )
+            instances = hook.run_instances(
+                cluster_id=cluster_id,
+                spec=replace(spec, extra_tags={**spec.extra_tags, TAG_LAUNCH_TOKEN: plan.token}),
+                count=plan.count,
+                min_count=min(int(self.min_workers), plan.count) if self.min_workers else None,
+                client_token=plan.token,
+            )
+            self._launched_ids = [i["InstanceId"] for i in instances]
+        else:
+            self.log.info("Cluster %s: no work left in the queue; launching no worker", cluster_id)
+        try:
+            known = list(meta.instance_ids)
+            meta = hook.update_meta(
+                self.state_table,
+                cluster_id,
+                MetaUpdate(
+                    instance_ids=known + [i for i in self._launched_ids if i not in known],
+                    launched_at=launched_at,
+                    launched_generation=plan.generation,
+                ),
             )
             context["ti"].xcom_push(key="instance_ids", value=self._launched_ids)
-            self.log.info("Cluster %s: launched %s", cluster_id, ", ".join(self._launched_ids))
-            return ClusterDescriptor(
-                cluster_id=cluster_id,
-                region=hook.region,
-                queue_url=queue_url,
-                dlq_url=dlq_url,
-                state_table=self.state_table,
-                instance_ids=self._launched_ids,
-                launch_time=launched_at,
-                num_workers=num_workers,
-                launch_spec=spec,
-            ).to_dict()
+            if self._launched_ids:
+                self.log.info("Cluster %s: launched %s", cluster_id, ", ".join(self._launched_ids))
+            return replace(meta.descriptor(self.state_table), instance_ids=list(self._launched_ids))
         except BaseException:
-            if self.terminate_on_failure:
+            if self.terminate_on_failure and self._launched_ids:
                 self.log.error(
                     "Cluster %s: failed after launching; terminating %s", cluster_id, self._launched_ids
                 )
@@ -209,33 +267,6 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             self.log.info("on_kill: terminating %s", ", ".join(self._launched_ids))
             self.hook.terminate_instances(self._launched_ids, wait=False)
         super().on_kill()
-
-    def existing_cluster(self, hook: EC2ClusterHook, cluster_id: str) -> ClusterDescriptor | None:
-        """The cluster an earlier try of this task launched, if any."""
-        meta = hook.get_meta(self.state_table, cluster_id) or ClusterMeta(cluster_id=cluster_id)
-        if meta.instance_ids and meta.launch_spec is not None:
-            self.log.info(
-                "Cluster %s was launched before (%s); not launching again", cluster_id, meta.instance_ids
-            )
-            return meta.descriptor(self.state_table)
-        live = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id)]
-        if not live:
-            return None
-        if meta.launch_spec is None:
-            raise AirflowException(
-                f"instances {live} are tagged with cluster {cluster_id} but it has no launch record: "
-                "tear the cluster down (EC2ClusterTeardownOperator) or use another cluster_id"
-            )
-        # The earlier try stopped between RunInstances and recording the ids: record them now.
-        self.log.info(
-            "Cluster %s: found instances %s from an earlier try; not launching again", cluster_id, live
-        )
-        meta = hook.update_meta(
-            self.state_table,
-            cluster_id,
-            MetaUpdate(instance_ids=live, launched_at=meta.launched_at or time.time()),
-        )
-        return meta.descriptor(self.state_table)
 
     def resolve_queues(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[str, str]:
         queue_url = self.queue_url or hook.get_queue_url(task_queue_name(cluster_id))
@@ -335,6 +366,78 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             volume_size_gb=root_volume_size(image, self.volume_size_gb),
             extra_tags=dict(self.tags),
         )
+
+
+ADOPT = "adopt"  # live instances: record them, launch nothing
+RESUME = "resume"  # a generation started and not recorded: its RunInstances again, same ClientToken
+START = "start"  # no live instance: the next generation, with a fresh replacement budget
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    action: str
+    generation: int
+    count: int
+    token: str
+    why: str
+
+
+def generation_client_token(cluster_id: str, generation: int) -> str:
+    """The ClientToken of launch ``generation`` (at most 64 characters with a 40-character cluster id).
+
+    Generation 1 keeps the token launches had before generations existed, so a retry across an upgrade
+    still finds its RunInstances; each later generation has its own, so a re-run after a failure is a new
+    launch while a retry of the same generation is not.
+    """
+    base = launch_client_token(cluster_id)
+    return base if generation <= 1 else f"{base}-g{generation}"
+
+
+def plan_launch(
+    meta: ClusterMeta, live_ids: list[str], spec: LaunchSpec, num_workers: int, work: int | None
+) -> LaunchPlan:
+    """What one run of the launch operator does, from the META item, the cluster's live (pending/running)
+    instances, the spec of its current arguments, and ``work``: messages still queued (None: unknown, or the
+    first launch: start ``num_workers``).
+
+    Live instances are never added to: they are an earlier try of this launch (an Airflow retry must not
+    launch twice) or a drain's workers (the drain keeps the cluster at its size with replacements, which
+    use the spec this run records); launching here too would race with it. A generation started and not
+    recorded, and not changed since, is retried with its own ClientToken: if its RunInstances went
+    through, EC2 answers with those instances instead of starting more. Otherwise (nothing live: the job
+    failed, or its workers stopped) the next generation starts with the current spec, as many workers as
+    the queued work needs (at most ``num_workers``, none when nothing is left) and a fresh replacement budget.
+    """
+    cluster_id = meta.cluster_id
+    current = meta.current_generation
+    if live_ids:
+        return LaunchPlan(
+            ADOPT,
+            current,
+            0,
+            generation_client_token(cluster_id, current),
+            f"instances {sorted(live_ids)} of launch generation {current} are live; not launching again "
+            "(the drain replaces workers that stop, from the launch spec of this run)",
+        )
+    if current > meta.recorded_generation and meta.launch_spec == spec:
+        count = num_workers if meta.launch_count is None else meta.launch_count
+        return LaunchPlan(
+            RESUME,
+            current,
+            count,
+            generation_client_token(cluster_id, current),
+            f"launch generation {current} was started but its instances were not recorded; repeating its "
+            "RunInstances with the same ClientToken (it starts nothing new if the first call went through)",
+        )
+    generation = current + 1
+    count = num_workers if work is None else max(0, min(num_workers, work))
+    why = (
+        f"launch generation {generation}: {count} worker(s)"
+        if work is None
+        else f"launch generation {generation} (no live instance left): {count} worker(s) for {work} "
+        "message(s) still queued, and a fresh replacement budget"
+    )
+    return LaunchPlan(START, generation, count, generation_client_token(cluster_id, generation), why)
 
 
 def root_volume_size(image: dict[str, Any] | None, requested: int | None) -> int | None:
