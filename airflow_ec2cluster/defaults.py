@@ -48,6 +48,9 @@ DEFAULT_BOOT_TIMEOUT = 600
 # dead-lettered >= enqueued), a check that a stale zero cannot pass while messages are still queued or held.
 # Each extra read costs a poke interval of idle instances (drain latency <= 2 intervals + teardown).
 DEFAULT_DRAINED_CHECKS = 2
+# Workers in a row that stop at start with the same error before the drain stops replacing them and fails
+# (a broken handler fails every new worker: replacing it would only bill boots).
+DEFAULT_REPEATED_FAILURE_LIMIT = 3
 # Dead-lettered messages sampled for the summary (their task ids and last errors).
 DEFAULT_DEAD_LETTER_SAMPLE = 100
 # The trigger's rounds in a row that may fail on AWS errors (after botocore's own retries) before it fails.

@@ -37,12 +37,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ec2cluster_worker.status import STARTUP_FAILED
+
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_DRAINED_CHECKS,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_TASK_SECONDS,
+    DEFAULT_REPEATED_FAILURE_LIMIT,
 )
 
 # EC2 instance states in which an instance can (or soon can) run the worker.
@@ -61,6 +64,8 @@ REASON_INSTANCE_STOPPED = "instance-stopped"
 
 # The exact task-log count is retried every ``drained_checks`` empty pokes, this many times at most.
 EXACT_COUNT_ROUNDS = 3
+# Lines of a repeated start-up error quoted in the failure message.
+STOP_REASON_QUOTE_LINES = 5
 # Without an enqueued count there is no cross-check: the queue counts alone must read empty this many times.
 UNCHECKED_DRAINED_CHECKS = 3
 
@@ -149,8 +154,10 @@ class Policy:
     drained_checks: int = DEFAULT_DRAINED_CHECKS
     cluster_size: int = 1
     replace_reaped: bool = True
-    # Replacement instances allowed over the whole job: a bound on churn when workers keep dying.
+    # Replacement instances allowed per launch generation: a bound on churn when workers keep dying.
     max_replacements: int | None = None
+    # Stop replacing (and fail) when this many workers in a row stopped at start with the same error.
+    repeated_failure_limit: int = DEFAULT_REPEATED_FAILURE_LIMIT
 
     @property
     def replacement_budget(self) -> int:
@@ -178,6 +185,10 @@ class Snapshot:
     exact_tasks_finished: int | None = None
     # The finished count an earlier round reported: progress never goes backwards.
     finished_before: int = 0
+    # Workers of earlier launch generations (before a re-run): their stops do not count against this one.
+    retired_workers: frozenset[str] = frozenset()
+    # Workers whose stop an earlier round already logged.
+    stops_reported: frozenset[str] = frozenset()
 
     @property
     def expected_messages(self) -> int | None:
@@ -202,6 +213,8 @@ class Decision:
     progress: str
     finished: int
     stats: dict[str, Any] = field(default_factory=dict)
+    # Workers stopped since the last round that logged stops: (worker id, stop reason), to log once each.
+    stops: tuple[tuple[str, str], ...] = ()
 
 
 def reap_reason(
@@ -300,6 +313,66 @@ def drain_state(snapshot: Snapshot, consecutive_empty: int, finished: int) -> tu
     return False, False, None
 
 
+def current_stops(snapshot: Snapshot) -> list[WorkerStatus]:
+    """The current launch generation's stopped workers, in the order they stopped (their last beat)."""
+    stopped = [
+        w
+        for w in snapshot.workers
+        if w.state == WORKER_STOPPED and w.worker_id not in snapshot.retired_workers
+    ]
+    return sorted(stopped, key=lambda w: (w.heartbeat_at, w.worker_id))
+
+
+def repeated_startup_failure(snapshot: Snapshot) -> str | None:
+    """The start-up error the last ``repeated_failure_limit`` workers to stop all stopped with, if they did.
+
+    Only this launch generation's workers count (a re-run after a fix starts afresh), and any other stop in
+    between (a worker that ran and went idle, or failed differently) breaks the row. The error is the stop
+    reason the worker wrote (``startup-failed: ...``), without its prefix.
+    """
+    limit = snapshot.policy.repeated_failure_limit
+    last = current_stops(snapshot)[-limit:]
+    if limit < 1 or len(last) < limit:
+        return None
+    reasons = {w.stop_reason or "" for w in last}
+    if len(reasons) != 1:
+        return None
+    (reason,) = reasons
+    prefix = f"{STARTUP_FAILED}:"
+    return reason[len(prefix) :].strip() if reason.startswith(prefix) else None
+
+
+def repeated_failure_message(snapshot: Snapshot, error: str) -> str:
+    limit = snapshot.policy.repeated_failure_limit
+    quoted = "\n    ".join(error.splitlines()[:STOP_REASON_QUOTE_LINES])
+    return (
+        f"{limit} workers in a row failed at start with the same error, so no more are launched "
+        f"({snapshot.counts.work} messages of tasks still queued):\n    {quoted}\n"
+        "Fix the handler (its module, its requirements or the worker options), then clear the launch and "
+        "drain tasks: the launch starts workers from its current arguments with a fresh replacement budget, "
+        "for the work still queued (tasks already done are not run again)"
+    )
+
+
+def stop_reasons_text(snapshot: Snapshot, limit: int = 3) -> str:
+    """The last distinct stop reasons of this launch generation's workers, for a failure message."""
+    reasons: list[str] = []
+    for worker in reversed(current_stops(snapshot)):
+        reason = (worker.stop_reason or "no reason").splitlines()[0]
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons[:limit])
+
+
+def new_stops(snapshot: Snapshot) -> tuple[tuple[str, str], ...]:
+    """Stopped workers no round has logged yet (their status items outlive their instances)."""
+    return tuple(
+        (w.worker_id, w.stop_reason or "no reason")
+        for w in sorted(snapshot.workers, key=lambda w: (w.heartbeat_at, w.worker_id))
+        if w.state == WORKER_STOPPED and w.worker_id not in snapshot.stops_reported
+    )
+
+
 def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, capacity: int) -> str | None:
     """A clear reason to fail when work remains that no worker can ever run."""
     counts = snapshot.counts
@@ -313,11 +386,14 @@ def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, cap
     )
     reasons = sorted({f"{r.reason} ({r.detail})" for r in reaped})
     reaped_text = f"; reaped this check: {', '.join(reasons)}" if reasons else ""
+    stopped = stop_reasons_text(snapshot)
+    stopped_text = f"; workers stopped with: {stopped}" if stopped else ""
     return (
         f"{counts.work} messages of tasks remain (visible {counts.visible}, in flight {counts.in_flight}, "
         f"delayed {counts.delayed}) but no worker can run them: no live worker is left and {why}"
-        f"{reaped_text}. Look at the workers' stop reasons in the state table, fix the cause, and re-run the "
-        "launch and drain tasks (the queue still holds the work)"
+        f"{reaped_text}{stopped_text}. Fix the cause, then clear the launch and drain tasks: the launch "
+        "starts workers from its current arguments with a fresh replacement budget, for the work still "
+        "queued"
     )
 
 
@@ -335,12 +411,17 @@ def decide(snapshot: Snapshot) -> Decision:
             capacity += 1
 
     launch = replacements_to_launch(snapshot, capacity)
+    repeated = repeated_startup_failure(snapshot) if snapshot.counts.work else None
+    if repeated is not None:
+        launch = 0
     consecutive_empty = snapshot.consecutive_empty + 1 if snapshot.counts.work == 0 else 0
     finished = finished_count(snapshot)
     drained, needs_exact, drain_failure = drain_state(
         snapshot, consecutive_empty, finished_messages(snapshot)
     )
     failure = drain_failure or failure_message(snapshot, reap, launch, capacity)
+    if repeated is not None and not drain_failure:
+        failure = repeated_failure_message(snapshot, repeated)
     stats = worker_stats(snapshot, reap, capacity, finished)
     return Decision(
         reap=tuple(reap),
@@ -352,6 +433,7 @@ def decide(snapshot: Snapshot) -> Decision:
         progress=progress_line(snapshot, stats),
         finished=finished,
         stats=stats,
+        stops=new_stops(snapshot),
     )
 
 

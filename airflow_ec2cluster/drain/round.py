@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ec2cluster_worker import records
+from ec2cluster_worker.status import STARTUP_FAILED
 
 from airflow_ec2cluster.cluster import TAG_LAUNCH_TOKEN, launch_client_token
 from airflow_ec2cluster.defaults import (
@@ -35,6 +36,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_TASK_SECONDS,
+    DEFAULT_REPEATED_FAILURE_LIMIT,
     DEFAULT_STATE_TABLE,
 )
 from airflow_ec2cluster.drain.decisions import (
@@ -68,6 +70,7 @@ class DrainSettings:
     max_replacements: int | None = None
     dead_letter_sample: int = DEFAULT_DEAD_LETTER_SAMPLE
     exact_summary: bool = True
+    repeated_failure_limit: int = DEFAULT_REPEATED_FAILURE_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +91,7 @@ class DrainSettings:
             cluster_size=int(size),
             replace_reaped=bool(self.replace_reaped) and meta.launch_spec is not None,
             max_replacements=None if self.max_replacements is None else int(self.max_replacements),
+            repeated_failure_limit=int(self.repeated_failure_limit),
         )
 
 
@@ -174,6 +178,10 @@ def drain_round(
         )
         decision = decide(snapshot)
 
+    for worker_id, reason in decision.stops:
+        # Once per worker (recorded below), even when its instance was gone before any round saw it.
+        emit = log.warning if reason.startswith(STARTUP_FAILED) else log.info
+        emit("Worker %s stopped: %s", worker_id, reason)
     for reap in decision.reap:
         log.warning("Reaping %s: %s (%s)", reap.instance_id, reap.reason, reap.detail)
     if decision.reap:
@@ -220,6 +228,8 @@ def build_snapshot(
         replacements_launched=meta.replacements_launched,
         reaped_total=meta.reaped_total,
         started_at=meta.launched_at,
+        retired_workers=frozenset(meta.retired_instance_ids),
+        stops_reported=frozenset(meta.stops_reported),
     )
 
 
@@ -265,6 +275,9 @@ def meta_update(meta: ClusterMeta, decision: Decision, *, exact_count: bool = Fa
     update = MetaUpdate(
         consecutive_empty=decision.consecutive_empty if changed else None, add_reaped=len(decision.reap)
     )
+    if decision.stops:
+        reported = set(meta.stops_reported) | {worker_id for worker_id, _ in decision.stops}
+        update = replace(update, stops_reported=sorted(reported))
     if decision.finished > meta.progress_finished and (exact_count or update):
         update = replace(update, progress_finished=decision.finished)
     return update

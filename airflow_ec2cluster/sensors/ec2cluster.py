@@ -21,6 +21,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_TASK_SECONDS,
+    DEFAULT_REPEATED_FAILURE_LIMIT,
     DEFAULT_STATE_TABLE,
 )
 from airflow_ec2cluster.drain.round import DrainSettings, drain_round, instance_seconds, run_sync
@@ -57,9 +58,13 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     task longer than ``max_task_seconds``, an instance with no status ``boot_timeout`` after launch, a worker
     that reported itself stopped while its instance still runs, and an instance stopped in EC2. While work
     remains (in-flight messages count) and ``replace_reaped`` is on, missing workers are replaced up to the
-    cluster size (``cluster_size``, default the launched count), at most ``max_replacements`` over the job
-    (default twice the cluster size). The sensor fails at once (no retry) when work remains and no worker can
-    run it.
+    cluster size (``cluster_size``, default the launched count), at most ``max_replacements`` per launch
+    generation (default twice the cluster size; a re-run of the launch starts a new generation). The sensor
+    fails at once (no retry) when work remains and no worker can run it, and when
+    ``repeated_failure_limit`` workers in a row (default 3) stopped at start with the same error (a broken
+    handler: replacing them would only bill boots); the failure quotes the error and says what to fix. The
+    stop reason of every stopped worker is logged once, read from the status items (which outlive the
+    instances). After a fix, clearing the launch and drain tasks runs the work still queued.
 
     ``deferrable=True`` (default: Airflow's ``[operators] default_deferrable``, as in the amazon provider;
     templated, so a run can choose it: ``deferrable="{{ params.deferrable }}"``)
@@ -89,6 +94,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         "drained_checks",
         "cluster_size",
         "max_replacements",
+        "repeated_failure_limit",
         "fail_on_dead_letters",
         "deferrable",
     )
@@ -111,6 +117,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         dead_letter_sample: int = DEFAULT_DEAD_LETTER_SAMPLE,
         exact_summary: bool = True,
         fail_on_dead_letters: bool = False,
+        repeated_failure_limit: int = DEFAULT_REPEATED_FAILURE_LIMIT,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -128,11 +135,24 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         self.dead_letter_sample = dead_letter_sample
         self.exact_summary = exact_summary
         self.fail_on_dead_letters = fail_on_dead_letters
+        self.repeated_failure_limit = repeated_failure_limit
         self.deferrable = deferrable
 
     def settings(self) -> DrainSettings:
         """The (rendered) thresholds, as the round and the trigger take them."""
+        try:
+            limit = int(self.repeated_failure_limit)
+            if limit < 1 or str(self.repeated_failure_limit).strip() != str(limit):
+                raise ValueError
+        except (TypeError, ValueError):
+            # No retry: the same argument would fail again.
+            raise AirflowFailException(
+                f"repeated_failure_limit: {self.repeated_failure_limit!r} is not a positive integer; give "
+                f"the number of workers in a row that may fail at start with the same error before the "
+                f"drain stops (default {DEFAULT_REPEATED_FAILURE_LIMIT})"
+            ) from None
         return DrainSettings(
+            repeated_failure_limit=limit,
             state_table=self.state_table,
             idle_timeout=float(self.idle_timeout),
             heartbeat_timeout=float(self.heartbeat_timeout),
@@ -153,6 +173,7 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
             raise AirflowFailException(str(error)) from error
 
     def execute(self, context: Context) -> Any:
+        self.settings()  # bad arguments fail before anything is read or launched
         cluster_id = self.resolve_cluster_id(context)
         self.persist_links(context, cluster_id)
         if not as_bool(self.deferrable):
