@@ -36,8 +36,10 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
 
     Finds instances by tag, not by what the launch task recorded, so it also catches instances of a launch
     that died before recording them and the sensor's replacements. ``delete_queues=True`` also deletes the
-    task queue and the dead-letter queue (keep them to inspect or re-drive dead-lettered tasks). Meant to
-    run as an Airflow teardown task: ``launch >> drain >> teardown.as_teardown(setups=launch)``.
+    task queue and the dead-letter queue (keep them to inspect or re-drive dead-lettered tasks), unless the
+    task queue still holds work: after a failed drain they stay, so that clearing the launch and drain tasks
+    runs it. Meant to run as an Airflow teardown task:
+    ``launch >> drain >> teardown.as_teardown(setups=launch)``.
     Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool}``.
     """
 
@@ -83,12 +85,24 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         )
         queues_deleted = False
         if self.delete_queues:
-            for name in (task_queue_name(cluster_id), dead_letter_queue_name(cluster_id)):
-                url = hook.get_queue_url(name)
-                if url:
+            urls = [
+                hook.get_queue_url(task_queue_name(cluster_id)),
+                hook.get_queue_url(dead_letter_queue_name(cluster_id)),
+            ]
+            work = hook.queue_counts(urls[0], urls[1]).work if all(urls) else 0
+            if work:
+                # A failed drain: the queue holds the work a re-run of the launch and drain tasks needs.
+                self.log.warning(
+                    "Cluster %s: keeping its queues, %d messages of tasks are not done; after fixing the "
+                    "cause clear the launch and drain tasks to run them (or delete the queues yourself)",
+                    cluster_id,
+                    work,
+                )
+            else:
+                for url in filter(None, urls):
                     hook.delete_queue(url)
                     self.log.info("Deleted queue %s", url)
-            queues_deleted = True
+                queues_deleted = True
         self.record_teardown(hook, cluster_id, instance_ids)
         return {"cluster_id": cluster_id, "terminated": instance_ids, "queues_deleted": queues_deleted}
 

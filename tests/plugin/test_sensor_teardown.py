@@ -141,6 +141,8 @@ def test_teardown_terminates_every_state_and_deletes_queues(cluster, context):
     cid = cluster["cluster_id"]
     ec2 = boto3.client("ec2", region_name=REGION)
     ec2.stop_instances(InstanceIds=[cluster["instance_ids"][0]])
+    sqs = boto3.client("sqs", region_name=REGION)
+    sqs.purge_queue(QueueUrl=sqs.get_queue_url(QueueName=f"{cid}-tasks")["QueueUrl"])  # the work is done
     result = EC2ClusterTeardownOperator(
         task_id="teardown", cluster_id=cid, delete_queues=True, waiter_delay=1, **COMMON
     ).execute(context)
@@ -157,6 +159,16 @@ def test_teardown_terminates_every_state_and_deletes_queues(cluster, context):
     assert queues == []
     again = EC2ClusterTeardownOperator(task_id="teardown2", cluster_id=cid, **COMMON).execute(context)
     assert again["terminated"] == []
+
+
+def test_teardown_keeps_queues_that_still_hold_work_for_a_re_run(cluster, context):
+    cid = cluster["cluster_id"]
+    result = EC2ClusterTeardownOperator(
+        task_id="teardown", cluster_id=cid, delete_queues=True, waiter_delay=1, **COMMON
+    ).execute(context)
+    assert sorted(result["terminated"]) == sorted(cluster["instance_ids"]) and not result["queues_deleted"]
+    queues = boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cid).get("QueueUrls", [])
+    assert len(queues) == 2
 
 
 def test_teardown_works_as_an_airflow_teardown_task():
