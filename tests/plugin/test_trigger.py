@@ -202,3 +202,35 @@ def test_calls_per_round_match_the_sync_poke(cluster):
     assert sorted(calls) == sorted(
         ["GetItem", "GetQueueAttributes", "GetQueueAttributes", "DescribeInstances", "Query"]
     ), calls
+
+
+def test_a_round_in_the_triggerer_stops_early_on_a_repeated_start_up_failure_of_gone_instances(cluster):
+    # The instances are gone before any round saw them; their status items say why they stopped.
+    cid = cluster["cluster_id"]
+    boto3.client("ec2", region_name=REGION).terminate_instances(InstanceIds=cluster["instance_ids"])
+    reason = "startup-failed: handler.target: cannot import module 'jobs' (ModuleNotFoundError: ...)"
+    now = time.time()
+    for n, worker_id in enumerate(["i-a", "i-b", "i-c"]):
+        write_status(
+            cid, worker_id, state="stopped", busy=False, heartbeat_at=int(now - 10 + n), stop_reason=reason
+        )
+    logged = []
+
+    class Log:
+        def __getattr__(self, level):
+            return lambda message, *args: logged.append((level, message % args))
+
+    async def round_():
+        async with AsyncClusterIO.open(hook()) as io:
+            return await run_async(drain_round(cid, settings(), Log()), io)
+
+    outcome = asyncio.run(round_())
+    assert "3 workers in a row failed at start with the same error" in outcome.failure
+    assert "ModuleNotFoundError" in outcome.failure and outcome.launched == ()
+    assert live_ids(cid) == set()
+    stops = [text for level, text in logged if text.startswith("Worker ")]
+    assert sorted(stops) == [f"Worker {w} stopped: {reason}" for w in ("i-a", "i-b", "i-c")]
+    # Logged once: the next round does not repeat them.
+    logged.clear()
+    asyncio.run(round_())
+    assert not [text for _, text in logged if text.startswith("Worker ")]
