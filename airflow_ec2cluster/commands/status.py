@@ -31,6 +31,7 @@ from botocore.exceptions import ClientError
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.aws import error_code
+from airflow_ec2cluster.aws.dynamodb import TABLE_NOT_FOUND
 from airflow_ec2cluster.aws.sqs import NONEXISTENT_QUEUE_CODES
 from airflow_ec2cluster.commands.common import add_connection_arguments, hook_from
 from airflow_ec2cluster.defaults import DEFAULT_VISIBILITY_TIMEOUT
@@ -83,7 +84,14 @@ def gather(
     per log shard: this grows with the job, so it is made only at the end, as the drain does) and, with
     dead letters, a peek of at most ``dead_letter_limit`` of them (about a tenth as many receives).
     """
-    meta = hook.get_meta(table, cluster_id)
+    try:
+        meta = hook.get_meta(table, cluster_id)
+    except ClientError as error:
+        if error_code(error) == TABLE_NOT_FOUND:
+            raise ValueError(
+                f"state table {table} does not exist (wrong --state-table or --region?)"
+            ) from error
+        raise
     if meta is None:
         return None
     counts = None
