@@ -1,4 +1,4 @@
-"""SQS: the cluster's two queues, their counts, the dead-letter sample and the re-drive's batches."""
+"""SQS: the cluster's two queues, their counts and the re-drive's batches (the dead-letter peek: sqs_peek)."""
 
 from __future__ import annotations
 
@@ -92,46 +92,6 @@ def counts_from_attributes(main: dict[str, str], dead: dict[str, str]) -> QueueC
         delayed=int(main.get("ApproximateNumberOfMessagesDelayed", 0)),
         dead_lettered=int(dead.get(DLQ_COUNT_ATTRIBUTE, 0)),
     )
-
-
-# -- the dead-letter sample --------------------------------------------------------------------------------
-
-
-def peek_params(dlq_url: str) -> dict[str, Any]:
-    """ReceiveMessage arguments that leave the messages visible (VisibilityTimeout=0), short poll."""
-    return {
-        "QueueUrl": dlq_url,
-        "MaxNumberOfMessages": SQS_BATCH_ENTRIES,
-        "VisibilityTimeout": 0,
-        "WaitTimeSeconds": 0,
-    }
-
-
-class DeadLetterSample:
-    """Task-log keys seen while peeking at the dead-letter queue: at most ``limit``, each message once.
-
-    SQS samples servers on each short poll, so the peek is bounded (``max_receives`` calls), not an exact
-    listing: it stops at ``limit`` keys, or at the first receive that shows nothing new.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.max_receives = limit // SQS_BATCH_ENTRIES + 2
-        self._seen: dict[str, str] = {}
-
-    @property
-    def full(self) -> bool:
-        return len(self._seen) >= self.limit
-
-    def add(self, response: dict[str, Any]) -> bool:
-        """Take one ReceiveMessage answer; False when it had no message not seen before (stop)."""
-        new = [m for m in response.get("Messages", []) if m["MessageId"] not in self._seen]
-        for message in new:
-            self._seen[message["MessageId"]] = log_key_of(message)
-        return bool(new)
-
-    def keys(self) -> list[str]:
-        return list(self._seen.values())[: self.limit]
 
 
 # -- the client-side re-drive ------------------------------------------------------------------------------
