@@ -85,3 +85,54 @@ def test_the_peek_stops_at_its_limit_or_at_an_answer_with_nothing_new():
 
 def message(i: int) -> dict:
     return {"MessageId": f"m{i}", "ReceiptHandle": f"r{i}", "Body": json.dumps({"task_id": f"t{i:09d}"})}
+
+
+def test_the_drain_summary_lists_thirty_dead_letters(aws, context, cluster_id, ami_id, instance_profile):
+    """The summary's limit is 100 dead-lettered messages: all 30 of this job (it listed 10)."""
+    import logging
+
+    from ec2cluster_worker import records
+
+    from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_sync
+    from tests.plugin.conftest import enqueue_and_launch
+
+    table = "ec2cluster-state-peek"
+    cluster = enqueue_and_launch(context, cluster_id, ami_id, table, tasks=10)
+    sqs = boto3.client("sqs", region_name=REGION)
+    taken: list[dict] = []
+    while len(taken) < 10:  # play the workers: every task done and logged
+        taken += sqs.receive_message(QueueUrl=cluster["queue_url"], MaxNumberOfMessages=10).get(
+            "Messages", []
+        )
+    for batch_start in (0, 5):
+        sqs.delete_message_batch(
+            QueueUrl=cluster["queue_url"],
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                for i, m in enumerate(taken[batch_start : batch_start + 5])
+            ],
+        )
+    with boto3.resource("dynamodb", region_name=REGION).Table(table).batch_writer() as batch:
+        for i in range(10):
+            task_id = f"t{i:09d}"
+            batch.put_item(
+                Item={**records.task_log_key(cluster_id, task_id), "task_id": task_id, "status": "done"}
+            )
+    dead = [f"p{i:09d}" for i in range(30)]
+    for start in range(0, 30, 10):
+        sqs.send_message_batch(
+            QueueUrl=cluster["dlq_url"],
+            Entries=[
+                {"Id": str(i), "MessageBody": json.dumps({"task_id": t})}
+                for i, t in enumerate(dead[start : start + 10])
+            ],
+        )
+    hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
+    settings = DrainSettings(state_table=table, drained_checks=2)
+    log = logging.getLogger(__name__)
+    outcome = run_sync(drain_round(cluster_id, settings, log), hook)
+    while not outcome.drained:
+        assert outcome.failure is None
+        outcome = run_sync(drain_round(cluster_id, settings, log), hook)
+    assert sorted(outcome.summary["dead_lettered_task_ids"]) == dead
+    assert visible(cluster["dlq_url"]) == 30
