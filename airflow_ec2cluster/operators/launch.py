@@ -179,16 +179,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         )
         if plan.action == ADOPT:
             known = list(meta.instance_ids)
-            meta = hook.update_meta(
-                self.state_table,
-                cluster_id,
-                replace(
-                    common,
-                    instance_ids=known + [i for i in live if i not in known],
-                    launched_generation=plan.generation,
-                    launched_at=meta.launched_at or time.time(),
-                ),
+            every = known + [i for i in live if i not in known]
+            adopt = replace(
+                common,
+                instance_ids=every,
+                launched_generation=plan.generation,
+                launched_at=meta.launched_at or time.time(),
             )
+            if plan.renew:
+                adopt = replace(adopt, retired_instance_ids=every, replacements_launched=0)
+            meta = hook.update_meta(self.state_table, cluster_id, adopt)
             return replace(meta.descriptor(self.state_table), instance_ids=sorted(live)).to_dict()
         if plan.action == START:
             started = hook.start_launch_generation(
@@ -380,6 +380,9 @@ class LaunchPlan:
     count: int
     token: str
     why: str
+    # Adopting live instances with changed arguments (a fix while old workers still run): the workers from
+    # now on get a fresh replacement budget, and the earlier ones' stops no longer count towards stopping.
+    renew: bool = False
 
 
 def generation_client_token(cluster_id: str, generation: int) -> str:
@@ -411,13 +414,16 @@ def plan_launch(
     cluster_id = meta.cluster_id
     current = meta.current_generation
     if live_ids:
+        renew = meta.launch_spec is not None and meta.launch_spec != spec
         return LaunchPlan(
             ADOPT,
             current,
             0,
             generation_client_token(cluster_id, current),
             f"instances {sorted(live_ids)} of launch generation {current} are live; not launching again "
-            "(the drain replaces workers that stop, from the launch spec of this run)",
+            "(the drain replaces workers that stop, from the launch spec of this run"
+            + ("; the arguments changed: a fresh replacement budget)" if renew else ")"),
+            renew=renew,
         )
     if current > meta.recorded_generation and meta.launch_spec == spec:
         count = num_workers if meta.launch_count is None else meta.launch_count

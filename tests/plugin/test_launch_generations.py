@@ -36,8 +36,11 @@ def test_a_first_launch_starts_generation_one_with_the_historic_token():
 
 def test_live_instances_are_adopted_never_added_to():
     meta = ClusterMeta(cluster_id="c-1", launch_spec=SPEC, launch_generation=2, launched_generation=1)
-    plan = plan_launch(meta, ["i-1"], FIXED, 4, 10)
-    assert (plan.action, plan.generation, plan.count) == (ADOPT, 2, 0)
+    retry = plan_launch(meta, ["i-1"], SPEC, 4, 10)
+    assert (retry.action, retry.generation, retry.count, retry.renew) == (ADOPT, 2, 0, False)
+    # A fix while old workers still run: none launched, but a fresh budget for the workers from now on.
+    fixed = plan_launch(meta, ["i-1"], FIXED, 4, 10)
+    assert (fixed.action, fixed.generation, fixed.count, fixed.renew) == (ADOPT, 2, 0, True)
 
 
 def test_a_generation_started_and_not_recorded_is_repeated_with_its_token():
@@ -102,6 +105,23 @@ def test_a_re_run_after_every_worker_is_gone_launches_from_the_current_arguments
     # Replacements use the current arguments: the spec in META carries the fixed handler.
     assert "jobs.fixed:run" in user_data_of(meta.launch_spec)
     assert "jobs.broken:run" not in user_data_of(meta.launch_spec)
+
+
+@pytest.mark.usefixtures("queues")
+def test_a_fix_while_old_workers_still_run_launches_nothing_and_renews_the_budget(
+    context, cluster_id, ami_id, instance_profile
+):
+    hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
+    ids = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.broken:run"}).execute(
+        context
+    )["instance_ids"]
+    hook.update_meta(TABLE, cluster_id, MetaUpdate(replacements_launched=4))
+    fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"})
+    runs = record_calls(fixed, "RunInstances")
+    assert sorted(fixed.execute(context)["instance_ids"]) == sorted(ids) and runs == []
+    meta = hook.get_meta(TABLE, cluster_id)
+    assert meta.replacements_launched == 0 and sorted(meta.retired_instance_ids) == sorted(ids)
+    assert "jobs.fixed:run" in user_data_of(meta.launch_spec)  # replacements boot the fixed handler
 
 
 @pytest.mark.usefixtures("queues")
