@@ -392,7 +392,10 @@ def render(report: StatusReport) -> str:
         lines.extend(
             table(
                 ("task", "last error"),
-                [(d["task_id"], one_line(d["error"]) or "(no task-log record)") for d in facts.dead_letters],
+                [
+                    (d["task_id"], one_line(d["error"]) or "(no task-log record)")
+                    for d in sorted(facts.dead_letters, key=lambda d: d["task_id"])
+                ],
             )
         )
         lines.append(f"re-drive them with: ec2cluster redrive {facts.cluster_id}")

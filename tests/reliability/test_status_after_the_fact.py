@@ -1,0 +1,68 @@
+"""`ec2cluster status` on a real job, as a user runs it: during, when finished, and after a teardown.
+
+A job of 120 tasks of which 30 are poison runs on the local cloud; the command (a process of its own) must
+then say 100 % with no ETA, list all 30 dead-lettered tasks, print nothing but its report, and after a
+teardown that deleted the queues show what the state table still holds; `--watch` must end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .harness import Job
+
+TASKS = 120
+POISON = set(range(0, TASKS, 4))  # 30 poison tasks, one a message
+MAX_RECEIVE_COUNT = 2
+# A ceiling against a hang (a --watch that never ends), not a speed expectation.
+HANG_GUARD_SECONDS = 300
+LOG_LINE = re.compile(r"\[(info|debug|warning)\s*\]|\b(INFO|DEBUG)\b")
+
+
+def ec2cluster(job: Job, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "airflow_ec2cluster.cli", *args, "--state-table", job.state_table],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_SECONDS,
+        env={**os.environ, **job.cloud.env(), "NO_COLOR": "1"},
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_status_tells_the_truth_after_the_job_and_after_the_teardown(cloud_env):
+    job = Job(cloud_env, "status")
+    poison_ids = {f"t{n:09d}" for n in POISON}
+    tasks = [{"n": n, "poison": n in POISON} for n in range(TASKS)]
+    job.enqueue(tasks, tasks_per_message=1, max_receive_count=MAX_RECEIVE_COUNT)
+    job.launch(2, "tests.reliability.handlers:poison_if_asked")
+    summary = job.drain(timeout=240)
+    # The drain's summary lists every dead-lettered task (its limit is 100), not 10.
+    assert set(summary["dead_lettered_task_ids"]) == poison_ids
+
+    finished = ec2cluster(job, "status", job.cluster_id, "--dead-letters", "50")
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr == "" and not LOG_LINE.search(finished.stdout)
+    progress = finished.stdout.splitlines()[1]
+    assert "100.0%  120/120 finished (done 90, failed 30: task log, exact)" in progress
+    assert progress.endswith("ETA -")
+    assert "dead-lettered tasks (30 shown, from 30 of 30 dead-lettered messages):" in finished.stdout
+    listed = {line.split()[0] for line in finished.stdout.splitlines() if "poison task" in line}
+    assert listed == poison_ids
+
+    job.teardown(delete_queues=True)
+    for url in (job.xcom["enqueue"]["queue_url"], job.xcom["enqueue"]["dlq_url"]):
+        job.hook.delete_queue(url)  # whether or not the teardown kept them for the dead letters
+    job.assert_nothing_left()
+    after = ec2cluster(job, "status", job.cluster_id, "--watch", "--interval", "0.5")
+    assert after.returncode == 0, after.stderr
+    assert "Traceback" not in after.stdout + after.stderr
+    assert "queues deleted" in after.stdout and "state torn down" in after.stdout
+    assert "120/120 finished (done 90, failed 30: task log, exact)" in after.stdout
+    print(f"\nSTATUS after the fact:\n{finished.stdout}\n{after.stdout}")
