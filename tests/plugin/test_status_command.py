@@ -273,3 +273,29 @@ def test_the_eta_is_unknown_while_stopped_workers_hold_messages(
     code, out = run_status(capsys, cluster_id)
     assert code == 0
     assert "ETA unknown: 3 message(s) held by stopped workers until their visibility timeout" in out
+
+
+def test_messages_held_by_killed_workers_are_a_lower_bound_while_others_live():
+    from airflow_ec2cluster.drain.decisions import InstanceInfo, Policy, WorkerStatus
+
+    now = 10_000.0
+
+    def worker(worker_id: str, heartbeat_at: float, busy: bool = True) -> WorkerStatus:
+        return WorkerStatus(worker_id, "running", started_at=now - 900, heartbeat_at=heartbeat_at, busy=busy)
+
+    def snapshot(killed_heartbeat: float, in_flight: int) -> status.Snapshot:
+        return status.Snapshot(
+            counts=status.QueueCounts(visible=10, in_flight=in_flight, delayed=0, dead_lettered=0),
+            instances=(InstanceInfo("i-live", "running", now - 900),),
+            # i-killed's instance is gone; it was busy at its last heartbeat.
+            workers=(worker("i-live", now - 1), worker("i-killed", killed_heartbeat)),
+            now=now,
+            policy=Policy(heartbeat_timeout=60),
+        )
+
+    assert status.held_by_stopped_workers(snapshot(now - 20, 5), 120) == (1, True)
+    assert status.held_by_stopped_workers(snapshot(now - 20, 13), 120) == (3, True)
+    # Killed longer ago than the visibility timeout: its messages are back in the queue.
+    assert status.held_by_stopped_workers(snapshot(now - 500, 5), 120) == (0, True)
+    text = status.eta_text(100, 50, 0, 1.0, held_by_stopped=1, held_at_least=True)
+    assert text == "unknown: at least 1 message(s) held by stopped workers until their visibility timeout"
