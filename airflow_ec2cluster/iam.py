@@ -25,6 +25,7 @@ CONTROLLER_QUEUE_ACTIONS = (
     "sqs:SendMessage",  # SendMessageBatch
     "sqs:ReceiveMessage",  # peeking at dead-lettered task ids; message move tasks
     "sqs:DeleteMessage",  # DeleteMessageBatch; message move tasks
+    "sqs:ChangeMessageVisibility",  # ChangeMessageVisibilityBatch: peeked dead letters made visible again
     "sqs:DeleteQueue",
     "sqs:StartMessageMoveTask",  # re-drive from the dead-letter queue
 )
