@@ -22,6 +22,15 @@ MAX_MESSAGE_BYTES = 1_048_576
 GROUP_HEAD, GROUP_TAIL = '{"tasks":[', "]}"
 
 
+class TaskInputError(ValueError):
+    """A task that cannot be sent as given (its id, its payload, its size): the message names the task's
+    place in the input and the fix. The same input always fails the same way, so retrying does not help."""
+
+
+class MessageTooLarge(TaskInputError):
+    """A task's message body is over SQS's per-message limit."""
+
+
 @dataclass(frozen=True)
 class OutgoingMessage:
     task_id: str  # the first task's id: the message's task-log key
@@ -41,8 +50,9 @@ class PendingTask:
         try:
             return json.dumps({"task_id": self.task_id, "payload": self.payload}, separators=(",", ":"))
         except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"task {self.task_id} ({self.origin}): payload is not JSON-serialisable: {error}"
+            raise TaskInputError(
+                f"{self.origin}: payload of task {self.task_id} is not JSON-serialisable ({error}): give "
+                "JSON values only (dict, list, str, int, float, bool, None)"
             ) from None
 
 
@@ -59,7 +69,7 @@ def pack_tasks(tasks: Iterable[PendingTask], tasks_per_message: int) -> Iterator
     """Messages for ``tasks``, in order, each at most ``tasks_per_message`` tasks and (when it can) 1 MiB."""
     if tasks_per_message == 1:
         for task in tasks:
-            yield OutgoingMessage(task.task_id, task.json(), task.origin)
+            yield checked_size(OutgoingMessage(task.task_id, task.json(), task.origin))
         return
     group: list[tuple[PendingTask, str]] = []
     size = len(GROUP_HEAD) + len(GROUP_TAIL)
@@ -80,4 +90,24 @@ def group_message(group: list[tuple[PendingTask, str]]) -> OutgoingMessage:
     last = group[-1][0]
     origin = first.origin if len(group) == 1 else f"{first.origin} to {last.origin}"
     body = GROUP_HEAD + ",".join(entry for _, entry in group) + GROUP_TAIL
-    return OutgoingMessage(first.task_id, body, origin, task_count=len(group))
+    # Only a group of one can be over the limit: a group closes before a task would take it over.
+    return checked_size(OutgoingMessage(first.task_id, body, origin, task_count=len(group)))
+
+
+def message_size_problem(message: OutgoingMessage) -> str | None:
+    size = len(message.body.encode("utf-8"))
+    if size <= MAX_MESSAGE_BYTES:
+        return None
+    where = f"{message.origin}: " if message.origin else ""
+    return (
+        f"{where}task {message.task_id} is {size:,} bytes as an SQS message; SQS accepts at most "
+        f"{MAX_MESSAGE_BYTES:,} bytes: put large inputs in S3 and enqueue their keys instead"
+    )
+
+
+def checked_size(message: OutgoingMessage) -> OutgoingMessage:
+    """``message``, or MessageTooLarge: found while packing, so before the first send when it can be."""
+    problem = message_size_problem(message)
+    if problem:
+        raise MessageTooLarge(problem)
+    return message

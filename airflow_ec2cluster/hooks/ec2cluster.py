@@ -45,7 +45,7 @@ from airflow_ec2cluster.aws.ec2 import (
     run_instances_params,
     terminated_waiter_params,
 )
-from airflow_ec2cluster.aws.s3 import parse_s3_uri
+from airflow_ec2cluster.aws.s3 import head_object_params, head_object_problem, parse_s3_uri
 from airflow_ec2cluster.aws.sqs import (
     NONEXISTENT_QUEUE_CODES,
     SQS_BATCH_ENTRIES,
@@ -86,6 +86,7 @@ from airflow_ec2cluster.meta import (
     claim_launch_params,
     finish_launch_params,
     get_meta_params,
+    meta_key,
     meta_of,
     start_generation_params,
     update_meta_params,
@@ -94,6 +95,12 @@ from airflow_ec2cluster.packing import OutgoingMessage
 from airflow_ec2cluster.tasklog import log_key_of, tally, task_results_of
 
 DEFAULT_RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
+# CreateQueue's answer within 60 s of deleting a queue of the same name (query and JSON protocol codes).
+QUEUE_DELETED_RECENTLY_CODES = ("AWS.SimpleQueueService.QueueDeletedRecently", "QueueDeletedRecently")
+
+
+class QueueNameNotFreeYet(RuntimeError):
+    """SQS refuses a queue name for 60 s after a queue of that name was deleted; a later retry succeeds."""
 
 
 class EC2ClusterHook(AwsBaseHook):
@@ -195,6 +202,10 @@ class EC2ClusterHook(AwsBaseHook):
     def get_meta(self, table: str, cluster_id: str) -> ClusterMeta | None:
         """The cluster's META item (strongly consistent read), or None."""
         return meta_of(self.dynamodb.get_item(**get_meta_params(table, cluster_id)).get("Item"))
+
+    def delete_meta(self, table: str, cluster_id: str) -> None:
+        """Delete the cluster's META item (a failed enqueue's, so that its re-run starts from the start)."""
+        self.dynamodb.delete_item(TableName=table, Key=meta_key(cluster_id))
 
     def put_worker_bundle(self, table: str, cluster_id: str, data: bytes, sha256: str) -> None:
         """Store the worker's zip for the cluster's instances to fetch at boot (see workerbundle)."""
@@ -305,19 +316,34 @@ class EC2ClusterHook(AwsBaseHook):
         max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
         retention_seconds: int = DEFAULT_QUEUE_RETENTION_SECONDS,
     ) -> tuple[str, str]:
-        """Create (or find) the task queue and its dead-letter queue; returns (queue_url, dlq_url)."""
-        dlq_url = self.sqs.create_queue(**dead_letter_queue_params(cluster_id))["QueueUrl"]
+        """Create (or find) the task queue and its dead-letter queue; returns (queue_url, dlq_url).
+
+        Raises :class:`QueueNameNotFreeYet` within a minute of the queues' deletion (a failed enqueue
+        deletes its own), with a message that says to retry.
+        """
+        dlq_url = self._create_queue(dead_letter_queue_params(cluster_id))
         dlq_arn = queue_arn_of(self.sqs.get_queue_attributes(**queue_arn_params(dlq_url)))
-        queue_url = self.sqs.create_queue(
-            **task_queue_params(
+        queue_url = self._create_queue(
+            task_queue_params(
                 cluster_id,
                 dlq_arn,
                 visibility_timeout=visibility_timeout,
                 max_receive_count=max_receive_count,
                 retention_seconds=retention_seconds,
             )
-        )["QueueUrl"]
+        )
         return queue_url, dlq_url
+
+    def _create_queue(self, params: dict[str, Any]) -> str:
+        try:
+            return self.sqs.create_queue(**params)["QueueUrl"]
+        except ClientError as error:
+            if error_code(error) not in QUEUE_DELETED_RECENTLY_CODES:
+                raise
+            raise QueueNameNotFreeYet(
+                f"SQS does not take the queue name {params['QueueName']} yet: a queue of that name was "
+                "deleted less than 60 seconds ago (a failed enqueue deletes its queues); retry in a minute"
+            ) from error
 
     def get_queue_url(self, name: str) -> str | None:
         try:
@@ -550,6 +576,17 @@ class EC2ClusterHook(AwsBaseHook):
         return True
 
     # -- S3 -------------------------------------------------------------------------------------------
+
+    def s3_object_problem(self, uri: str) -> str | None:
+        """Why ``uri`` cannot be read (no such object, not allowed), from one HeadObject; None when it can."""
+        try:
+            self.s3.head_object(**head_object_params(uri))
+        except ClientError as error:
+            problem = head_object_problem(uri, error_code(error))
+            if problem is None:
+                raise
+            return problem
+        return None
 
     def iter_s3_lines(self, uri: str) -> Iterator[tuple[int, bytes]]:
         """(line number from 1, line) of an S3 object, streamed."""

@@ -14,14 +14,15 @@ from typing import Any
 
 from airflow_ec2cluster.aws.sqs import SQS_BATCH_ENTRIES
 from airflow_ec2cluster.defaults import DEFAULT_SEND_CONCURRENCY
-from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES, OutgoingMessage
+from airflow_ec2cluster.packing import (
+    MAX_MESSAGE_BYTES,
+    MessageTooLarge,
+    OutgoingMessage,
+    message_size_problem,
+)
 
 # Resend entries SQS reported as failed on its side (not the sender's fault) at most this many times.
 FAILED_ENTRY_RESENDS = 2
-
-
-class MessageTooLarge(ValueError):
-    """A task's message body is over SQS's per-message limit."""
 
 
 class SendFailed(RuntimeError):
@@ -34,12 +35,8 @@ def message_batches(messages: Iterable[OutgoingMessage]) -> Iterator[list[Outgoi
     batch_bytes = 0
     for message in messages:
         size = len(message.body.encode("utf-8"))
-        if size > MAX_MESSAGE_BYTES:
-            where = f" ({message.origin})" if message.origin else ""
-            raise MessageTooLarge(
-                f"task {message.task_id}{where} is {size:,} bytes as an SQS message; SQS accepts at most "
-                f"{MAX_MESSAGE_BYTES:,} bytes: put large inputs in S3 and enqueue their keys instead"
-            )
+        if size > MAX_MESSAGE_BYTES:  # packing refuses these first; this guards other callers' messages
+            raise MessageTooLarge(message_size_problem(message))
         if batch and (len(batch) == SQS_BATCH_ENTRIES or batch_bytes + size > MAX_MESSAGE_BYTES):
             yield batch
             batch, batch_bytes = [], 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -10,8 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from botocore.exceptions import BotoCoreError, ClientError
+from ec2cluster_worker.messages import TASK_ID_RE
 
+from airflow_ec2cluster.aws.s3 import s3_uri_problem
 from airflow_ec2cluster.defaults import (
     DEFAULT_MAX_RECEIVE_COUNT,
     DEFAULT_QUEUE_RETENTION_SECONDS,
@@ -26,6 +30,7 @@ from airflow_ec2cluster.operators.base import ClusterOperatorMixin
 from airflow_ec2cluster.packing import (
     OutgoingMessage,
     PendingTask,
+    TaskInputError,
     pack_tasks,
     tasks_per_message_problem,
 )
@@ -34,9 +39,16 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 # Write the enqueue resume point to the META item at most this often (one UpdateItem each time).
 CHECKPOINT_SECONDS = 2.0
+# A stream's first messages are read and checked before anything is created (1,000 tasks at 10 a message).
+PEEK_MESSAGES = 100
+PEEK_CHARACTERS = 4 * 1_024 * 1_024
+# SQS's bounds of the queue attributes (AWS-FACTS.md), DynamoDB's of a table name.
+MAX_VISIBILITY_SECONDS = 12 * 3600
+MAX_RECEIVE_COUNT = 1000
+MIN_RETENTION_SECONDS, MAX_RETENTION_SECONDS = 60, 14 * 24 * 3600
+TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
 
 
 def positional_task_id(index: int) -> str:
@@ -58,11 +70,27 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
     Positional ids are unique by construction, so the enqueue streams in constant memory; with ``id_field``
     it keeps every id in a set to refuse duplicates (about 100 bytes per task: ~20 MB for 200,000 tasks).
 
-    A retried enqueue resumes: the count of messages sent without a gap is recorded in the cluster's META
-    item as it goes, a retry skips that many, and a finished enqueue is not repeated. The source must yield
-    the same sequence (and ``tasks_per_message`` stay the same) on a retry. Messages sent after the last
-    checkpoint may be sent again on a retry; the workers key every write by task id, so a duplicate costs a
-    re-run, not a wrong result.
+    Bad input creates nothing. Before the queues, the META item or the state table are created, every
+    argument is checked (``s3_uri``'s form and one HeadObject that the object exists and is readable, the
+    queue settings, ``id_field``, ``state_table``, ...), a ``tasks`` list is checked whole (each task id:
+    1-200 characters of ``A-Za-z0-9_.:-``, unique; each payload JSON and within SQS's 1 MiB a message), and
+    a stream (``s3_uri``, an iterable from ``tasks_callable``) is checked as far as its first 100 messages.
+    Each error names the field, the task's place (``tasks[17]``, ``line 5000 of s3_uri s3://...``) and the
+    fix, and fails the task without retries (:class:`EnqueueInputError`): the same input fails the same way.
+    A stream's bad task found later, after messages were sent, makes the enqueue delete what it made (the
+    META item, then both queues) before raising, so the re-run, after the input is fixed, sends every task
+    again: nothing is left behind and no task is lost (no worker ran: none was launched). Resuming instead
+    could skip or repeat tasks once the input is edited (removing a line shifts every positional id after
+    it). Only when workers were already launched for the cluster are its queues kept, and the re-run
+    resumes. On AWS, SQS takes a deleted queue's name again only after 60 seconds: a re-run sooner fails
+    with a message that says so.
+
+    Any other failure (SQS, S3 or DynamoDB errors, an exception of ``tasks_callable``'s iterable) resumes on
+    retry: the count of messages sent without a gap is recorded in the cluster's META item as it goes, a
+    retry skips that many, and a finished enqueue is not repeated. The source must yield the same sequence
+    (and ``tasks_per_message`` stay the same) on a retry. Messages sent after the last checkpoint may be
+    sent again on a retry; the workers key every write by task id, so a duplicate costs a re-run, not a
+    wrong result.
 
     Returns ``{"cluster_id", "queue_url", "dlq_url", "enqueued", "enqueued_messages"}``.
     """
@@ -112,7 +140,37 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
 
     def execute(self, context: Context) -> dict[str, Any]:
         cluster_id = self.resolve_cluster_id(context)
+        problems = argument_problems(
+            tasks=self.tasks,
+            tasks_callable=self.tasks_callable,
+            tasks_callable_kwargs=self.tasks_callable_kwargs,
+            s3_uri=self.s3_uri,
+            id_field=self.id_field,
+            state_table=self.state_table,
+            visibility_timeout=self.visibility_timeout,
+            max_receive_count=self.max_receive_count,
+            retention_seconds=self.retention_seconds,
+            send_concurrency=self.send_concurrency,
+            tasks_per_message=self.tasks_per_message,
+        )
         hook = self.hook
+        if not problems and self.s3_uri is not None:
+            problems = [p for p in [hook.s3_object_problem(self.s3_uri)] if p]
+        if problems:
+            raise EnqueueInputError(
+                "\n".join(
+                    [*problems, f"Nothing was created for cluster {cluster_id}: fix the above and re-run."]
+                )
+            )
+        try:
+            payloads = self.checked_payloads(hook)
+            rest = iter(self.messages(hook, payloads))
+            head = first_messages(rest)
+        except TaskInputError as error:
+            raise EnqueueInputError(
+                f"{error}\nNothing was created for cluster {cluster_id}: fix the input and re-run."
+            ) from error
+
         hook.ensure_state_table(self.state_table)
         queue_url, dlq_url = hook.ensure_queues(
             cluster_id,
@@ -152,11 +210,13 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         checkpoint = EnqueueCheckpoint(
             hook, self.state_table, cluster_id, resumed["enqueued_messages"], resumed["enqueued"]
         )
-        messages = skip_sent(self.messages(hook), resumed["enqueued_messages"])
+        messages = skip_sent(itertools.chain(head, rest), resumed["enqueued_messages"])
         try:
             hook.send_messages(
                 queue_url, messages, concurrency=self.send_concurrency, on_progress=checkpoint.progress
             )
+        except TaskInputError as error:
+            raise self.after_bad_input(hook, cluster_id, queue_url, dlq_url, checkpoint, error) from error
         except Exception as error:
             checkpoint.flush()
             raise AirflowException(
@@ -179,6 +239,54 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         )
         return {**result, **counts}
 
+    def after_bad_input(
+        self,
+        hook: EC2ClusterHook,
+        cluster_id: str,
+        queue_url: str,
+        dlq_url: str,
+        checkpoint: EnqueueCheckpoint,
+        error: TaskInputError,
+    ) -> EnqueueInputError:
+        """Delete what the failed enqueue made (META first), unless workers were launched; the error to raise.
+
+        The same input fails the same way, so the user edits it, and a resume after the edit could skip or
+        repeat tasks (a removed line shifts every positional id after it). Deleting loses nothing: no worker
+        has run (none was launched), and with the META item gone the re-run sends every task again. The
+        resume point is recorded first, so a clean-up that fails part-way leaves a state a re-run resumes.
+        """
+        checkpoint.flush()
+        sent = f"{checkpoint.messages} messages ({checkpoint.tasks} tasks)"
+        meta = hook.get_meta(self.state_table, cluster_id)
+        if meta is not None and (meta.launch_spec is not None or meta.instance_ids):
+            return EnqueueInputError(
+                f"{error}\nWorkers were launched for cluster {cluster_id}, so the {sent} already sent stay "
+                "on its queue: fix that task without changing the ones before it, and re-run; the enqueue "
+                "resumes after them."
+            )
+        try:
+            hook.delete_meta(self.state_table, cluster_id)
+            hook.delete_queue(queue_url)
+            hook.delete_queue(dlq_url)
+        except (ClientError, BotoCoreError) as cleanup_error:
+            self.log.warning(
+                "Cluster %s: the failed enqueue's clean-up failed: %s", cluster_id, cleanup_error
+            )
+            return EnqueueInputError(
+                f"{error}\nDeleting what this enqueue made failed ({cleanup_error}): fix the input and "
+                f"re-run (it resumes, or sends every task again if the META item is gone: a task of the "
+                f"{sent} sent may then run twice, keyed by its id), or delete cluster {cluster_id} with "
+                "the teardown."
+            )
+        self.log.info(
+            "Cluster %s: bad input after %s were sent; deleted its queues and META item", cluster_id, sent
+        )
+        return EnqueueInputError(
+            f"{error}\nNothing of this enqueue is left: the {sent} already sent, both queues of cluster "
+            f"{cluster_id} and its META item were deleted. Fix the input and re-run: the re-run sends every "
+            "task again (SQS takes the queue names again a minute after their deletion)."
+        )
+
     def check_resumable(self, meta: ClusterMeta, resumed: dict[str, int]) -> None:
         recorded = meta.tasks_per_message
         if resumed["enqueued_messages"] and recorded is not None and int(recorded) != self.tasks_per_message:
@@ -188,18 +296,35 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
                 "new cluster_id) so that no task is skipped or sent twice"
             )
 
-    def messages(self, hook: EC2ClusterHook) -> Iterator[OutgoingMessage]:
-        return pack_tasks(self.pending_tasks(hook), self.tasks_per_message)
+    def checked_payloads(self, hook: EC2ClusterHook) -> Iterator[tuple[str, Any]]:
+        """The payloads to send; a list or tuple is checked whole first (it is in memory already)."""
+        if self.s3_uri is not None:
+            return self.payloads(hook)
+        name, source = self.task_source()
+        if isinstance(source, Sequence):
+            for _ in self.messages(hook, numbered(name, source)):
+                pass
+        return numbered(name, source)
 
-    def pending_tasks(self, hook: EC2ClusterHook) -> Iterator[PendingTask]:
+    def messages(
+        self, hook: EC2ClusterHook, payloads: Iterable[tuple[str, Any]] | None = None
+    ) -> Iterator[OutgoingMessage]:
+        source = self.payloads(hook) if payloads is None else payloads
+        return pack_tasks(self.pending_tasks(source), self.tasks_per_message)
+
+    def pending_tasks(self, payloads: Iterable[tuple[str, Any]]) -> Iterator[PendingTask]:
         # Positional ids cannot collide, so only user-given ids are remembered to catch duplicates: memory
         # then grows with the number of tasks (about 100 bytes per id), constant otherwise.
         seen: set[str] | None = set() if self.id_field else None
-        for index, (origin, payload) in enumerate(self.payloads(hook)):
+        for index, (origin, payload) in enumerate(payloads):
             task_id = self.task_id_for(index, origin, payload)
             if seen is not None:
                 if task_id in seen:
-                    raise ValueError(f"duplicate task id {task_id!r} ({origin}): task ids must be unique")
+                    raise TaskInputError(
+                        f"{origin}: task_id {task_id!r} is taken by an earlier task: task ids must be "
+                        f"unique; fix the payloads' {self.id_field!r} values, or leave id_field unset to "
+                        "number the tasks"
+                    )
                 seen.add(task_id)
             yield PendingTask(task_id, payload, origin)
 
@@ -207,37 +332,176 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
         if not self.id_field:
             return positional_task_id(index)
         if not isinstance(payload, dict) or self.id_field not in payload:
-            raise ValueError(
-                f"{origin}: payload has no {self.id_field!r} field (id_field) to take the task id from"
+            raise TaskInputError(
+                f"{origin}: the payload has no {self.id_field!r} field to take its task_id from (id_field): "
+                "add it to every payload, or leave id_field unset to number the tasks"
             )
-        task_id = str(payload[self.id_field])
+        value = payload[self.id_field]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TaskInputError(
+                f"{origin}: task_id from its {self.id_field!r} field is a {type(value).__name__} "
+                f"({value!r:.40}): use text or a whole number, of 1-200 characters of A-Za-z0-9_.:-"
+            )
+        task_id = str(value)
         if not TASK_ID_RE.match(task_id):
-            raise ValueError(
-                f"{origin}: task id {task_id!r} is invalid: use 1-200 characters of letters, digits and _.:-"
+            raise TaskInputError(
+                f"{origin}: task_id {task_id[:210]!r} (its {self.id_field!r} field) is invalid: use 1-200 "
+                "characters of A-Za-z0-9_.:-"
             )
         return task_id
+
+    def task_source(self) -> tuple[str, Iterable[Any]]:
+        """(the field's name, for error messages; the payloads) of ``tasks`` or ``tasks_callable``."""
+        if self.tasks is not None:
+            return "tasks", self.tasks
+        source = self.tasks_callable(**self.tasks_callable_kwargs)
+        problem = iterable_problem("tasks_callable's result", source)
+        if problem:
+            raise TaskInputError(problem)
+        return "tasks_callable()", source
 
     def payloads(self, hook: EC2ClusterHook) -> Iterator[tuple[str, Any]]:
         """(origin, payload) pairs from the configured source, streamed."""
         if self.s3_uri is not None:
             yield from jsonl_payloads(self.s3_uri, hook.iter_s3_lines(self.s3_uri))
             return
-        source = self.tasks if self.tasks is not None else self.tasks_callable(**self.tasks_callable_kwargs)
-        if isinstance(source, (str, bytes, dict)):
-            raise ValueError(f"tasks must be an iterable of payloads, not {type(source).__name__}")
-        for index, payload in enumerate(source):
-            yield f"item {index}", payload
+        yield from numbered(*self.task_source())
+
+
+class EnqueueInputError(AirflowFailException):
+    """The enqueue's input is wrong: the message names the field and the fix. Airflow does not retry it (the
+    same input fails the same way); the user fixes the input and re-runs the task."""
+
+
+def argument_problems(
+    *,
+    tasks: Any,
+    tasks_callable: Any,
+    tasks_callable_kwargs: Any,
+    s3_uri: Any,
+    id_field: Any,
+    state_table: Any,
+    visibility_timeout: Any,
+    max_receive_count: Any,
+    retention_seconds: Any,
+    send_concurrency: Any,
+    tasks_per_message: Any,
+) -> list[str]:
+    """Every problem of the operator's arguments (rendered), each naming the field and the fix; pure."""
+    problems = [
+        whole_number_problem(
+            "visibility_timeout",
+            visibility_timeout,
+            0,
+            MAX_VISIBILITY_SECONDS,
+            "seconds a received message stays hidden (SQS: 0 to 12 h); the default is "
+            f"{DEFAULT_VISIBILITY_TIMEOUT}",
+        ),
+        whole_number_problem(
+            "max_receive_count",
+            max_receive_count,
+            1,
+            MAX_RECEIVE_COUNT,
+            "receives before a message goes to the dead-letter queue; the default is "
+            f"{DEFAULT_MAX_RECEIVE_COUNT}",
+        ),
+        whole_number_problem(
+            "retention_seconds",
+            retention_seconds,
+            MIN_RETENTION_SECONDS,
+            MAX_RETENTION_SECONDS,
+            "how long SQS keeps a message (1 minute to 14 days); the default is 4 days",
+        ),
+        whole_number_problem(
+            "send_concurrency",
+            send_concurrency,
+            1,
+            None,
+            f"SendMessageBatch requests in flight; the default is {DEFAULT_SEND_CONCURRENCY}",
+        ),
+        tasks_per_message_problem(tasks_per_message),
+    ]
+    if not isinstance(state_table, str) or not TABLE_NAME_RE.match(state_table):
+        problems.append(
+            f"state_table: {state_table!r} is not a DynamoDB table name: use 3-255 letters, digits, '_', '-' "
+            f"and '.' (the default is {DEFAULT_STATE_TABLE})"
+        )
+    if id_field is not None and (not isinstance(id_field, str) or not id_field):
+        problems.append(
+            f"id_field: {id_field!r} is not a field name: name the payload field that holds each task's id, "
+            "or leave it unset to number the tasks"
+        )
+    if tasks is not None:
+        problems.append(iterable_problem("tasks", tasks))
+    if tasks_callable is not None:
+        if not callable(tasks_callable):
+            problems.append(
+                f"tasks_callable: a {type(tasks_callable).__name__} is not callable: give a function that "
+                "returns an iterable of payloads"
+            )
+        if not isinstance(tasks_callable_kwargs, dict):
+            problems.append(
+                f"tasks_callable_kwargs: a {type(tasks_callable_kwargs).__name__} is not a dict: give the "
+                "keyword arguments of tasks_callable as a dict"
+            )
+    if s3_uri is not None:
+        problems.append(s3_uri_problem(s3_uri))
+    return [problem for problem in problems if problem]
+
+
+def whole_number_problem(name: str, value: Any, low: int, high: int | None, meaning: str) -> str | None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bounds = f"from {low:,} to {high:,}" if high is not None else f"of at least {low:,}"
+        return f"{name}: {value!r} is not a whole number {bounds}: it is the {meaning}"
+    return None
+
+
+def iterable_problem(name: str, value: Any) -> str | None:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        return (
+            f"{name}: a {type(value).__name__} is not a list of payloads: give a list (or an iterable) of "
+            "JSON values; a templated value renders as text unless the DAG sets "
+            "render_template_as_native_obj=True"
+        )
+    return None
+
+
+def numbered(name: str, source: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    for index, payload in enumerate(source):
+        yield f"{name}[{index}]", payload
+
+
+def first_messages(messages: Iterator[OutgoingMessage]) -> list[OutgoingMessage]:
+    """The first messages of a stream, read before anything is created: bad input there creates nothing.
+
+    Bounded (PEEK_MESSAGES, PEEK_CHARACTERS), so memory stays constant whatever the stream's length.
+    """
+    head: list[OutgoingMessage] = []
+    size = 0
+    for message in messages:
+        head.append(message)
+        size += len(message.body)
+        if len(head) >= PEEK_MESSAGES or size >= PEEK_CHARACTERS:
+            break
+    return head
 
 
 def jsonl_payloads(uri: str, lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[str, Any]]:
     for line_number, line in lines:
         if not line.strip():
             continue
-        origin = f"line {line_number} of {uri}"
+        origin = f"line {line_number} of s3_uri {uri}"
         try:
             yield origin, json.loads(line)
         except ValueError as error:
-            raise ValueError(f"{origin}: not valid JSON ({error})") from None
+            raise TaskInputError(
+                f"{origin}: not valid JSON ({error}): write one JSON value per line (blank lines are skipped)"
+            ) from None
 
 
 def skip_sent(messages: Iterator[OutgoingMessage], count: int) -> Iterator[OutgoingMessage]:

@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
+from airflow_ec2cluster.operators.enqueue import PEEK_MESSAGES
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 from tests.plugin.conftest import REGION
 
@@ -107,28 +108,43 @@ def test_retried_enqueue_does_not_double_the_work(aws, context, cluster_id):
 
 
 def test_interrupted_enqueue_resumes_after_the_recorded_point(aws, context, cluster_id):
-    tasks = [{"n": i} for i in range(30)]
+    # Past the first PEEK_MESSAGES, which are read before the queues exist.
+    tasks = [{"n": i} for i in range(PEEK_MESSAGES + 30)]
+    broken_at = PEEK_MESSAGES + 22
 
     def source():
         for i, task in enumerate(tasks):
-            if i == 22:
+            if i == broken_at:
                 raise RuntimeError("source broke")
             yield task
 
-    with pytest.raises(AirflowException, match="stopped after 2"):
+    with pytest.raises(AirflowException, match=f"stopped after {PEEK_MESSAGES + 20} tasks"):
         enqueue(cluster_id, tasks_callable=source).execute(context)
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
     meta = hook.get_meta(TABLE, cluster_id)
-    assert meta.enqueued == 20 and meta.enqueue_complete is False
+    assert meta.enqueued == PEEK_MESSAGES + 20 and meta.enqueue_complete is False
     result = enqueue(cluster_id, tasks=tasks).execute(context)
-    assert result["enqueued"] == 30
+    assert result["enqueued"] == len(tasks)
     ids = sorted(b["task_id"] for b in receive_all(result["queue_url"]))
-    assert ids == [f"t{i:09d}" for i in range(30)]  # each once: resumed at 20, not restarted
+    assert ids == [f"t{i:09d}" for i in range(len(tasks))]  # each once: resumed, not restarted
+
+
+def test_a_source_that_breaks_before_the_first_send_creates_nothing(aws, context, cluster_id):
+    def source():
+        yield {"n": 0}
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        enqueue(cluster_id, tasks_callable=source).execute(context)
+    assert (
+        boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cluster_id).get("QueueUrls")
+        is None
+    )
 
 
 def test_oversized_payload_is_refused_with_its_task_id(aws, context, cluster_id):
     tasks = [{"n": 0}, {"blob": "x" * MAX_MESSAGE_BYTES}]
-    with pytest.raises(AirflowException, match=r"t000000001 \(item 1\) is 1,048,.* 1,048,576 bytes"):
+    with pytest.raises(AirflowException, match=r"tasks\[1\]: task t000000001 is 1,048,.* 1,048,576 bytes"):
         enqueue(cluster_id, tasks=tasks).execute(context)
 
 
@@ -143,7 +159,7 @@ def test_large_messages_split_batches_under_the_request_limit(aws, context, clus
 def test_id_field_and_its_validation(aws, context, cluster_id):
     result = enqueue(cluster_id, tasks=[{"id": "a-1"}, {"id": "b.2"}], id_field="id").execute(context)
     assert sorted(b["task_id"] for b in receive_all(result["queue_url"])) == ["a-1", "b.2"]
-    with pytest.raises(AirflowException, match="duplicate task id 'x'"):
+    with pytest.raises(AirflowException, match=r"tasks\[1\]: task_id 'x' is taken by an earlier task"):
         enqueue(f"{cluster_id}-d", tasks=[{"id": "x"}, {"id": "x"}], id_field="id").execute(context)
     with pytest.raises(AirflowException, match="invalid"):
         enqueue(f"{cluster_id}-e", tasks=[{"id": "has space"}], id_field="id").execute(context)
@@ -156,7 +172,7 @@ def test_jsonl_from_s3_streams_and_names_bad_lines(aws, context, cluster_id):
     s3.put_object(Bucket="inputs", Key="bad.jsonl", Body=b'{"id": 1}\n{"id": \n')
     result = enqueue(cluster_id, s3_uri="s3://inputs/ok.jsonl").execute(context)
     assert result["enqueued"] == 3
-    with pytest.raises(AirflowException, match="line 2 of s3://inputs/bad.jsonl: not valid JSON"):
+    with pytest.raises(AirflowException, match="line 2 of s3_uri s3://inputs/bad.jsonl: not valid JSON"):
         enqueue(f"{cluster_id}-b", s3_uri="s3://inputs/bad.jsonl").execute(context)
 
 
@@ -225,25 +241,32 @@ def test_a_group_closes_before_the_message_size_limit(aws, context, cluster_id):
 
 
 def test_interrupted_grouped_enqueue_resumes_with_the_same_grouping(aws, context, cluster_id):
-    tasks = [{"n": i} for i in range(30)]
+    # Past the first PEEK_MESSAGES messages of 2 tasks, read before the queues exist.
+    tasks = [{"n": i} for i in range(2 * PEEK_MESSAGES + 30)]
+    broken_at = 2 * PEEK_MESSAGES + 24  # 111 messages of 2 are complete: 11 SendMessageBatch of 10 went out
 
     def source():
         for i, task in enumerate(tasks):
-            if i == 24:  # 11 messages of 2 are complete: one SendMessageBatch of 10 went out
+            if i == broken_at:
                 raise RuntimeError("source broke")
             yield task
 
-    with pytest.raises(AirflowException, match="stopped after 20 tasks"):
+    with pytest.raises(AirflowException, match=f"stopped after {2 * PEEK_MESSAGES + 20} tasks"):
         grouped(cluster_id, tasks_callable=source, tasks_per_message=2).execute(context)
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert (meta.enqueued, meta.enqueued_messages, meta.enqueue_complete) == (20, 10, False)
+    assert (meta.enqueued, meta.enqueued_messages, meta.enqueue_complete) == (
+        2 * PEEK_MESSAGES + 20,
+        PEEK_MESSAGES + 10,
+        False,
+    )
     with pytest.raises(
         AirflowException, match="tasks_per_message: this cluster's enqueue was started with 2"
     ):
         grouped(cluster_id, tasks=tasks, tasks_per_message=3).execute(context)
     result = grouped(cluster_id, tasks=tasks, tasks_per_message=2).execute(context)
-    assert (result["enqueued"], result["enqueued_messages"]) == (30, 15)
-    assert sorted(tasks_of(receive_all(result["queue_url"]))) == [(f"t{i:09d}", {"n": i}) for i in range(30)]
+    assert (result["enqueued"], result["enqueued_messages"]) == (len(tasks), len(tasks) // 2)
+    expected = [(f"t{i:09d}", {"n": i}) for i in range(len(tasks))]
+    assert sorted(tasks_of(receive_all(result["queue_url"]))) == expected
 
 
 @pytest.mark.parametrize("value", [0, 101, "10", 2.5, True])
