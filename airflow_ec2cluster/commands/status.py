@@ -139,6 +139,7 @@ class StatusReport:
     exact: bool  # finished (and total) are the task log's exact count
     job_finished: bool
     torn_down: bool
+    rate: float | None  # tasks finished per second since the launch
     held_by_stopped: int  # in-flight messages held by workers that are gone (a lower bound, see below)
     held_at_least: bool
     eta: str
@@ -211,8 +212,11 @@ def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TI
         total = None if enqueued is None else max(enqueued, finished)
     else:
         # The workers' counters (and META's high-water) count a retried task again: so does the total.
-        finished = decision.finished
+        # They lag (a worker killed before its heartbeat): messages gone from both queues were deleted,
+        # every task in them done, a floor the queue's counts give for free.
         per_message = enqueued / meta.enqueued_messages if enqueued and meta.enqueued_messages else 1.0
+        deleted = (meta.enqueued_messages or 0) - counts.work - counts.dead_lettered
+        finished = max(decision.finished, round(max(0, deleted) * per_message))
         queued = round(counts.work * per_message)
         total = None if enqueued is None else max(enqueued, finished + queued)
 
@@ -231,12 +235,13 @@ def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TI
             and (expected is None or accounted >= expected)
         )
     held, at_least = held_by_stopped_workers(snapshot, visibility_timeout)
+    elapsed = decision.stats["elapsed_s"]
+    rate = finished / elapsed if elapsed and elapsed > 0 and finished else None
     if job_finished:
         eta = "-"
     elif torn_down:
         eta = "- (torn down: no worker will run the rest)"
     else:
-        rate = decision.stats["rate_per_s"]
         eta = eta_text(total, finished, 0, rate, held_by_stopped=held, held_at_least=at_least)
     return StatusReport(
         facts=facts,
@@ -247,6 +252,7 @@ def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TI
         exact=exact,
         job_finished=bool(job_finished),
         torn_down=torn_down,
+        rate=rate,
         held_by_stopped=held,
         held_at_least=at_least,
         eta=eta,
@@ -353,7 +359,7 @@ def state_line(report: StatusReport) -> str:
 def render(report: StatusReport) -> str:
     facts, snapshot = report.facts, report.snapshot
     meta, stats = facts.meta, report.decision.stats
-    rate = stats["rate_per_s"]
+    rate = report.rate
     lines = [f"cluster {facts.cluster_id}"]
     lines.append(
         f"progress {progress_bar(report.finished, report.total)}  {progress_text(report)}"

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from .harness import Job
+from tests.localcloud.helpers import wait_for
+
+from .harness import Job, kill_worker
 
 TASKS = 120
 POISON = set(range(0, TASKS, 4))  # 30 poison tasks, one a message
@@ -66,3 +68,33 @@ def test_status_tells_the_truth_after_the_job_and_after_the_teardown(cloud_env):
     assert "queues deleted" in after.stdout and "state torn down" in after.stdout
     assert "120/120 finished (done 90, failed 30: task log, exact)" in after.stdout
     print(f"\nSTATUS after the fact:\n{finished.stdout}\n{after.stdout}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_the_eta_is_unknown_while_killed_workers_hold_messages(cloud_env):
+    """Workers killed mid-batch keep their messages locked for their visibility timeout: no ETA in seconds."""
+    job = Job(cloud_env, "statuseta")
+    job.enqueue([{"n": n, "sleep": 0.2} for n in range(200)], tasks_per_message=1)
+    try:
+        job.launch(2, "tests.reliability.handlers:double", visibility_timeout_seconds=300)
+        wait_for(
+            lambda: len(job.running_worker_pids()) == 2 and job.messages_done() >= 10,
+            120,
+            "both workers running and 10 tasks done",
+        )
+        for pid in job.running_worker_pids().values():
+            kill_worker(pid)
+        wait_for(lambda: not job.instances(), 60, "the killed workers' instances to be gone")
+        result = ec2cluster(job, "status", job.cluster_id)
+        assert result.returncode == 0, result.stderr
+        progress = result.stdout.splitlines()[1]
+        # The killed workers never reported their counts: the deleted messages say how many are done.
+        left = job.messages_left()
+        assert f"  {200 - left}/200 finished" in progress
+        assert re.search(
+            r"ETA unknown: \d+ message\(s\) held by stopped workers until their visibility", progress
+        )
+        print(f"\nSTATUS with killed workers:\n{result.stdout}")
+    finally:
+        job.teardown(delete_queues=True)
