@@ -193,6 +193,8 @@ def held_by_stopped_workers(snapshot: Snapshot, visibility_timeout: float) -> tu
 
 
 def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT) -> StatusReport:
+    """The report from the facts alone. ``visibility_timeout``: how long a killed worker's messages stay
+    locked; the workers' own setting is in their configuration, not in META, so the default is assumed."""
     meta = facts.meta
     counts = facts.counts or QueueCounts(0, 0, 0, 0)
     policy = DrainSettings(state_table=facts.table).policy(meta)
@@ -349,6 +351,8 @@ def state_line(report: StatusReport) -> str:
         return f"torn down {ago(report.facts.now - meta.torn_down_at)} ago ({utc(meta.torn_down_at)})"
     if report.torn_down:
         return "torn down: no instance left and no queues"
+    if report.queues_gone:
+        return "queues gone: nothing more will run (instances are still up: run the teardown)"
     if report.job_finished:
         return "job finished: the queue is empty and every enqueued message is done or dead-lettered"
     if not meta.enqueue_finished:
