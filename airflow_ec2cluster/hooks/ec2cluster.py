@@ -203,6 +203,15 @@ class EC2ClusterHook(AwsBaseHook):
         """The cluster's META item (strongly consistent read), or None."""
         return meta_of(self.dynamodb.get_item(**get_meta_params(table, cluster_id)).get("Item"))
 
+    def find_meta(self, table: str, cluster_id: str) -> ClusterMeta | None:
+        """:meth:`get_meta`, and None when the state table does not exist yet (nothing is created)."""
+        try:
+            return self.get_meta(table, cluster_id)
+        except ClientError as error:
+            if error_code(error) != TABLE_NOT_FOUND:
+                raise
+            return None
+
     def delete_meta(self, table: str, cluster_id: str) -> None:
         """Delete the cluster's META item (a failed enqueue's, so that its re-run starts from the start)."""
         self.dynamodb.delete_item(TableName=table, Key=meta_key(cluster_id))

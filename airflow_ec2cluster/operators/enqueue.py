@@ -153,41 +153,34 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
             send_concurrency=self.send_concurrency,
             tasks_per_message=self.tasks_per_message,
         )
-        hook = self.hook
-        if not problems and self.s3_uri is not None:
-            problems = [p for p in [hook.s3_object_problem(self.s3_uri)] if p]
         if problems:
             raise EnqueueInputError(
                 "\n".join(
                     [*problems, f"Nothing was created for cluster {cluster_id}: fix the above and re-run."]
                 )
             )
-        try:
-            payloads = self.checked_payloads(hook)
-            rest = iter(self.messages(hook, payloads))
-            head = first_messages(rest)
-        except TaskInputError as error:
-            raise EnqueueInputError(
-                f"{error}\nNothing was created for cluster {cluster_id}: fix the input and re-run."
-            ) from error
-
-        hook.ensure_state_table(self.state_table)
-        queue_url, dlq_url = hook.ensure_queues(
-            cluster_id,
-            visibility_timeout=self.visibility_timeout,
-            max_receive_count=self.max_receive_count,
-            retention_seconds=self.retention_seconds,
-        )
-        result = {"cluster_id": cluster_id, "queue_url": queue_url, "dlq_url": dlq_url}
-        meta = hook.get_meta(self.state_table, cluster_id) or ClusterMeta(cluster_id=cluster_id)
+        hook = self.hook
+        # Read first, so that a finished enqueue's re-run does not read (or need) its source again.
+        meta = hook.find_meta(self.state_table, cluster_id) or ClusterMeta(cluster_id=cluster_id)
         if meta.enqueue_complete:
+            hook.ensure_state_table(self.state_table)
+            queue_url, dlq_url = self.ensure_queues(hook, cluster_id)
             self.log.info(
                 "Cluster %s: all %s tasks were enqueued before; nothing to do", cluster_id, meta.enqueued
             )
-            return {**result, **enqueued_counts(meta)}
-
+            return {
+                "cluster_id": cluster_id,
+                "queue_url": queue_url,
+                "dlq_url": dlq_url,
+                **enqueued_counts(meta),
+            }
         resumed = enqueued_counts(meta)
         self.check_resumable(meta, resumed)
+        head, rest = self.checked_start(hook, cluster_id)
+
+        hook.ensure_state_table(self.state_table)
+        queue_url, dlq_url = self.ensure_queues(hook, cluster_id)
+        result = {"cluster_id": cluster_id, "queue_url": queue_url, "dlq_url": dlq_url}
         if resumed["enqueued_messages"]:
             self.log.info(
                 "Cluster %s: resuming the enqueue after the first %d messages (%d tasks)",
@@ -238,6 +231,32 @@ class EC2ClusterEnqueueOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluster
             queue_url,
         )
         return {**result, **counts}
+
+    def checked_start(
+        self, hook: EC2ClusterHook, cluster_id: str
+    ) -> tuple[list[OutgoingMessage], Iterator[OutgoingMessage]]:
+        """(the first messages, the rest) of the input, after every check possible before anything is created:
+        the S3 object (HeadObject), a list whole, a stream's first messages."""
+        problem = hook.s3_object_problem(self.s3_uri) if self.s3_uri is not None else None
+        if problem:
+            raise EnqueueInputError(
+                f"{problem}\nNothing was created for cluster {cluster_id}: fix the above and re-run."
+            )
+        try:
+            rest = iter(self.messages(hook, self.checked_payloads(hook)))
+            return first_messages(rest), rest
+        except TaskInputError as error:
+            raise EnqueueInputError(
+                f"{error}\nNothing was created for cluster {cluster_id}: fix the input and re-run."
+            ) from error
+
+    def ensure_queues(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[str, str]:
+        return hook.ensure_queues(
+            cluster_id,
+            visibility_timeout=self.visibility_timeout,
+            max_receive_count=self.max_receive_count,
+            retention_seconds=self.retention_seconds,
+        )
 
     def after_bad_input(
         self,

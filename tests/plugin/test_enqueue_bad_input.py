@@ -288,6 +288,14 @@ def test_with_workers_launched_the_queues_stay_and_the_rerun_resumes(aws, contex
     assert len(ids) == count and sorted(ids) == [f"t{i:09d}" for i in range(count)]
 
 
+def test_a_finished_enqueue_is_not_checked_again(aws, context, cluster_id):
+    uri = put_object("done.jsonl", jsonl(30))
+    first = operator(cluster_id, s3_uri=uri).execute(context)
+    boto3.client("s3", region_name=REGION).delete_object(Bucket=BUCKET, Key="done.jsonl")
+    again = operator(cluster_id, s3_uri=uri).execute(context)  # nothing to read: it finished
+    assert again == first and again["enqueued"] == 30
+
+
 def test_a_queue_name_sqs_does_not_take_yet_says_to_retry(aws):
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
     stubber = Stubber(hook.sqs)
