@@ -38,6 +38,7 @@ CONTROLLER_TABLE_ACTIONS = (
     "dynamodb:BatchGetItem",
     "dynamodb:PutItem",
     "dynamodb:UpdateItem",
+    "dynamodb:DeleteItem",  # a failed enqueue's META item
     "dynamodb:Query",
 )
 CONTROLLER_DESCRIBE_ACTIONS = (

@@ -21,6 +21,7 @@ ACTION_NAMES = {
     "sqs:SendMessageBatch": "sqs:SendMessage",
     "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility",
+    "s3:HeadObject": "s3:GetObject",
 }
 # Further actions a call needs, from the arguments the code passes.
 IMPLIED = {
