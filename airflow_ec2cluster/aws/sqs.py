@@ -12,12 +12,12 @@ from ec2cluster_worker.messages import REDRIVEN_ATTRIBUTE
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID, dead_letter_queue_name, task_queue_name
 from airflow_ec2cluster.defaults import DEAD_LETTER_RETENTION_SECONDS
 from airflow_ec2cluster.drain.decisions import QueueCounts
+from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 from airflow_ec2cluster.tasklog import done_task_ids, log_key_of, unfinished_task_ids
 
 # Entries per SendMessageBatch / DeleteMessageBatch, messages per ReceiveMessage.
 SQS_BATCH_ENTRIES = 10
 # One message, and one SendMessageBatch, carry at most 1 MiB, message attributes included (AWS-FACTS.md).
-MAX_SEND_BYTES = 1_048_576
 REDRIVEN_VALUE = "1"
 # SQS counts an attribute's name, data type and value toward the message's size.
 REDRIVEN_MARK_BYTES = len(REDRIVEN_ATTRIBUTE) + len("String") + len(REDRIVEN_VALUE)
@@ -146,7 +146,7 @@ def redrive_plan(messages: list[dict[str, Any]], items: dict[str, dict[str, Any]
     for index, message in enumerate(messages):
         item = items.get(log_key_of(message))
         body_bytes = len(message["Body"].encode("utf-8"))
-        marked = bool(done_task_ids(item)) and body_bytes + REDRIVEN_MARK_BYTES <= MAX_SEND_BYTES
+        marked = bool(done_task_ids(item)) and body_bytes + REDRIVEN_MARK_BYTES <= MAX_MESSAGE_BYTES
         plan.append(Redriven(str(index), message, tuple(unfinished_task_ids(message, item)), marked))
     return plan
 
@@ -156,7 +156,7 @@ def resend_batches(plan: list[Redriven]) -> Iterator[list[Redriven]]:
     batch: list[Redriven] = []
     size = 0
     for redriven in plan:
-        if batch and (len(batch) == SQS_BATCH_ENTRIES or size + redriven.size > MAX_SEND_BYTES):
+        if batch and (len(batch) == SQS_BATCH_ENTRIES or size + redriven.size > MAX_MESSAGE_BYTES):
             yield batch
             batch, size = [], 0
         batch.append(redriven)

@@ -8,12 +8,12 @@ import json
 from ec2cluster_worker.messages import REDRIVEN_ATTRIBUTE, group_body, task_body
 
 from airflow_ec2cluster.aws.sqs import (
-    MAX_SEND_BYTES,
     REDRIVEN_MARK_BYTES,
     redrive_plan,
     resend_batches,
     resend_params,
 )
+from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 from airflow_ec2cluster.tasklog import dead_letter_errors, readable_error
 
 
@@ -57,9 +57,9 @@ def test_the_plan_names_each_failing_task_and_marks_only_messages_with_tasks_don
 
 
 def test_a_message_with_no_room_for_the_mark_goes_unmarked():
-    payload = "x" * (MAX_SEND_BYTES - len(group_body([("g0", ""), ("g1", 1)])) - REDRIVEN_MARK_BYTES + 1)
+    payload = "x" * (MAX_MESSAGE_BYTES - len(group_body([("g0", ""), ("g1", 1)])) - REDRIVEN_MARK_BYTES + 1)
     full = message(group_body([("g0", payload), ("g1", 1)]))
-    assert len(full["Body"]) + REDRIVEN_MARK_BYTES == MAX_SEND_BYTES + 1
+    assert len(full["Body"]) + REDRIVEN_MARK_BYTES == MAX_MESSAGE_BYTES + 1
     [entry] = redrive_plan([full], {"g0": group_item("g0", {"g0": "done", "g1": "failed"})})
     assert not entry.marked and entry.failing_task_ids == ("g1",)
 
@@ -71,7 +71,7 @@ def test_batches_hold_ten_entries_and_one_mebibyte_at_most():
     ]
     batches = list(resend_batches(redrive_plan(messages, {})))
     assert [len(batch) for batch in batches] == [2, 2, 10, 3]
-    assert all(sum(entry.size for entry in batch) <= MAX_SEND_BYTES for batch in batches)
+    assert all(sum(entry.size for entry in batch) <= MAX_MESSAGE_BYTES for batch in batches)
     assert json.loads(batches[0][0].message["Body"])["task_id"] == "t0"
 
 
