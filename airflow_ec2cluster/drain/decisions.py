@@ -274,10 +274,12 @@ def finished_count(snapshot: Snapshot) -> int:
 
     The workers' counters lag by up to a heartbeat, an exact count of the task log is made only near the
     end, and a restarted worker's counters start again at zero: the highest of these and of what earlier
-    rounds reported, so that the figure never goes backwards.
+    rounds reported, so that the figure never goes backwards. The counters count attempts (a task that
+    failed and was retried counts twice), so the figure is capped at the job's tasks: never past 100 %.
     """
     workers = sum(w.tasks_done + w.tasks_failed for w in snapshot.workers)
-    return max(workers, snapshot.exact_tasks_finished or 0, snapshot.finished_before)
+    best = max(workers, snapshot.exact_tasks_finished or 0, snapshot.finished_before)
+    return best if snapshot.enqueued is None else min(best, snapshot.enqueued)
 
 
 def finished_messages(snapshot: Snapshot) -> int:

@@ -271,6 +271,13 @@ def test_progress_never_goes_backwards():
     )
 
 
+def test_progress_never_passes_the_job_size():
+    # The counters count attempts: 30 poison tasks tried twice make 130 "finished" of a 100-task job.
+    ws = [worker("i-1", tasks_done=70, tasks_failed=60)]
+    decision = decide(snapshot([instance("i-1")], ws))
+    assert decision.finished == 100 and "done 100/100 (100.0%)" in decision.progress
+
+
 def test_worker_status_from_item():
     item = {"worker_id": "i-9", "state": "running", "started_at": 10, "heartbeat_at": 20, "busy": False}
     status = WorkerStatus.from_item(item)
