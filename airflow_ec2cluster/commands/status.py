@@ -41,6 +41,7 @@ from airflow_ec2cluster.drain.decisions import (
     Decision,
     QueueCounts,
     Snapshot,
+    attempts_finished,
     decide,
     eta_text,
 )
@@ -218,7 +219,7 @@ def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TI
         # every task in them done, a floor the queue's counts give for free.
         per_message = enqueued / meta.enqueued_messages if enqueued and meta.enqueued_messages else 1.0
         deleted = (meta.enqueued_messages or 0) - counts.work - counts.dead_lettered
-        finished = max(decision.finished, round(max(0, deleted) * per_message))
+        finished = max(attempts_finished(snapshot), round(max(0, deleted) * per_message))
         queued = round(counts.work * per_message)
         total = None if enqueued is None else max(enqueued, finished + queued)
 

@@ -269,17 +269,22 @@ def replacements_to_launch(snapshot: Snapshot, capacity: int) -> int:
     return max(0, min(wanted, budget))
 
 
-def finished_count(snapshot: Snapshot) -> int:
-    """Tasks finished (done + failed), for progress (not for the cross-check): the best count at hand.
+def attempts_finished(snapshot: Snapshot) -> int:
+    """Task attempts finished (done + failed): the best count at hand, a retried task counted again.
 
     The workers' counters lag by up to a heartbeat, an exact count of the task log is made only near the
     end, and a restarted worker's counters start again at zero: the highest of these and of what earlier
-    rounds reported, so that the figure never goes backwards. The counters count attempts (a task that
-    failed and was retried counts twice), so the figure is capped at the job's tasks: never past 100 %.
+    rounds reported, so that the figure never goes backwards.
     """
     workers = sum(w.tasks_done + w.tasks_failed for w in snapshot.workers)
-    best = max(workers, snapshot.exact_tasks_finished or 0, snapshot.finished_before)
-    return best if snapshot.enqueued is None else min(best, snapshot.enqueued)
+    return max(workers, snapshot.exact_tasks_finished or 0, snapshot.finished_before)
+
+
+def finished_count(snapshot: Snapshot) -> int:
+    """Tasks finished, for the drain's progress over the enqueued tasks (not for the cross-check): the
+    attempts, capped at the job's tasks since a retried task counts twice, so never past 100 %."""
+    attempts = attempts_finished(snapshot)
+    return attempts if snapshot.enqueued is None else min(attempts, snapshot.enqueued)
 
 
 def finished_messages(snapshot: Snapshot) -> int:
