@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop = threading.Event()
-    # SIGTERM ends the run like Ctrl-C does: through the context manager's clean-up.
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    # SIGTERM and Ctrl-C end the run through the context manager's clean-up; SIGINT is set explicitly, as
+    # a process started with it ignored (`cmd &` in a script) would otherwise never stop on it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.set())
     try:
         with LocalCloud(port=args.port, region=args.region, work_dir=args.work_dir) as cloud:
             print(f"Local cloud endpoint: {cloud.endpoint_url}")
