@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
+import time
 
 import boto3
 import pytest
 from ec2cluster_worker import records
+from ec2cluster_worker.config import WorkerConfig
 from ec2cluster_worker.identity import DEFAULT_IMDS_URL, imds_base_url, resolve_worker_id
 from ec2cluster_worker.lifecycle import StopRequest, due_stop_reason, install_signal_handlers
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.loop import retry_delay_seconds
 from ec2cluster_worker.messages import Delivery, delivery_of
+from ec2cluster_worker.runtime import run_worker
 from ec2cluster_worker.status import WorkerStatus, status_item
 from ec2cluster_worker.visibility import HeldMessage, VisibilityKeeper, extension_plan
 from moto import mock_aws
+
+from .cloud import create_state_table, create_task_queue, send_tasks, task_log, unique, worker_config
 
 
 @pytest.mark.parametrize(
@@ -41,12 +48,18 @@ def test_worker_id_from_env_and_fallback():
 
 
 def test_due_stop_reason():
-    common = dict(started_at=0.0, idle_shutdown_seconds=10, max_lifetime_seconds=0)
+    common = dict(started_at=0.0, idle_shutdown_seconds=10, max_lifetime_seconds=0, polled_empty=True)
     assert due_stop_reason(now=9.9, last_activity_at=0.0, **common) is None
     assert due_stop_reason(now=10.0, last_activity_at=0.0, **common) == "idle"
     assert due_stop_reason(now=100.0, last_activity_at=95.0, **common) is None
     limited = dict(common, max_lifetime_seconds=50)
     assert due_stop_reason(now=50.0, last_activity_at=49.0, **limited) == "max-lifetime"
+    # A start-up slower than the idle limit: not idle until a receive has found the queue empty.
+    not_polled = dict(common, polled_empty=False)
+    assert due_stop_reason(now=30.0, last_activity_at=0.0, **not_polled) is None
+    assert due_stop_reason(now=60.0, last_activity_at=0.0, **dict(not_polled, max_lifetime_seconds=50)) == (
+        "max-lifetime"
+    )
 
 
 def test_signals_request_a_stop_once():
@@ -124,3 +137,44 @@ def test_keeper_extends_only_what_is_due_and_never_what_it_forgot(monkeypatch):
         assert keeper.held_count() == 0
         attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
         assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "10"
+
+
+def test_a_start_up_slower_than_the_idle_limit_still_takes_the_work(aws_endpoint):
+    """CI once saw a worker stop "idle" before its first receive: start-up on a busy host took > 1 s.
+
+    Its status writes are held back here until it has made a receive, by more than the idle limit, so the
+    idle time has passed before the worker ever looks at the queue.
+    """
+    cluster = unique("slowstart")
+    table = create_state_table()
+    queue_url, _ = create_task_queue(cluster)
+    send_tasks(queue_url, {f"t{n}": {"n": n} for n in range(5)})
+    config = WorkerConfig.from_dict(
+        worker_config(
+            cluster,
+            queue_url,
+            table,
+            handler={"type": "python", "target": "tests.worker.sample_handlers:noop"},
+        )
+    )
+    idle_limit = config.idle_shutdown_seconds
+    session = boto3.session.Session()
+    received: list[str] = []
+
+    def slow_start(event_name: str, **kwargs: object) -> None:
+        if event_name.endswith("ReceiveMessage"):
+            received.append(event_name)
+        elif event_name.endswith("PutItem") and not received:
+            time.sleep(idle_limit * 1.5)  # makes the condition certain; nothing waits on it
+
+    session.events.register("before-call.*.*", slow_start)
+    stream = io.StringIO()
+    assert (
+        run_worker(
+            config, environ={"EC2CLUSTER_WORKER_ID": "slow"}, session=session, log=EventLog(stream=stream)
+        )
+        == 0
+    )
+    stops = [json.loads(line) for line in stream.getvalue().splitlines() if '"worker.stopping"' in line]
+    assert [stop["reason"] for stop in stops] == ["idle"]
+    assert sorted(item["status"] for item in task_log(table, cluster).values()) == ["done"] * 5

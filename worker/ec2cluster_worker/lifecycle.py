@@ -47,13 +47,18 @@ def due_stop_reason(
     now: float,
     started_at: float,
     last_activity_at: float,
+    polled_empty: bool,
     idle_shutdown_seconds: float,
     max_lifetime_seconds: float,
 ) -> str | None:
-    """Why the worker should stop now on its own (monotonic times), or None."""
+    """Why the worker should stop now on its own (monotonic times), or None.
+
+    Idle needs a receive that found the queue empty since the last work, not only time passed: a worker
+    whose start-up outlasts ``idle_shutdown_seconds`` (a slow or busy host) must look at the queue first.
+    """
     if max_lifetime_seconds and now - started_at >= max_lifetime_seconds:
         return "max-lifetime"
-    if now - last_activity_at >= idle_shutdown_seconds:
+    if polled_empty and now - last_activity_at >= idle_shutdown_seconds:
         return "idle"
     return None
 

@@ -86,6 +86,7 @@ class Worker:
         )
         self.started_at = clock()
         self.last_activity_at = self.started_at
+        self.polled_empty = False  # a receive found nothing since the last work: idle time may count
         self.exit_code = EXIT_OK
         self._receive_errors = 0
         self._tasks_per_message = 1  # the largest message of the last batch
@@ -125,6 +126,7 @@ class Worker:
                 now=self.clock(),
                 started_at=self.started_at,
                 last_activity_at=self.last_activity_at if between_batches else self.clock(),
+                polled_empty=self.polled_empty,
                 idle_shutdown_seconds=self.config.idle_shutdown_seconds,
                 max_lifetime_seconds=self.config.max_lifetime_seconds,
             )
@@ -151,6 +153,7 @@ class Worker:
         self._receive_errors = 0
         if messages:
             self.last_activity_at = self.clock()
+        self.polled_empty = not messages and not self.stop.requested
         return messages
 
     def _receive_failed(self, error: Exception) -> None:
