@@ -219,6 +219,10 @@ SCRIPT_HEAD = """\
 set -euo pipefail
 export EC2CLUSTER_HOME="${EC2CLUSTER_HOME:-@DEFAULT_HOME@}"
 PY="${EC2CLUSTER_PYTHON:-python3}"
+# boto3 finds the instance profile's credentials in instance metadata, giving it by default one attempt
+# of 1 s: a busy instance (its first seconds) can miss that and fail with NoCredentialsError.
+export AWS_METADATA_SERVICE_TIMEOUT="${AWS_METADATA_SERVICE_TIMEOUT:-5}"
+export AWS_METADATA_SERVICE_NUM_ATTEMPTS="${AWS_METADATA_SERVICE_NUM_ATTEMPTS:-3}"
 
 # Whatever happens (the worker exits, or a step below fails), the instance shuts down: with
 # InstanceInitiatedShutdownBehavior=terminate that terminates it, so a broken bootstrap costs nothing.

@@ -27,7 +27,18 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from ec2cluster_localcloud.runner import DEFAULT_GRACE_SECONDS, DEFAULT_POLL_SECONDS, InstanceRunner
+from ec2cluster_localcloud.control import (
+    CONTROL_URL_ENV,
+    REBALANCE_RECOMMENDATION,
+    SPOT_INTERRUPTION,
+    ControlServer,
+)
+from ec2cluster_localcloud.runner import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_POLL_SECONDS,
+    SPOT_NOTICE_SECONDS,
+    InstanceRunner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +85,8 @@ class LocalCloud:
         self.instance_profile_name = INSTANCE_PROFILE_NAME
         self._server: subprocess.Popen | None = None
         self._runner: InstanceRunner | None = None
+        self._control: ControlServer | None = None
+        self.control_url: str | None = None
 
     # Context manager
 
@@ -99,6 +112,17 @@ class LocalCloud:
                 grace_seconds=self.grace_seconds,
             )
             self._runner.start()
+            self._control = ControlServer(
+                {
+                    SPOT_INTERRUPTION: lambda body: self.inject_spot_interruption(
+                        str(body["instance_id"]), float(body.get("notice_seconds", SPOT_NOTICE_SECONDS))
+                    ),
+                    REBALANCE_RECOMMENDATION: lambda body: self.inject_rebalance_recommendation(
+                        str(body["instance_id"])
+                    ),
+                }
+            )
+            self.control_url = self._control.start()
         except BaseException:
             self.stop()
             raise
@@ -108,6 +132,9 @@ class LocalCloud:
         # A second Ctrl-C must not leave children behind: ignore SIGINT while cleaning up (main thread only).
         restore = _ignore_sigint()
         try:
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             if self._runner is not None:
                 self._runner.stop()
                 self._runner = None
@@ -144,6 +171,26 @@ class LocalCloud:
             "extra": {"endpoint_url": self.endpoint_url, "region_name": self.region},
         }
         return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(connection)}
+
+    def control_env(self) -> dict[str, str]:
+        """Where ``ec2cluster-localcloud spot-interrupt`` and ``rebalance`` find this local cloud."""
+        self._require_started()
+        return {CONTROL_URL_ENV: self.control_url}
+
+    def inject_spot_interruption(self, instance_id: str, notice_seconds: float = SPOT_NOTICE_SECONDS) -> None:
+        """Post a spot interruption notice in the instance's metadata; terminate it when the notice ends.
+
+        EC2 gives two minutes; a test may give less. KeyError for an instance that is not running here.
+        """
+        self._require_started()
+        if notice_seconds < 0:
+            raise ValueError(f"notice_seconds must be 0 or more, not {notice_seconds}")
+        self._runner.inject_spot_interruption(instance_id, notice_seconds)
+
+    def inject_rebalance_recommendation(self, instance_id: str) -> None:
+        """Post an EC2 rebalance recommendation in the instance's metadata (nothing is terminated)."""
+        self._require_started()
+        self._runner.inject_rebalance_recommendation(instance_id)
 
     def worker_processes(self) -> dict[str, dict]:
         """Instance id -> its process (pid, pgid, alive, returncode, home, log_path...)."""

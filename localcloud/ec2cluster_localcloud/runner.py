@@ -1,11 +1,15 @@
 """The instance runner: every instance launched on the local cloud becomes a real process.
 
 It polls the local cloud's EC2 (DescribeInstances) and, for each instance that reaches pending/running,
-runs the instance's own user data (``bash <script>``) in a process group of its own, with the environment
-an instance would give the worker: its instance id, credentials standing in for the instance profile's
-role, the endpoint. When an instance is stopped or terminated its process group gets SIGTERM, then SIGKILL
-after a grace period. When the script exits by itself the instance shuts down the way EC2 would: the
-runner terminates it (or stops it, as InstanceInitiatedShutdownBehavior says).
+starts the instance's metadata service (ec2cluster_localcloud.metadata) and runs the instance's own user
+data (``bash <script>``) in a process group of its own. The script gets what an instance gives it: the
+metadata service's address, where it finds its instance id and its instance profile's credentials. It gets
+no worker id, no credentials and no region; the one stand-in is ``AWS_ENDPOINT_URL``, the network route to
+the local cloud's endpoint (on EC2, DNS sends the SDK's regional endpoints to AWS). When an instance is
+stopped or terminated its process group gets SIGTERM, then SIGKILL after a grace period. When the script
+exits by itself the instance shuts down the way EC2 would: the runner terminates it (or stops it, as
+InstanceInitiatedShutdownBehavior says). A spot interruption notice can be injected: the instance is
+reclaimed (terminated) when its notice period ends.
 
 Like cloud-init, it runs an instance's user data once, at its first boot.
 """
@@ -29,6 +33,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from ec2cluster_localcloud.metadata import CREDENTIAL_SECONDS, InstanceFacts, InstanceMetadataService
+
 log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -39,13 +45,10 @@ DEFAULT_POLL_SECONDS = 0.4
 # task in hand, and writes its 'stopped' status item first. 30 s covers that with room for a busy machine.
 DEFAULT_GRACE_SECONDS = 30.0
 KILL_WAIT_SECONDS = 5.0
-# Inherited variables that would point boto3 somewhere else than the local cloud's stand-in credentials.
-DROPPED_ENV = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SECURITY_TOKEN",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-)
+# What an instance's processes inherit from the runner's environment: the host's basics and the project's
+# modules (so that user handlers import). Nothing that names the account, its credentials or the region.
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
+SPOT_NOTICE_SECONDS = 120.0  # EC2's two-minute warning
 
 
 @dataclass
@@ -58,9 +61,12 @@ class InstanceProcess:
     shutdown_behavior: str
     process: subprocess.Popen | None
     started_at: float = field(default_factory=time.monotonic)
+    metadata: InstanceMetadataService | None = None
     term_sent_at: float | None = None
     killed: bool = False
     shutdown_requested: bool = False
+    reclaim_at: float | None = None  # monotonic: when an injected spot notice's period ends
+    reclaimed: bool = False
 
     @property
     def alive(self) -> bool:
@@ -84,30 +90,40 @@ class InstanceProcess:
             "log_path": str(self.log_path),
             "term_sent": self.term_sent_at is not None,
             "killed": self.killed,
+            "metadata_url": self.metadata.url if self.metadata else None,
+            "reclaimed": self.reclaimed,
         }
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one poll decided: instances to start, process groups to stop, instances to shut down."""
+    """What one poll decided: instances to start, groups to stop, instances to shut down or to reclaim."""
 
     start: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
     shut_down: tuple[str, ...] = ()
     kill: tuple[str, ...] = ()
+    reclaim: tuple[str, ...] = ()  # spot notices whose period has ended: EC2 terminates the instance
 
 
 def plan(
     states: Mapping[str, str], processes: Mapping[str, InstanceProcess], now: float, grace_seconds: float
 ) -> Plan:
     """Decide from instance states and process records (pure: no calls)."""
-    start, stop, shut_down, kill = [], [], [], []
+    start, stop, shut_down, kill, reclaim = [], [], [], [], []
     for instance_id, state in sorted(states.items()):
         record = processes.get(instance_id)
         if record is None:
             if state in RUNNING_STATES:
                 start.append(instance_id)
             continue
+        if (
+            state in RUNNING_STATES
+            and record.reclaim_at is not None
+            and now >= record.reclaim_at
+            and not record.reclaimed
+        ):
+            reclaim.append(instance_id)
         if state not in RUNNING_STATES and record.alive and record.term_sent_at is None:
             stop.append(instance_id)
         elif (
@@ -120,7 +136,7 @@ def plan(
     for instance_id, record in sorted(processes.items()):
         if record.term_sent_at is not None and record.alive and now - record.term_sent_at >= grace_seconds:
             kill.append(instance_id)
-    return Plan(tuple(start), tuple(stop), tuple(shut_down), tuple(kill))
+    return Plan(tuple(start), tuple(stop), tuple(shut_down), tuple(kill), tuple(reclaim))
 
 
 def group_exists(pgid: int) -> bool:
@@ -163,13 +179,16 @@ class InstanceRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ec2 = boto3.client(
-            "ec2",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            config=Config(retries={"mode": "standard"}),
+        self._ec2, self._iam, self._sts = (
+            boto3.client(
+                service,
+                endpoint_url=endpoint_url,
+                region_name=region,
+                aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                config=Config(retries={"mode": "standard"}),
+            )
+            for service in ("ec2", "iam", "sts")
         )
 
     # Lifecycle
@@ -186,6 +205,9 @@ class InstanceRunner:
         with self._lock:
             records = list(self._processes.values())
         self.stop_processes(records)
+        for record in records:
+            if record.metadata is not None:
+                record.metadata.close()
 
     def stop_processes(self, records: Iterable[InstanceProcess]) -> None:
         records = [r for r in records if r.process is not None]
@@ -220,15 +242,21 @@ class InstanceRunner:
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> Plan:
-        states = self.instance_states()
+        instances = self.describe_instances()
+        states = {instance_id: instance["State"]["Name"] for instance_id, instance in instances.items()}
         with self._lock:
             decided = plan(states, self._processes, time.monotonic(), self.grace_seconds)
         for instance_id in decided.start:
             if self._stop.is_set():
                 break
-            record = self._launch(instance_id)
+            record = self._launch(instances[instance_id])
             with self._lock:
                 self._processes[instance_id] = record
+        if decided.reclaim:
+            log.info("spot instances reclaimed at the end of their notice: %s", ", ".join(decided.reclaim))
+            self._ec2.terminate_instances(InstanceIds=list(decided.reclaim))
+            for instance_id in decided.reclaim:
+                self._processes[instance_id].reclaimed = True
         for instance_id in decided.stop:
             self._terminate(self._processes[instance_id])
         for instance_id in decided.kill:
@@ -237,20 +265,52 @@ class InstanceRunner:
             record.killed = True
         for instance_id in decided.shut_down:
             self._shut_down(self._processes[instance_id])
+        with self._lock:
+            records = list(self._processes.items())
+        for instance_id, record in records:
+            # Its metadata answers until its processes are gone (a stopping worker still writes its status).
+            gone = states.get(instance_id) not in RUNNING_STATES and not record.alive
+            if record.metadata is not None and gone:
+                record.metadata.close()
+                record.metadata = None
         return decided
 
-    def instance_states(self) -> dict[str, str]:
+    def describe_instances(self) -> dict[str, dict]:
         paginator = self._ec2.get_paginator("describe_instances")
         return {
-            instance["InstanceId"]: instance["State"]["Name"]
+            instance["InstanceId"]: instance
             for page in paginator.paginate()
             for reservation in page["Reservations"]
             for instance in reservation["Instances"]
         }
 
+    def instance_states(self) -> dict[str, str]:
+        return {instance_id: i["State"]["Name"] for instance_id, i in self.describe_instances().items()}
+
+    # Injected events
+
+    def inject_spot_interruption(self, instance_id: str, notice_seconds: float = SPOT_NOTICE_SECONDS) -> None:
+        """Post a spot interruption notice; the instance is terminated when ``notice_seconds`` have passed."""
+        record = self._record_with_metadata(instance_id)
+        record.metadata.inject_spot_interruption(time.time() + notice_seconds)
+        record.reclaim_at = time.monotonic() + notice_seconds
+        log.info("instance %s: spot interruption notice, reclaimed in %.0f s", instance_id, notice_seconds)
+
+    def inject_rebalance_recommendation(self, instance_id: str) -> None:
+        self._record_with_metadata(instance_id).metadata.inject_rebalance_recommendation()
+        log.info("instance %s: rebalance recommendation", instance_id)
+
+    def _record_with_metadata(self, instance_id: str) -> InstanceProcess:
+        with self._lock:
+            record = self._processes.get(instance_id)
+        if record is None or record.metadata is None:
+            raise KeyError(f"{instance_id}: no running instance of the local cloud has this id")
+        return record
+
     # Actions
 
-    def _launch(self, instance_id: str) -> InstanceProcess:
+    def _launch(self, instance: dict) -> InstanceProcess:
+        instance_id = instance["InstanceId"]
         home = self.work_dir / "instances" / instance_id
         home.mkdir(parents=True, exist_ok=True)
         log_path = self.work_dir / "logs" / f"{instance_id}.log"
@@ -259,42 +319,77 @@ class InstanceRunner:
         behavior = self._ec2.describe_instance_attribute(
             InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
         )["InstanceInitiatedShutdownBehavior"]["Value"]
+        metadata = InstanceMetadataService(self.instance_facts(instance), self._issue_credentials)
+        metadata.start()
         if not script.strip():
             log.info("instance %s has no user data: nothing to run", instance_id)
-            return InstanceProcess(instance_id, home, log_path, behavior, None)
+            return InstanceProcess(instance_id, home, log_path, behavior, None, metadata=metadata)
         script_path = home / "user-data.sh"
         script_path.write_text(script, encoding="utf-8")
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 ["bash", str(script_path)],
                 cwd=home,
-                env=self.instance_env(instance_id, home),
+                env=self.instance_env(home, metadata.url),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: SIGTERM/SIGKILL reach all it started
             )
         log.info("instance %s: started pid %s, log %s", instance_id, process.pid, log_path)
-        return InstanceProcess(instance_id, home, log_path, behavior, process)
+        return InstanceProcess(instance_id, home, log_path, behavior, process, metadata=metadata)
+
+    def instance_facts(self, instance: dict) -> InstanceFacts:
+        """What the instance's metadata says: from DescribeInstances and its instance profile's role."""
+        profile = instance.get("IamInstanceProfile") or {}
+        role_name = role_arn = None
+        if profile.get("Arn"):
+            roles = self._iam.get_instance_profile(InstanceProfileName=profile["Arn"].rsplit("/", 1)[-1])[
+                "InstanceProfile"
+            ]["Roles"]
+            if roles:
+                role_name, role_arn = roles[0]["RoleName"], roles[0]["Arn"]
+        return InstanceFacts(
+            instance_id=instance["InstanceId"],
+            instance_type=instance["InstanceType"],
+            availability_zone=instance["Placement"]["AvailabilityZone"],
+            region=self.region,
+            image_id=instance["ImageId"],
+            instance_profile_arn=profile.get("Arn"),
+            instance_profile_id=profile.get("Id"),
+            role_name=role_name,
+            role_arn=role_arn,
+        )
+
+    def _issue_credentials(self, facts: InstanceFacts) -> dict:
+        """The role's temporary credentials, from the local cloud's STS, as EC2 gets them for an instance."""
+        return self._sts.assume_role(
+            RoleArn=facts.role_arn, RoleSessionName=facts.instance_id, DurationSeconds=CREDENTIAL_SECONDS
+        )["Credentials"]
 
     def _user_data(self, instance_id: str) -> str:
         answer = self._ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         encoded = (answer.get("UserData") or {}).get("Value") or ""
         return cloud_init_text(base64.b64decode(encoded)) if encoded else ""
 
-    def instance_env(self, instance_id: str, home: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
-        env.update(self.cloud_env)
+    def instance_env(self, home: Path, metadata_url: str) -> dict[str, str]:
+        """An instance's environment: the metadata service's address, the route to the endpoint, the host.
+
+        The EC2CLUSTER_* knobs are the local cloud's remaining stand-ins for what its instances cannot do yet
+        (an image of their own to install into, powering off): see DESIGN.md, "User data".
+        """
+        env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         # The project's own modules (user handlers) stay importable, as they are in this process.
         python_path = [p for p in (env.get("PYTHONPATH", ""), os.getcwd()) if p]
         env.update(
             {
-                "EC2CLUSTER_WORKER_ID": instance_id,
+                "HOME": str(home),  # no shared AWS config or credentials files of the host's user
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata_url,
+                "AWS_ENDPOINT_URL": self.cloud_env["AWS_ENDPOINT_URL"],
                 "EC2CLUSTER_HOME": str(home),
                 "EC2CLUSTER_PYTHON": sys.executable,
                 "EC2CLUSTER_SKIP_INSTALL": "1",
                 "EC2CLUSTER_NO_SHUTDOWN": "1",
-                "AWS_EC2_METADATA_DISABLED": "true",
                 "PYTHONPATH": os.pathsep.join(python_path),
                 "PYTHONUNBUFFERED": "1",
             }

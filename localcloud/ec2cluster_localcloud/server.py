@@ -126,10 +126,44 @@ def make_run_instances_idempotent() -> None:
     InstanceBackend.run_instances = run_instances
 
 
+def make_instance_profile_apply_to_every_instance() -> None:
+    """RunInstances with an instance profile and a count of N gives all N instances the profile, as on AWS.
+
+    moto associates the profile with the first instance only, so the others boot with no role: their
+    metadata has no credentials. A replayed ClientToken answers before moto would associate the first
+    instance a second time (an error on AWS's AssociateIamInstanceProfile, not on a replayed launch).
+    """
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.instances import InstanceResponse
+
+    original = InstanceResponse.run_instances
+    if getattr(original, "ec2cluster_every_instance", False):
+        return
+
+    def run_instances(self):
+        token = self._get_param("ClientToken")
+        if token:
+            for reservation in self.ec2_backend.reservations.values():
+                if any(instance.client_token == token for instance in reservation.instances):
+                    return ActionResult(reservation)
+        result = original(self)
+        name, arn = self._get_param("IamInstanceProfile.Name"), self._get_param("IamInstanceProfile.Arn")
+        if name or arn:
+            for instance in result.result.instances[1:]:
+                self.ec2_backend.associate_iam_instance_profile(
+                    instance_id=instance.id, iam_instance_profile_name=name, iam_instance_profile_arn=arn
+                )
+        return result
+
+    run_instances.ec2cluster_every_instance = True
+    InstanceResponse.run_instances = run_instances
+
+
 def make_ec2_like_aws() -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
     make_run_instances_idempotent()
+    make_instance_profile_apply_to_every_instance()
 
 
 def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:

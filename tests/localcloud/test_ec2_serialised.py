@@ -69,3 +69,38 @@ def test_run_instances_with_a_used_client_token_starts_nothing_new_as_on_aws(mon
         assert set(launch("c-r1-n2")).isdisjoint(first)
         running = ec2.describe_instances()["Reservations"]
         assert sum(len(r["Instances"]) for r in running) == 4
+
+
+def test_an_instance_profile_applies_to_every_instance_of_a_launch_as_on_aws(monkeypatch):
+    import json
+
+    import boto3
+    from ec2cluster_localcloud.server import make_instance_profile_apply_to_every_instance
+    from moto import mock_aws
+    from moto.ec2.responses.instances import InstanceResponse
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(InstanceResponse, "run_instances", InstanceResponse.run_instances)  # undone after
+    make_instance_profile_apply_to_every_instance()
+    make_instance_profile_apply_to_every_instance()  # applying twice wraps once
+    with mock_aws():
+        iam = boto3.client("iam", region_name="us-east-1")
+        iam.create_role(
+            RoleName="w", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []})
+        )
+        iam.create_instance_profile(InstanceProfileName="w")
+        iam.add_role_to_instance_profile(InstanceProfileName="w", RoleName="w")
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+        def launch() -> list[str]:
+            answer = ec2.run_instances(
+                ImageId=image, MinCount=3, MaxCount=3, ClientToken="t1", IamInstanceProfile={"Name": "w"}
+            )
+            return sorted(i["InstanceId"] for i in answer["Instances"])
+
+        first = launch()
+        assert launch() == first  # a replayed token answers, without associating the profile twice
+        instances = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+        assert len(instances) == 3
+        assert all(i["IamInstanceProfile"]["Arn"].endswith(":instance-profile/w") for i in instances)

@@ -1,7 +1,9 @@
 """Who this worker is: env EC2CLUSTER_WORKER_ID, else the EC2 instance id from instance metadata (IMDSv2).
 
-Instance metadata is contacted only when allowed: with EC2CLUSTER_WORKER_ID set and EC2CLUSTER_IMDS_URL unset
-(every local run) it never is, so local runs send no traffic off loopback.
+The metadata address is EC2's link-local one unless EC2CLUSTER_IMDS_URL or AWS_EC2_METADATA_SERVICE_ENDPOINT
+(botocore's own variable, which the local cloud sets for its instances) names another. Instance metadata is
+contacted only when allowed: with EC2CLUSTER_WORKER_ID set and no address given (a worker run by hand) it
+never is, so local runs send no traffic off loopback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 
 WORKER_ID_ENV = "EC2CLUSTER_WORKER_ID"
 IMDS_URL_ENV = "EC2CLUSTER_IMDS_URL"
+BOTOCORE_IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 TOKEN_TTL_SECONDS = 21600
 TIMEOUT_SECONDS = 2.0
@@ -25,14 +28,23 @@ class MetadataUnavailable(Exception):
 
 def imds_base_url(environ: Mapping[str, str]) -> str | None:
     """The metadata base URL to use, or None when this worker must not contact instance metadata."""
-    explicit = environ.get(IMDS_URL_ENV, "").strip()
+    explicit = explicit_imds_url(environ)
     if explicit:
-        return explicit.rstrip("/")
+        return explicit
     if environ.get(WORKER_ID_ENV, "").strip():
         return None
     if environ.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
         return None
     return DEFAULT_IMDS_URL
+
+
+def explicit_imds_url(environ: Mapping[str, str]) -> str | None:
+    """The metadata address the environment names, if it names one."""
+    for name in (IMDS_URL_ENV, BOTOCORE_IMDS_ENDPOINT_ENV):
+        value = environ.get(name, "").strip()
+        if value:
+            return value.rstrip("/")
+    return None
 
 
 class InstanceMetadata:

@@ -17,7 +17,7 @@ from . import records
 from .aws import AwsClients
 from .config import WorkerConfig
 from .handlers import HandlerError, build_handler
-from .identity import IMDS_URL_ENV, InstanceMetadata, imds_base_url, resolve_worker_id
+from .identity import InstanceMetadata, explicit_imds_url, imds_base_url, resolve_worker_id
 from .lifecycle import SpotWatcher, StopRequest
 from .logs import EventLog
 from .loop import Worker
@@ -82,7 +82,7 @@ def run_worker(
     stop = StopRequest()
     # Watch for spot notices only where metadata answered (or was pointed at explicitly): off EC2, never.
     base_url = imds_base_url(environ)
-    watch_spot = base_url is not None and (id_source == "imds" or bool(environ.get(IMDS_URL_ENV)))
+    watch_spot = base_url is not None and (id_source == "imds" or explicit_imds_url(environ) is not None)
     spot_watcher = SpotWatcher(InstanceMetadata(base_url), stop, log) if watch_spot else None
     worker = Worker(
         config=config,

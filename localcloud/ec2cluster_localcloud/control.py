@@ -1,0 +1,89 @@
+"""EC2's events injected into a running local cloud from another process (the CLI's ``spot-interrupt``).
+
+The local cloud listens on a loopback port of its own (``EC2CLUSTER_LOCALCLOUD_CONTROL_URL``) for
+``POST /spot-interruption`` and ``POST /rebalance-recommendation`` with a JSON body naming the instance. In
+Python, call the LocalCloud's methods instead.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+CONTROL_URL_ENV = "EC2CLUSTER_LOCALCLOUD_CONTROL_URL"
+SPOT_INTERRUPTION = "/spot-interruption"
+REBALANCE_RECOMMENDATION = "/rebalance-recommendation"
+
+
+class ControlError(RuntimeError):
+    """The local cloud refused or could not take an injected event."""
+
+
+class ControlServer:
+    """Calls ``actions[path](body)`` per POST: 404 for an unknown instance (KeyError), 400 for bad input."""
+
+    def __init__(self, actions: dict[str, Callable[[dict[str, Any]], None]]) -> None:
+        self.actions = actions
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> str:
+        actions = self.actions
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                action = actions.get(self.path)
+                if action is None:
+                    return self._send(404, {"error": f"no such control: {self.path}"})
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                    action(body)
+                except KeyError as error:
+                    return self._send(404, {"error": str(error.args[0] if error.args else error)})
+                except (ValueError, TypeError) as error:
+                    return self._send(400, {"error": str(error)})
+                self._send(200, {"ok": True})
+
+            def _send(self, status: int, document: dict[str, Any]) -> None:
+                data = json.dumps(document).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="localcloud-control", daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def post(control_url: str, path: str, body: dict[str, Any]) -> None:
+    """Send one event to a running local cloud; ControlError with its reason when it refuses."""
+    request = urllib.request.Request(
+        control_url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            return
+    except urllib.error.HTTPError as error:
+        reason = json.loads(error.read() or b"{}").get("error", error.reason)
+        raise ControlError(reason) from None
+    except OSError as error:
+        raise ControlError(f"no local cloud answers at {control_url}: {error}") from None
