@@ -27,6 +27,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from ec2cluster_localcloud.account import ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY
 from ec2cluster_localcloud.control import (
     CONTROL_URL_ENV,
     REBALANCE_RECOMMENDATION,
@@ -42,8 +43,6 @@ from ec2cluster_localcloud.runner import (
 
 log = logging.getLogger(__name__)
 
-TEST_ACCESS_KEY_ID = "testing"
-TEST_SECRET_ACCESS_KEY = "testing"
 INSTANCE_PROFILE_NAME = "ec2cluster-worker"
 AMI_NAME = "ec2cluster-local-worker"
 SERVER_START_TIMEOUT_SECONDS = 60.0
@@ -72,12 +71,14 @@ class LocalCloud:
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         sqs_speedup: bool = True,
+        enforce_iam: bool = True,
     ):
         self.port = port
         self.region = region
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
         self.sqs_speedup = sqs_speedup
+        self.enforce_iam = enforce_iam
         self._given_work_dir = Path(work_dir) if work_dir is not None else None
         self.work_dir: Path | None = None
         self.endpoint_url: str | None = None
@@ -153,24 +154,56 @@ class LocalCloud:
         self._require_started()
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_ACCESS_KEY,
+            "AWS_ACCESS_KEY_ID": ROOT_ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": ROOT_SECRET_ACCESS_KEY,
             "AWS_SESSION_TOKEN": "testing",
             "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def airflow_conn_env(self, conn_id: str = "aws_default") -> dict[str, str]:
-        """An ``AIRFLOW_CONN_<ID>`` variable pointing the amazon provider at the local cloud."""
+    def airflow_conn_env(
+        self, conn_id: str = "aws_default", credentials: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """An ``AIRFLOW_CONN_<ID>`` variable pointing the amazon provider at the local cloud.
+
+        ``credentials`` (an IAM user's AccessKeyId and SecretAccessKey, from ``create_user``): the
+        connection acts as that user; without, as the account's root.
+        """
         self._require_started()
+        credentials = credentials or {
+            "AccessKeyId": ROOT_ACCESS_KEY_ID,
+            "SecretAccessKey": ROOT_SECRET_ACCESS_KEY,
+        }
         connection = {
             "conn_type": "aws",
-            "login": TEST_ACCESS_KEY_ID,
-            "password": TEST_SECRET_ACCESS_KEY,
+            "login": credentials["AccessKeyId"],
+            "password": credentials["SecretAccessKey"],
             "extra": {"endpoint_url": self.endpoint_url, "region_name": self.region},
         }
         return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(connection)}
+
+    # Identities (the account's root creates them; with enforce_iam, their policies are all they may do)
+
+    def create_user(self, name: str, policy: dict) -> dict[str, str]:
+        """An IAM user holding exactly ``policy`` (inline); its access key (AccessKeyId, SecretAccessKey)."""
+        iam = self.client("iam")
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
+
+    def set_user_policy(self, name: str, policy: dict) -> None:
+        """Replace the user's policy (takes effect on its next request)."""
+        self.client("iam").put_user_policy(
+            UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(policy)
+        )
+
+    def set_worker_policy(self, policy: dict, role: str = INSTANCE_PROFILE_NAME) -> None:
+        """The worker role's one policy: what instances launched with its profile may do."""
+        self.client("iam").put_role_policy(
+            RoleName=role, PolicyName=f"{role}-policy", PolicyDocument=json.dumps(policy)
+        )
 
     def control_env(self) -> dict[str, str]:
         """Where ``ec2cluster-localcloud spot-interrupt`` and ``rebalance`` find this local cloud."""
@@ -203,8 +236,8 @@ class LocalCloud:
             service,
             endpoint_url=self.endpoint_url,
             region_name=self.region,
-            aws_access_key_id=TEST_ACCESS_KEY_ID,
-            aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
+            aws_access_key_id=ROOT_ACCESS_KEY_ID,
+            aws_secret_access_key=ROOT_SECRET_ACCESS_KEY,
             config=Config(retries={"mode": "standard"}),
         )
 
@@ -219,6 +252,8 @@ class LocalCloud:
         command += ["--port", str(self.port)]
         if not self.sqs_speedup:
             command.append("--no-sqs-speedup")
+        if self.enforce_iam:
+            command.append("--enforce-iam")
         with open(self.work_dir / "server.log", "ab") as server_log:
             self._server = subprocess.Popen(
                 command,

@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-sqs-speedup", action="store_true", help="serve moto's SQS unmodified (for comparisons)"
     )
+    parser.add_argument(
+        "--enforce-iam",
+        action="store_true",
+        help="check every request against the caller's IAM policies, as AWS does (the root key passes)",
+    )
     args = parser.parse_args(argv)
     if args.host not in LOOPBACK_HOSTS:
         parser.error(
@@ -79,6 +84,15 @@ def serialised(app, services: tuple[str, ...], lock: threading.Lock | None = Non
     return application
 
 
+def already_patched(function: object, marker: str) -> bool:
+    """True when ``function``, or one it wraps (``__wrapped__``), carries ``marker``: patch once."""
+    while function is not None:
+        if getattr(function, marker, False):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
+
+
 def make_terminate_idempotent() -> None:
     """Terminating an already terminated instance succeeds, as on AWS.
 
@@ -90,7 +104,7 @@ def make_terminate_idempotent() -> None:
     from moto.ec2.models.instances import Instance
 
     original = Instance.terminate
-    if getattr(original, "ec2cluster_idempotent", False):
+    if already_patched(original, "ec2cluster_idempotent"):
         return
 
     def terminate(self):
@@ -99,6 +113,7 @@ def make_terminate_idempotent() -> None:
         return original(self)
 
     terminate.ec2cluster_idempotent = True
+    terminate.__wrapped__ = original
     Instance.terminate = terminate
 
 
@@ -111,7 +126,7 @@ def make_run_instances_idempotent() -> None:
     from moto.ec2.models.instances import InstanceBackend
 
     original = InstanceBackend.run_instances
-    if getattr(original, "ec2cluster_idempotent", False):
+    if already_patched(original, "ec2cluster_idempotent"):
         return
 
     def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
@@ -123,6 +138,7 @@ def make_run_instances_idempotent() -> None:
         return original(self, image_id, count, user_data, security_group_names, **kwargs)
 
     run_instances.ec2cluster_idempotent = True
+    run_instances.__wrapped__ = original
     InstanceBackend.run_instances = run_instances
 
 
@@ -137,7 +153,7 @@ def make_instance_profile_apply_to_every_instance() -> None:
     from moto.ec2.responses.instances import InstanceResponse
 
     original = InstanceResponse.run_instances
-    if getattr(original, "ec2cluster_every_instance", False):
+    if already_patched(original, "ec2cluster_every_instance"):
         return
 
     def run_instances(self):
@@ -156,6 +172,59 @@ def make_instance_profile_apply_to_every_instance() -> None:
         return result
 
     run_instances.ec2cluster_every_instance = True
+    run_instances.__wrapped__ = original
+    InstanceResponse.run_instances = run_instances
+
+
+def make_spot_launches_create_the_service_linked_role() -> None:
+    """An account's first spot RunInstances creates AWSServiceRoleForEC2Spot, as on AWS.
+
+    The caller needs iam:CreateServiceLinkedRole for it then (ec2cluster_localcloud.iam.requests asks).
+    """
+    import json
+
+    from moto.ec2.responses.instances import InstanceResponse
+    from moto.iam.models import iam_backends
+
+    from ec2cluster_localcloud.iam.requests import (
+        SPOT_SERVICE,
+        SPOT_SERVICE_ROLE_NAME,
+        SPOT_SERVICE_ROLE_PATH,
+    )
+
+    original = InstanceResponse.run_instances
+    if already_patched(original, "ec2cluster_spot_role"):
+        return
+
+    def run_instances(self):
+        result = original(self)
+        if self._get_param("InstanceMarketOptions.MarketType") == "spot":
+            iam = iam_backends[self.current_account][self.partition]
+            if not any(role.name == SPOT_SERVICE_ROLE_NAME for role in iam.get_roles()):
+                trust = {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": SPOT_SERVICE},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+                iam.create_role(
+                    SPOT_SERVICE_ROLE_NAME,
+                    json.dumps(trust),
+                    SPOT_SERVICE_ROLE_PATH,
+                    None,
+                    "EC2 Spot's service-linked role",
+                    [],
+                    None,
+                    linked_service=SPOT_SERVICE,
+                )
+        return result
+
+    run_instances.ec2cluster_spot_role = True
+    run_instances.__wrapped__ = original
     InstanceResponse.run_instances = run_instances
 
 
@@ -164,9 +233,10 @@ def make_ec2_like_aws() -> None:
     make_terminate_idempotent()
     make_run_instances_idempotent()
     make_instance_profile_apply_to_every_instance()
+    make_spot_launches_create_the_service_linked_role()
 
 
-def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
+def serve(host: str, port: int, *, sqs_speedup: bool = True, enforce_iam: bool = False) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
@@ -181,7 +251,14 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True) -> None:
     make_ec2_like_aws()
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES)
+    ec2_lock = threading.Lock()
+    app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES, ec2_lock)
+    if enforce_iam:
+        from ec2cluster_localcloud.account import ACCOUNT_ID, ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY
+        from ec2cluster_localcloud.iam.enforce import IamEnforcer, MotoFacts, MotoIdentities
+
+        identities = MotoIdentities(ACCOUNT_ID, ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY)
+        app = IamEnforcer(app, identities, MotoFacts(ACCOUNT_ID), lock=ec2_lock)
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     print(f"{READY_PREFIX} http://127.0.0.1:{server.server_port}", flush=True)
     # Nothing else goes to stdout: the owner reads only the ready line (and may stop reading it).
@@ -197,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     exit_when_orphaned(os.getppid())
     signal.signal(signal.SIGTERM, raise_system_exit)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(args.host, args.port, sqs_speedup=not args.no_sqs_speedup)
+        serve(args.host, args.port, sqs_speedup=not args.no_sqs_speedup, enforce_iam=args.enforce_iam)
 
 
 if __name__ == "__main__":
