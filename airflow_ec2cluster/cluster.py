@@ -23,6 +23,9 @@ TAG_ROLE = "ec2cluster:role"
 TAG_LAUNCH_TOKEN = "ec2cluster:launch-token"
 ROLE_WORKER = "worker"
 
+# Queue names start with the project's prefix, so that an IAM policy can name this project's queues (and
+# no one else's) by pattern: ec2cluster-<cluster id>-tasks. 11 + 40 + 6 characters, within SQS's 80.
+QUEUE_NAME_PREFIX = "ec2cluster-"
 TASK_QUEUE_SUFFIX = "-tasks"
 DEAD_LETTER_QUEUE_SUFFIX = "-dlq"
 
@@ -51,11 +54,16 @@ def validate_cluster_id(cluster_id: str) -> str:
 
 
 def task_queue_name(cluster_id: str) -> str:
-    return f"{cluster_id}{TASK_QUEUE_SUFFIX}"
+    return f"{QUEUE_NAME_PREFIX}{cluster_id}{TASK_QUEUE_SUFFIX}"
 
 
 def dead_letter_queue_name(cluster_id: str) -> str:
-    return f"{cluster_id}{DEAD_LETTER_QUEUE_SUFFIX}"
+    return f"{QUEUE_NAME_PREFIX}{cluster_id}{DEAD_LETTER_QUEUE_SUFFIX}"
+
+
+def cluster_prefix_for(dag_id: str) -> str:
+    """The prefix of every cluster id cluster_id_for gives a DAG's runs (for policies scoped to one DAG)."""
+    return cluster_id_for(dag_id, "")[:-HASH_LENGTH]
 
 
 def worker_name(cluster_id: str) -> str:

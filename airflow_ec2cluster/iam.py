@@ -1,9 +1,16 @@
 """Least-privilege IAM policies: the Airflow side (controller) and the worker instance profile.
 
 The action lists are exactly the AWS calls each side's code makes (``tests/reliability/test_iam_policy.py``
-checks them against the code), and every statement that can be scoped is: queues and the state table by
-name, instances by the ``ec2cluster:cluster-id`` tag, PassRole to EC2 only and only for the worker role.
-Describe* calls of EC2 cannot be scoped to resources (AWS does not support it), so they use ``*``.
+checks them against the code), and every statement that can be scoped is: queues by the project's name
+prefix and the clusters' prefix, the state table by name, instances by the ``ec2cluster:cluster-id`` tag,
+PassRole to EC2 only and only for the worker role. Describe* calls of EC2 cannot be scoped to resources
+(AWS does not support it), so they use ``*``. ARNs are in the region's partition (aws, aws-cn, aws-us-gov).
+
+The worker may write only its cluster's status and task-log items (``dynamodb:LeadingKeys``), never the
+META item or the worker bundle, which hold what the controller launches from (AMI, instance type, user
+data, cluster size): a task's code runs with the worker's credentials, and must not be able to choose what
+the controller launches. Clusters that share one worker role can write each other's status and task log:
+they are one trust domain; a role per DAG (``--dag-id``) separates them.
 """
 
 from __future__ import annotations
@@ -11,7 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_ec2cluster.cluster import DEAD_LETTER_QUEUE_SUFFIX, TAG_CLUSTER_ID, TASK_QUEUE_SUFFIX
+from ec2cluster_worker import records
+
+from airflow_ec2cluster.cluster import (
+    DEAD_LETTER_QUEUE_SUFFIX,
+    QUEUE_NAME_PREFIX,
+    TAG_CLUSTER_ID,
+    TASK_QUEUE_SUFFIX,
+)
 from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
 
 POLICY_VERSION = "2012-10-17"
@@ -55,12 +69,20 @@ WORKER_QUEUE_ACTIONS = (
 )
 # GetItem: the boot loader fetches the worker bundle (see workerbundle.py) before the worker starts.
 # BatchGetItem: a redelivered message's task-log item, so tasks already done are not run again.
-WORKER_TABLE_ACTIONS = (
-    "dynamodb:GetItem",
-    "dynamodb:PutItem",
-    "dynamodb:BatchWriteItem",
-    "dynamodb:BatchGetItem",
-)
+WORKER_TABLE_READ_ACTIONS = ("dynamodb:GetItem", "dynamodb:BatchGetItem")
+# PutItem: the worker's status item; BatchWriteItem: task-log items (and results, with an output table).
+WORKER_TABLE_WRITE_ACTIONS = ("dynamodb:PutItem", "dynamodb:BatchWriteItem")
+WORKER_TABLE_ACTIONS = WORKER_TABLE_READ_ACTIONS + WORKER_TABLE_WRITE_ACTIONS
+SPOT_SERVICE_ROLE = "aws-service-role/spot.amazonaws.com/AWSServiceRoleForEC2Spot"
+
+
+def partition_for(region: str) -> str:
+    """The ARN partition of a region ("aws" when the region is any)."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
 
 
 @dataclass(frozen=True)
@@ -75,19 +97,28 @@ class PolicyScope:
     instance_profile: str = DEFAULT_INSTANCE_PROFILE
     manifest_bucket: str = "*"  # S3 manifests the enqueue operator reads
     output_bucket: str = "*"  # the workers' s3 output, when used
+    output_table: str | None = None  # the workers' DynamoDB output table (worker_options.output.table)
 
-    def arn(self, service: str, resource: str, *, regional: bool = True) -> str:
+    @property
+    def partition(self) -> str:
+        return partition_for(self.region)
+
+    def arn(self, service: str, resource: str, *, regional: bool = True, account: bool = True) -> str:
         region = self.region if regional else ""
-        return f"arn:aws:{service}:{region}:{self.account_id}:{resource}"
+        account_id = self.account_id if account else ""
+        return f"arn:{self.partition}:{service}:{region}:{account_id}:{resource}"
 
     def queue_arns(self) -> list[str]:
         return [
-            self.arn("sqs", f"{self.cluster_prefix}*{suffix}")
+            self.arn("sqs", f"{QUEUE_NAME_PREFIX}{self.cluster_prefix}*{suffix}")
             for suffix in (TASK_QUEUE_SUFFIX, DEAD_LETTER_QUEUE_SUFFIX)
         ]
 
-    def table_arn(self) -> str:
-        return self.arn("dynamodb", f"table/{self.state_table}")
+    def table_arn(self, table: str | None = None) -> str:
+        return self.arn("dynamodb", f"table/{table or self.state_table}")
+
+    def s3_arn(self, bucket: str, key: str) -> str:
+        return f"arn:{self.partition}:s3:::{bucket}/{key}"
 
     def cluster_tag_value(self) -> str:
         return f"{self.cluster_prefix}*"
@@ -102,11 +133,17 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
     tag_condition = {"StringLike": {f"aws:ResourceTag/{TAG_CLUSTER_ID}": scope.cluster_tag_value()}}
     request_tag = {"StringLike": {f"aws:RequestTag/{TAG_CLUSTER_ID}": scope.cluster_tag_value()}}
     ec2 = lambda resource: scope.arn("ec2", resource)  # noqa: E731
+    output_table = (
+        [statement("CheckOutputTable", ["dynamodb:DescribeTable"], scope.table_arn(scope.output_table))]
+        if scope.output_table
+        else []
+    )
     return {
         "Version": POLICY_VERSION,
         "Statement": [
             statement("ClusterQueues", CONTROLLER_QUEUE_ACTIONS, scope.queue_arns()),
             statement("StateTable", CONTROLLER_TABLE_ACTIONS, scope.table_arn()),
+            *output_table,
             statement("DescribeEC2", CONTROLLER_DESCRIBE_ACTIONS, "*"),
             # New instances and volumes must carry the cluster tag; what they are made from is not tagged.
             statement(
@@ -115,11 +152,15 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
                 [ec2("instance/*"), ec2("volume/*")],
                 Condition=request_tag,
             ),
+            # A spot launch also creates a spot request (launch_spec market="spot").
+            statement("LaunchSpot", ["ec2:RunInstances"], ec2("spot-instances-request/*")),
             statement(
                 "LaunchFrom",
                 ["ec2:RunInstances"],
                 [
-                    f"arn:aws:ec2:{scope.region}::image/*",  # AMIs belong to their owner, not this account
+                    scope.arn(
+                        "ec2", "image/*", account=False
+                    ),  # AMIs belong to their owner, not this account
                     ec2("subnet/*"),
                     ec2("network-interface/*"),
                     ec2("security-group/*"),
@@ -149,20 +190,57 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
                 ["iam:GetInstanceProfile"],
                 scope.arn("iam", f"instance-profile/{scope.instance_profile}", regional=False),
             ),
-            statement("ReadManifests", ["s3:GetObject"], f"arn:aws:s3:::{scope.manifest_bucket}/*"),
+            # The first spot launch in an account creates EC2's spot service-linked role.
+            statement(
+                "SpotServiceLinkedRole",
+                ["iam:CreateServiceLinkedRole"],
+                scope.arn("iam", f"role/{SPOT_SERVICE_ROLE}", regional=False),
+                Condition={"StringEquals": {"iam:AWSServiceName": "spot.amazonaws.com"}},
+            ),
+            statement("ReadManifests", ["s3:GetObject"], scope.s3_arn(scope.manifest_bucket, "*")),
         ],
     }
 
 
 def worker_policy(scope: PolicyScope) -> dict[str, Any]:
     """The worker instance profile's role policy."""
+    prefix = scope.cluster_prefix
+    # Partition keys (records.py): C#<cluster> holds META and the bundle (read), C#<cluster>#W the status
+    # items and C#<cluster>#T#<shard> the task log (written). Null: the key must be in the request.
+    reads = [records.cluster_pk(f"{prefix}*")]
+    writes = [records.workers_pk(f"{prefix}*"), records.log_pk(f"{prefix}*", 0)[:-3] + "*"]
+    output_table = (
+        [statement("OutputTable", WORKER_TABLE_WRITE_ACTIONS, scope.table_arn(scope.output_table))]
+        if scope.output_table
+        else []
+    )
     return {
         "Version": POLICY_VERSION,
         "Statement": [
             statement("TaskQueue", WORKER_QUEUE_ACTIONS, scope.queue_arns()[0]),
-            statement("StatusAndTaskLog", WORKER_TABLE_ACTIONS, scope.table_arn()),
-            statement("S3Output", ["s3:PutObject"], f"arn:aws:s3:::{scope.output_bucket}/*"),
+            statement(
+                "ReadClusterRecords",
+                WORKER_TABLE_READ_ACTIONS,
+                scope.table_arn(),
+                Condition=leading_keys(reads),
+            ),
+            statement(
+                "WriteStatusAndTaskLog",
+                WORKER_TABLE_WRITE_ACTIONS,
+                scope.table_arn(),
+                Condition=leading_keys(writes),
+            ),
+            *output_table,
+            statement("S3Output", ["s3:PutObject"], scope.s3_arn(scope.output_bucket, "*")),
         ],
+    }
+
+
+def leading_keys(patterns: list[str]) -> dict[str, Any]:
+    """Every item's partition key matches one of ``patterns``, and the request names its keys."""
+    return {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": patterns},
+        "Null": {"dynamodb:LeadingKeys": "false"},
     }
 
 

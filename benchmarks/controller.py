@@ -345,6 +345,7 @@ def run_until_drained(sensor: Any) -> int:
 def measure_drain(tasks: int, workers: int, drained_checks: int) -> dict[str, Any]:
     """One job on the local cloud: enqueue, launch, poke until drained, tear down; the seconds it took."""
     from ec2cluster_localcloud import LocalCloud
+    from ec2cluster_localcloud.project import apply_project_policies
 
     from airflow_ec2cluster.operators import (
         EC2ClusterEnqueueOperator,
@@ -354,6 +355,7 @@ def measure_drain(tasks: int, workers: int, drained_checks: int) -> dict[str, An
 
     with LocalCloud(grace_seconds=5) as local, cloud.pointed_at(local.env()):
         table = cloud.create_state_table()
+        apply_project_policies(local, "--state-table", table)  # IAM enforced: the workers' role policy
         cluster_id = cloud.unique("drain")
         common = operators_kwargs(cluster_id, table)
         payloads = [{"id": i, "text": ":) " * (i % 5)} for i in range(tasks)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from airflow_ec2cluster.cluster import cluster_prefix_for
 from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
 from airflow_ec2cluster.iam import PolicyScope, controller_policy, worker_policy
 
@@ -19,18 +20,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the Airflow connection (controller), one for the worker instance profile's role.",
     )
     parser.add_argument("--side", choices=SIDES, default="both", help="which policy to print (default both)")
-    parser.add_argument("--region", default="*", help="AWS region of the clusters (default any)")
-    parser.add_argument("--account-id", default="*", help="AWS account id (default any)")
     parser.add_argument(
+        "--region",
+        default="*",
+        help="AWS region of the clusters (default any, in the aws partition: give it for aws-cn, aws-us-gov)",
+    )
+    parser.add_argument("--account-id", default="*", help="AWS account id (default any)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
         "--cluster-prefix",
         default="",
-        help="cluster ids start with this (the DAG id's slug, e.g. 'my-dag-'); default: any cluster",
+        help="cluster ids start with this; default: any cluster of this project (its queues are named "
+        "ec2cluster-<cluster id>-tasks/-dlq, its instances tagged ec2cluster:cluster-id)",
+    )
+    scope.add_argument(
+        "--dag-id",
+        default=None,
+        help="scope to the clusters of one DAG (the prefix cluster_id_for gives its runs): with a worker "
+        "role and instance profile of its own, that DAG's workers can touch no other DAG's clusters",
     )
     parser.add_argument("--state-table", default=DEFAULT_STATE_TABLE, help="the state table's name")
     parser.add_argument("--worker-role", default=DEFAULT_INSTANCE_PROFILE, help="the worker profile's role")
     parser.add_argument("--instance-profile", default=DEFAULT_INSTANCE_PROFILE, help="the worker profile")
     parser.add_argument("--manifest-bucket", default="*", help="bucket of S3 task manifests (default any)")
     parser.add_argument("--output-bucket", default="*", help="bucket of the workers' S3 output (default any)")
+    parser.add_argument(
+        "--output-table",
+        default=None,
+        help="the workers' DynamoDB output table (worker_options.output.table), if they use one",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -38,12 +56,13 @@ def scope_from(args: argparse.Namespace) -> PolicyScope:
     return PolicyScope(
         region=args.region,
         account_id=args.account_id,
-        cluster_prefix=args.cluster_prefix,
+        cluster_prefix=cluster_prefix_for(args.dag_id) if args.dag_id else args.cluster_prefix,
         state_table=args.state_table,
         worker_role=args.worker_role,
         instance_profile=args.instance_profile,
         manifest_bucket=args.manifest_bucket,
         output_bucket=args.output_bucket,
+        output_table=args.output_table,
     )
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID, cluster_id_for
 from ec2cluster_localcloud import LocalCloud
 from ec2cluster_localcloud.deployment import AirflowDeployment, DeploymentError, error_lines
+from ec2cluster_localcloud.project import apply_project_policies, controller_env
 
 DAG_ID = "ec2_cluster_example"
 # The demo runs from a checkout of the repository: localcloud/ec2cluster_localcloud/demo.py.
@@ -54,11 +55,6 @@ def base_airflow_env(airflow_home: Path) -> dict[str, str]:
     }
 
 
-def airflow_env(cloud: LocalCloud, airflow_home: Path) -> dict[str, str]:
-    """The demo's Airflow settings plus the local cloud's endpoint, credentials and connection."""
-    return {**base_airflow_env(airflow_home), **cloud.env(), **cloud.airflow_conn_env()}
-
-
 def migrate_airflow_db(airflow_home: Path) -> bool:
     return airflow(["db", "migrate"], base_airflow_env(airflow_home), quiet=True) == 0
 
@@ -69,11 +65,11 @@ def airflow(args: list[str], env: dict[str, str], *, quiet: bool = False) -> int
     return subprocess.run(command, env=env, stdout=output, stderr=output, check=False).returncode
 
 
-def deployment_env(cloud: LocalCloud) -> dict[str, str]:
-    """What the deployment's components (and their task processes) need to use the local cloud."""
+def deployment_env(cloud: LocalCloud, controller: dict[str, str]) -> dict[str, str]:
+    """What the deployment's components (and their task processes) need to use the local cloud: they act
+    as the controller user, which holds exactly ``ec2cluster iam-policy --side controller``."""
     return {
-        **cloud.env(),
-        **cloud.airflow_conn_env(),
+        **controller_env(cloud, controller),
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
     }
 
@@ -174,7 +170,13 @@ class ProgressPrinter:
 def start_all(args: argparse.Namespace, cloud: LocalCloud) -> AirflowDeployment:
     print(f"local cloud at {cloud.endpoint_url} (region {cloud.region})", flush=True)
     print(f"starting Airflow (about a minute; its logs: {args.airflow_home / 'components'})...", flush=True)
-    deployment = AirflowDeployment(args.airflow_home, DAGS_FOLDER, deployment_env(cloud), port=args.port)
+    print(
+        "IAM enforced: Airflow acts as a user holding `ec2cluster iam-policy --side controller`", flush=True
+    )
+    controller = apply_project_policies(cloud)
+    deployment = AirflowDeployment(
+        args.airflow_home, DAGS_FOLDER, deployment_env(cloud, controller), port=args.port
+    )
     deployment.start()
     return deployment
 

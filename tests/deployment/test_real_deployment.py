@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 from ec2cluster_localcloud import LocalCloud, demo
 from ec2cluster_localcloud.deployment import AirflowDeployment, error_lines, wait_until
+from ec2cluster_localcloud.project import apply_project_policies
 
 from airflow_ec2cluster.cluster import cluster_id_for
 
@@ -58,7 +59,8 @@ def cloud(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployment(cloud, tmp_path_factory):
     home = tmp_path_factory.mktemp("airflow-home")
-    with AirflowDeployment(home, demo.DAGS_FOLDER, demo.deployment_env(cloud)) as deployment:
+    controller = apply_project_policies(cloud)  # IAM enforced: Airflow holds exactly the controller policy
+    with AirflowDeployment(home, demo.DAGS_FOLDER, demo.deployment_env(cloud, controller)) as deployment:
         yield deployment
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from ec2cluster_localcloud import LocalCloud
+from ec2cluster_localcloud.project import apply_project_policies
 from ec2cluster_worker import records
 from ec2cluster_worker.config import WorkerConfig
 
+from airflow_ec2cluster.cluster import task_queue_name
 from airflow_ec2cluster.userdata import render_user_data
 from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, build_worker_bundle, bundle_key
 
@@ -70,9 +72,10 @@ def test_three_workers_run_two_hundred_tasks(tmp_path: Path):
     cluster_id = f"e2e-{uuid.uuid4().hex[:12]}"
     table = f"ec2cluster-state-{uuid.uuid4().hex[:8]}"
     with LocalCloud(work_dir=tmp_path) as cloud:
+        apply_project_policies(cloud, "--state-table", table)  # the workers hold exactly --side worker
         ec2, sqs, dynamodb = cloud.client("ec2"), cloud.client("sqs"), cloud.client("dynamodb")
         create_state_table(dynamodb, table)
-        queue_url = sqs.create_queue(QueueName=f"{cluster_id}-tasks")["QueueUrl"]
+        queue_url = sqs.create_queue(QueueName=task_queue_name(cluster_id))["QueueUrl"]
         config = {
             "cluster_id": cluster_id,
             "region": cloud.region,

@@ -8,6 +8,7 @@ import boto3
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ec2cluster.cluster import QUEUE_NAME_PREFIX
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
 from airflow_ec2cluster.operators.enqueue import PEEK_MESSAGES
@@ -137,7 +138,9 @@ def test_a_source_that_breaks_before_the_first_send_creates_nothing(aws, context
     with pytest.raises(RuntimeError, match="source broke"):
         enqueue(cluster_id, tasks_callable=source).execute(context)
     assert (
-        boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cluster_id).get("QueueUrls")
+        boto3.client("sqs", region_name=REGION)
+        .list_queues(QueueNamePrefix=QUEUE_NAME_PREFIX + cluster_id)
+        .get("QueueUrls")
         is None
     )
 

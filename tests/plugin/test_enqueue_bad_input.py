@@ -10,6 +10,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from airflow_ec2cluster.cluster import QUEUE_NAME_PREFIX
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook, QueueNameNotFreeYet
 from airflow_ec2cluster.meta import MetaUpdate
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator
@@ -32,7 +33,9 @@ def operator(cluster_id: str, **kwargs) -> EC2ClusterEnqueueOperator:
 def leftovers(cluster_id: str, table: str = TABLE) -> dict:
     """The cluster's queues (by its name prefix) and META item, and whether the state table exists."""
     queues = (
-        boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cluster_id).get("QueueUrls", [])
+        boto3.client("sqs", region_name=REGION)
+        .list_queues(QueueNamePrefix=QUEUE_NAME_PREFIX + cluster_id)
+        .get("QueueUrls", [])
     )
     dynamodb = boto3.client("dynamodb", region_name=REGION)
     if table not in dynamodb.list_tables()["TableNames"]:

@@ -9,7 +9,7 @@ import json
 import boto3
 import pytest
 
-from airflow_ec2cluster.cluster import LaunchSpec
+from airflow_ec2cluster.cluster import LaunchSpec, task_queue_name
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate
 from airflow_ec2cluster.operators.launch import ADOPT, RESUME, START, plan_launch
@@ -129,7 +129,7 @@ def test_a_re_run_with_nothing_queued_launches_nothing(context, cluster_id, ami_
     ids = launch(cluster_id, ami_id).execute(context)["instance_ids"]
     boto3.client("ec2", region_name=REGION).terminate_instances(InstanceIds=ids)
     sqs = boto3.client("sqs", region_name=REGION)
-    sqs.purge_queue(QueueUrl=sqs.get_queue_url(QueueName=f"{cluster_id}-tasks")["QueueUrl"])
+    sqs.purge_queue(QueueUrl=sqs.get_queue_url(QueueName=task_queue_name(cluster_id))["QueueUrl"])
     rerun = launch(cluster_id, ami_id)
     runs = record_calls(rerun, "RunInstances")
     assert rerun.execute(context)["instance_ids"] == [] and runs == []

@@ -11,7 +11,7 @@ from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException
 from ec2cluster_worker import records
 
-from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
+from airflow_ec2cluster.cluster import QUEUE_NAME_PREFIX, TAG_CLUSTER_ID, task_queue_name
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import (
     EC2ClusterLaunchOperator,
@@ -142,7 +142,9 @@ def test_teardown_terminates_every_state_and_deletes_queues(cluster, context):
     ec2 = boto3.client("ec2", region_name=REGION)
     ec2.stop_instances(InstanceIds=[cluster["instance_ids"][0]])
     sqs = boto3.client("sqs", region_name=REGION)
-    sqs.purge_queue(QueueUrl=sqs.get_queue_url(QueueName=f"{cid}-tasks")["QueueUrl"])  # the work is done
+    sqs.purge_queue(
+        QueueUrl=sqs.get_queue_url(QueueName=task_queue_name(cid))["QueueUrl"]
+    )  # the work is done
     result = EC2ClusterTeardownOperator(
         task_id="teardown", cluster_id=cid, delete_queues=True, waiter_delay=1, **COMMON
     ).execute(context)
@@ -155,7 +157,11 @@ def test_teardown_terminates_every_state_and_deletes_queues(cluster, context):
         for i in r["Instances"]
     }
     assert states == {"terminated"}
-    queues = boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cid).get("QueueUrls", [])
+    queues = (
+        boto3.client("sqs", region_name=REGION)
+        .list_queues(QueueNamePrefix=QUEUE_NAME_PREFIX + cid)
+        .get("QueueUrls", [])
+    )
     assert queues == []
     again = EC2ClusterTeardownOperator(task_id="teardown2", cluster_id=cid, **COMMON).execute(context)
     assert again["terminated"] == []
@@ -167,7 +173,11 @@ def test_teardown_keeps_queues_that_still_hold_work_for_a_re_run(cluster, contex
         task_id="teardown", cluster_id=cid, delete_queues=True, waiter_delay=1, **COMMON
     ).execute(context)
     assert sorted(result["terminated"]) == sorted(cluster["instance_ids"]) and not result["queues_deleted"]
-    queues = boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cid).get("QueueUrls", [])
+    queues = (
+        boto3.client("sqs", region_name=REGION)
+        .list_queues(QueueNamePrefix=QUEUE_NAME_PREFIX + cid)
+        .get("QueueUrls", [])
+    )
     assert len(queues) == 2
 
 

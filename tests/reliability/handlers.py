@@ -39,3 +39,44 @@ def hang_if_asked(payload: Any, context: Any) -> dict[str, Any]:
         except Exception:  # a handler that swallows errors must still be stopped
             time.sleep(3600)
     return {"n": 2 * payload["n"]}
+
+
+def tamper(payload: Any, context: Any) -> dict[str, Any]:
+    """A task that tries, with the worker's own credentials (its instance profile's, from instance metadata),
+    what a worker must not be able to do; returns the error code AWS answered each attempt with."""
+    import json
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    region, table = payload["region"], payload["state_table"]
+    dynamodb, sqs = boto3.client("dynamodb", region_name=region), boto3.client("sqs", region_name=region)
+    meta_key = {"pk": {"S": f"C#{context.cluster_id}"}, "sk": {"S": "META"}}
+    evil_spec = json.dumps({"image_id": "ami-attacker", "instance_type": "p5.48xlarge"})
+    attempts = {
+        "put META": lambda: dynamodb.put_item(
+            TableName=table, Item={**meta_key, "num_workers": {"N": "500"}, "launch_spec": {"S": evil_spec}}
+        ),
+        "update META": lambda: dynamodb.update_item(
+            TableName=table,
+            Key=meta_key,
+            UpdateExpression="SET num_workers = :n",
+            ExpressionAttributeValues={":n": {"N": "500"}},
+        ),
+        "delete META": lambda: dynamodb.delete_item(TableName=table, Key=meta_key),
+        "overwrite the worker bundle": lambda: dynamodb.put_item(
+            TableName=table, Item={"pk": meta_key["pk"], "sk": {"S": "WORKER"}, "bundle": {"B": b"evil"}}
+        ),
+        "receive from an unrelated queue": lambda: sqs.receive_message(
+            QueueUrl=payload["unrelated_queue_url"]
+        ),
+        "delete its own task queue": lambda: sqs.delete_queue(QueueUrl=payload["own_queue_url"]),
+    }
+    answers = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            answers[name] = "allowed"
+        except ClientError as error:
+            answers[name] = error.response["Error"]["Code"]
+    return answers

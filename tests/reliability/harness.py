@@ -114,7 +114,14 @@ class Job:
         self.xcom["enqueue"] = operator.execute(self.context)
         return self.xcom["enqueue"]
 
-    def launch(self, num_workers: int, handler: str, **worker_options: Any) -> dict[str, Any]:
+    def launch(
+        self,
+        num_workers: int,
+        handler: str,
+        *,
+        launch_options: dict[str, Any] | None = None,
+        **worker_options: Any,
+    ) -> dict[str, Any]:
         operator = EC2ClusterLaunchOperator(
             task_id="launch",
             num_workers=num_workers,
@@ -124,6 +131,7 @@ class Job:
             handler={"type": "python", "target": handler},
             worker_options={**FAST_WORKER, **worker_options},
             **self.common,
+            **(launch_options or {}),
         )
         self.xcom["launch"] = operator.execute(self.context)
         return self.xcom["launch"]

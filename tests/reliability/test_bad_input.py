@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
+from airflow_ec2cluster.cluster import QUEUE_NAME_PREFIX
 from airflow_ec2cluster.hooks.sqs_send import MessageTooLarge
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
@@ -110,7 +111,9 @@ def enqueue(aws_job_common, context, **source):
 def queues_of(cluster_id: str) -> list[str]:
     """The cluster's queues: bad input creates none."""
     return (
-        boto3.client("sqs", region_name=REGION).list_queues(QueueNamePrefix=cluster_id).get("QueueUrls", [])
+        boto3.client("sqs", region_name=REGION)
+        .list_queues(QueueNamePrefix=QUEUE_NAME_PREFIX + cluster_id)
+        .get("QueueUrls", [])
     )
 
 

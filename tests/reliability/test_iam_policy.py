@@ -26,7 +26,8 @@ ACTION_NAMES = {
 # Further actions a call needs, from the arguments the code passes.
 IMPLIED = {
     "sqs:CreateQueue": {"sqs:TagQueue"},  # tags=
-    "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole"},  # TagSpecifications=, IamInstanceProfile=
+    # TagSpecifications=, IamInstanceProfile=, and a first spot launch creates the spot service-linked role.
+    "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole", "iam:CreateServiceLinkedRole"},
 }
 # Files of each side (the local cloud and the demo live outside the provider, in localcloud/).
 CONTROLLER_EXCLUDED: tuple[str, ...] = ()
@@ -145,14 +146,16 @@ def test_policies_are_scoped_to_the_clusters_names_and_tag():
     controller = {s["Sid"]: s for s in controller_policy(scope)["Statement"]}
     worker = {s["Sid"]: s for s in worker_policy(scope)["Statement"]}
     assert controller["ClusterQueues"]["Resource"] == [
-        "arn:aws:sqs:eu-west-1:123456789012:etl-*-tasks",
-        "arn:aws:sqs:eu-west-1:123456789012:etl-*-dlq",
+        "arn:aws:sqs:eu-west-1:123456789012:ec2cluster-etl-*-tasks",
+        "arn:aws:sqs:eu-west-1:123456789012:ec2cluster-etl-*-dlq",
     ]
-    assert worker["TaskQueue"]["Resource"] == "arn:aws:sqs:eu-west-1:123456789012:etl-*-tasks"
-    assert (
-        worker["StatusAndTaskLog"]["Resource"]
-        == "arn:aws:dynamodb:eu-west-1:123456789012:table/ec2cluster-state"
-    )
+    assert worker["TaskQueue"]["Resource"] == "arn:aws:sqs:eu-west-1:123456789012:ec2cluster-etl-*-tasks"
+    table = "arn:aws:dynamodb:eu-west-1:123456789012:table/ec2cluster-state"
+    assert worker["ReadClusterRecords"]["Resource"] == worker["WriteStatusAndTaskLog"]["Resource"] == table
+    # The worker writes its cluster's status and task-log items only: never META or the worker bundle.
+    writes = worker["WriteStatusAndTaskLog"]["Condition"]
+    assert writes["ForAllValues:StringLike"]["dynamodb:LeadingKeys"] == ["C#etl-*#W", "C#etl-*#T#*"]
+    assert writes["Null"] == {"dynamodb:LeadingKeys": "false"}
     terminate = controller["TerminateClusterInstances"]
     assert terminate["Condition"] == {"StringLike": {"aws:ResourceTag/ec2cluster:cluster-id": "etl-*"}}
     assert controller["LaunchTaggedWorkers"]["Condition"] == {
@@ -164,6 +167,36 @@ def test_policies_are_scoped_to_the_clusters_names_and_tag():
     # Only EC2's Describe* calls, which AWS cannot scope, are on every resource.
     wide = [s["Sid"] for s in controller_policy(scope)["Statement"] if s["Resource"] == "*"]
     assert wide == ["DescribeEC2"]
+    # Without a prefix, still only this project's queues: never a bare suffix.
+    assert all(":ec2cluster-*-" in arn for arn in PolicyScope().queue_arns())
+
+
+def test_partitions_follow_the_region_and_a_dag_scopes_its_own_clusters(capsys):
+    import argparse
+
+    for region, partition in (
+        ("cn-north-1", "aws-cn"),
+        ("us-gov-west-1", "aws-us-gov"),
+        ("eu-west-1", "aws"),
+    ):
+        documents = [controller_policy(PolicyScope(region=region)), worker_policy(PolicyScope(region=region))]
+        arns = [
+            arn
+            for document in documents
+            for item in document["Statement"]
+            for arn in ([item["Resource"]] if isinstance(item["Resource"], str) else item["Resource"])
+            if arn != "*"
+        ]
+        assert arns and all(arn.startswith(f"arn:{partition}:") for arn in arns), (region, arns)
+    parser = argparse.ArgumentParser(prog="ec2cluster")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["iam-policy", "--dag-id", "Nightly ETL", "--side", "worker", "--output-table", "out"]
+    )
+    assert args.handler(args) == 0
+    worker = {s["Sid"]: s for s in json.loads(capsys.readouterr().out)["Statement"]}
+    assert worker["TaskQueue"]["Resource"] == "arn:aws:sqs:*:*:ec2cluster-nightly-etl-*-tasks"
+    assert worker["OutputTable"]["Resource"] == "arn:aws:dynamodb:*:*:table/out"
 
 
 def test_the_command_prints_both_policies(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,18 +18,15 @@ from airflow_ec2cluster.userdata import ACCESS_KEY_RE, parse_user_data
 from .harness import Job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FAKE_KEY_ID = "AKIAZZZZZZZZZZZZ7EXA"
-FAKE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYZZZZ7EXAMP"
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-def test_no_credential_in_user_data_logs_xcom_or_task_log(cloud_env, monkeypatch, caplog):
-    connection = json.loads(cloud_env.airflow_conn_env()["AIRFLOW_CONN_AWS_DEFAULT"])
-    connection.update(login=FAKE_KEY_ID, password=FAKE_SECRET)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(connection))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+def test_no_credential_in_user_data_logs_xcom_or_task_log(cloud_env, caplog):
+    # The controller's access key (an IAM user's: the local cloud enforces IAM) must appear nowhere.
+    key_id = cloud_env.controller_credentials["AccessKeyId"]
+    secret = cloud_env.controller_credentials["SecretAccessKey"]
+    assert json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])["login"] == key_id
     caplog.set_level("DEBUG", logger="airflow")
     job = Job(cloud_env, "secret")
     job.enqueue([{"n": n} for n in range(50)])
@@ -49,7 +47,7 @@ def test_no_credential_in_user_data_logs_xcom_or_task_log(cloud_env, monkeypatch
     assert len(places) >= 7
     for where, text in places.items():
         assert not ACCESS_KEY_RE.search(text), f"an access key id in the {where}"
-        assert FAKE_SECRET not in text, f"the secret key in the {where}"
+        assert key_id not in text and secret not in text, f"the controller's key in the {where}"
 
 
 def test_instances_and_queues_are_hardened(aws_job):

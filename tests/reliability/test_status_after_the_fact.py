@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from ec2cluster_localcloud.project import controller_env
 
 from tests.localcloud.helpers import wait_for
 
@@ -32,7 +33,12 @@ def ec2cluster(job: Job, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_SECONDS,
-        env={**os.environ, **job.cloud.env(), "NO_COLOR": "1"},
+        # As the controller (the user holding exactly `iam-policy --side controller`), not the root.
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            **controller_env(job.cloud, job.cloud.controller_credentials),
+            "NO_COLOR": "1",
+        },
     )
 
 

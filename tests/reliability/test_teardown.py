@@ -65,8 +65,9 @@ def test_teardown_after_a_half_failed_launch_terminates_what_it_started(cloud_en
         launch.execute(job.context)
     monkeypatch.setattr(EC2ClusterHook, "update_meta", original)
     assert len(job.instances()) == 2
-    # One more, not recorded anywhere but by its tag, still pending when teardown starts.
-    EC2ClusterHook(aws_conn_id="aws_default").ec2.run_instances(
+    # One more, not recorded anywhere but by its tag, still pending when teardown starts (launched by the
+    # account's root: the controller's policy would also want its volume tagged).
+    cloud_env.client("ec2").run_instances(
         ImageId=cloud_env.ami_id,
         InstanceType=INSTANCE_TYPE,
         MinCount=1,

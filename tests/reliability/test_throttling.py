@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_job_completes_through_injected_throttling_and_5xx(cloud_env, monkeypatch):
     with FaultProxy(cloud_env.endpoint_url, FAULT_SHARE) as proxy:
         # The controller's connection and every worker the runner starts from now on go through the proxy.
-        connection = json.loads(cloud_env.airflow_conn_env()["AIRFLOW_CONN_AWS_DEFAULT"])
+        connection = json.loads(os.environ["AIRFLOW_CONN_AWS_DEFAULT"])
         connection["extra"]["endpoint_url"] = proxy.url
         monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(connection))
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)

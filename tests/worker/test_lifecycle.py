@@ -12,7 +12,7 @@ import boto3
 import pytest
 from ec2cluster_worker import records
 from ec2cluster_worker.config import WorkerConfig
-from ec2cluster_worker.identity import DEFAULT_IMDS_URL, imds_base_url, resolve_worker_id
+from ec2cluster_worker.identity import DEFAULT_IMDS_URL, imds_base_url, metadata_settings, resolve_worker_id
 from ec2cluster_worker.lifecycle import StopRequest, due_stop_reason, install_signal_handlers
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.loop import retry_delay_seconds
@@ -36,6 +36,56 @@ from .cloud import create_state_table, create_task_queue, send_tasks, task_log, 
 )
 def test_when_instance_metadata_may_be_contacted(environ, expected):
     assert imds_base_url(environ) == expected
+
+
+def test_a_metadata_request_without_answer_is_made_again():
+    """IMDS that misses its first answer (a busy host): with AWS_METADATA_SERVICE_NUM_ATTEMPTS, the id is
+    still the instance's, not the host name's (which the controller would take for another worker)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[str] = []
+    released = threading.Event()
+
+    class Metadata(BaseHTTPRequestHandler):
+        def do_PUT(self):
+            calls.append("PUT")
+            if len(calls) == 1:
+                released.wait(30)  # the fault: no answer to the first attempt (until the test ends)
+                return
+            self._send(b"token")
+
+        def do_GET(self):
+            calls.append("GET")
+            self._send(b"i-0123456789abcdef0")
+
+        def _send(self, body):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        one_try = {"EC2CLUSTER_IMDS_URL": url, "AWS_METADATA_SERVICE_TIMEOUT": "1"}
+        assert resolve_worker_id(one_try)[1] == "hostname"  # botocore's default: one attempt
+        calls.clear()
+        three = {**one_try, "AWS_METADATA_SERVICE_NUM_ATTEMPTS": "3"}
+        assert resolve_worker_id(three) == ("i-0123456789abcdef0", "imds")
+        assert calls == ["PUT", "PUT", "GET"]
+    finally:
+        released.set()
+        server.shutdown()
+    assert metadata_settings({}) == (2.0, 1)
+    assert metadata_settings(
+        {"AWS_METADATA_SERVICE_TIMEOUT": "x", "AWS_METADATA_SERVICE_NUM_ATTEMPTS": "0"}
+    ) == (2.0, 1)
 
 
 def test_worker_id_from_env_and_fallback():

@@ -20,6 +20,11 @@ BOTOCORE_IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 TOKEN_TTL_SECONDS = 21600
 TIMEOUT_SECONDS = 2.0
+ATTEMPTS = 1
+# botocore's own settings for its metadata calls (credentials): the user data raises them, as a busy
+# instance can miss one short attempt. The worker's own metadata calls follow the same settings.
+TIMEOUT_ENV = "AWS_METADATA_SERVICE_TIMEOUT"
+ATTEMPTS_ENV = "AWS_METADATA_SERVICE_NUM_ATTEMPTS"
 
 
 class MetadataUnavailable(Exception):
@@ -47,13 +52,48 @@ def explicit_imds_url(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-class InstanceMetadata:
-    """A minimal IMDSv2 client: a session token first, then GETs carrying it."""
+def metadata_settings(environ: Mapping[str, str]) -> tuple[float, int]:
+    """(timeout per attempt, attempts): botocore's variables when set, else 2 s and one attempt."""
+    try:
+        timeout = float(environ.get(TIMEOUT_ENV) or TIMEOUT_SECONDS)
+    except ValueError:
+        timeout = TIMEOUT_SECONDS
+    try:
+        attempts = max(1, int(environ.get(ATTEMPTS_ENV) or ATTEMPTS))
+    except ValueError:
+        attempts = ATTEMPTS
+    return timeout, attempts
 
-    def __init__(self, base_url: str, timeout: float = TIMEOUT_SECONDS) -> None:
+
+class InstanceMetadata:
+    """A minimal IMDSv2 client: a session token first, then GETs carrying it.
+
+    A request that gets no answer (timeout, refused connection) is made again, up to ``attempts`` times in
+    all, as botocore does for its own metadata calls; an HTTP answer is final.
+    """
+
+    def __init__(self, base_url: str, timeout: float = TIMEOUT_SECONDS, attempts: int = ATTEMPTS) -> None:
         self.base_url = base_url
         self.timeout = timeout
+        self.attempts = attempts
         self._token: str | None = None
+
+    @classmethod
+    def from_environ(cls, base_url: str, environ: Mapping[str, str]) -> InstanceMetadata:
+        timeout, attempts = metadata_settings(environ)
+        return cls(base_url, timeout, attempts)
+
+    def _open(self, request: urllib.request.Request) -> str:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read().decode("utf-8")
+            except urllib.error.HTTPError:
+                raise
+            except (urllib.error.URLError, OSError):
+                if attempt == self.attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def get(self, path: str) -> str | None:
         """The text at ``/latest/<path>``; None when it does not exist (404)."""
@@ -70,8 +110,7 @@ class InstanceMetadata:
             f"{self.base_url}/latest/{path}", headers={"X-aws-ec2-metadata-token": self._session_token()}
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read().decode("utf-8")
+            return self._open(request)
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return None
@@ -87,8 +126,7 @@ class InstanceMetadata:
                 headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
             )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    self._token = response.read().decode("utf-8")
+                self._token = self._open(request)
             except (urllib.error.URLError, OSError) as error:
                 raise MetadataUnavailable(f"{self.base_url}: no IMDSv2 token ({error})") from error
         return self._token
@@ -103,7 +141,7 @@ def resolve_worker_id(environ: Mapping[str, str] | None = None) -> tuple[str, st
     base_url = imds_base_url(environ)
     if base_url is not None:
         try:
-            instance_id = InstanceMetadata(base_url).get("meta-data/instance-id")
+            instance_id = InstanceMetadata.from_environ(base_url, environ).get("meta-data/instance-id")
         except (MetadataUnavailable, urllib.error.HTTPError):
             instance_id = None
         if instance_id:

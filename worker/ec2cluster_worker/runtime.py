@@ -83,7 +83,9 @@ def run_worker(
     # Watch for spot notices only where metadata answered (or was pointed at explicitly): off EC2, never.
     base_url = imds_base_url(environ)
     watch_spot = base_url is not None and (id_source == "imds" or explicit_imds_url(environ) is not None)
-    spot_watcher = SpotWatcher(InstanceMetadata(base_url), stop, log) if watch_spot else None
+    spot_watcher = (
+        SpotWatcher(InstanceMetadata.from_environ(base_url, environ), stop, log) if watch_spot else None
+    )
     worker = Worker(
         config=config,
         worker_id=worker_id,
