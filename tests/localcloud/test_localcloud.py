@@ -112,6 +112,14 @@ def test_plan_is_a_pure_decision(tmp_path: Path):
     assert decided.start == ("i-new",) and decided.stop == ("i-gone",) and decided.shut_down == ("i-exited",)
     assert decided.kill == ()
     assert plan(states, processes, now=111.0, grace_seconds=10).kill == ("i-old",)
+    # A spot notice whose period has ended: reclaimed once, while the instance runs.
+    noticed = record(Running())
+    noticed.reclaim_at = 200.0
+    spot = {"i-spot": "running"}
+    assert plan(spot, {"i-spot": noticed}, now=199.0, grace_seconds=10).reclaim == ()
+    assert plan(spot, {"i-spot": noticed}, now=200.0, grace_seconds=10).reclaim == ("i-spot",)
+    noticed.reclaimed = True
+    assert plan(spot, {"i-spot": noticed}, now=201.0, grace_seconds=10).reclaim == ()
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

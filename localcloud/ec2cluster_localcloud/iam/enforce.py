@@ -289,7 +289,7 @@ class IamEnforcer:
         self.app = app
         self.identities = identities
         self.facts = facts
-        # moto's backends are read while other threads write them: read under the EC2 lock when given.
+        # moto's EC2 backend is read while other threads write it: EC2's facts are read under its lock.
         self.lock = lock
         self.denied = 0
 
@@ -328,7 +328,7 @@ class IamEnforcer:
         if principal.root:
             return
         call = api_call(environ, body, region, service, self.identities.account_id)
-        if self.lock is not None:
+        if self.lock is not None and service == "ec2":  # EC2's facts (tags, subnets) under EC2's lock
             with self.lock:
                 needed = authorizations(call, self.facts)
         else:
