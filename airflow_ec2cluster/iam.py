@@ -15,9 +15,11 @@ they are one trust domain; a role per DAG (``--dag-id``) separates them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import (
@@ -76,13 +78,12 @@ WORKER_TABLE_ACTIONS = WORKER_TABLE_READ_ACTIONS + WORKER_TABLE_WRITE_ACTIONS
 SPOT_SERVICE_ROLE = "aws-service-role/spot.amazonaws.com/AWSServiceRoleForEC2Spot"
 
 
+@functools.cache
 def partition_for(region: str) -> str:
-    """The ARN partition of a region ("aws" when the region is any)."""
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
+    """The ARN partition of a region, from botocore's endpoint data ("aws" when the region is any)."""
+    if region == "*":
+        return "aws"
+    return boto3.session.Session().get_partition_for_region(region)
 
 
 @dataclass(frozen=True)

@@ -157,16 +157,7 @@ def worker_probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable
     done = [TaskResult("t1", records.TASK_DONE, 1, "i-necessity", "m1", now, now, 1, "1")]
 
     def status() -> None:
-        writer = StatusWriter(
-            clients.dynamodb,
-            STATE_TABLE,
-            WorkerStatus(),
-            cluster_id=cluster,
-            worker_id="i-necessity",
-            retention_seconds=3600,
-            log=EventLog(),
-        )
-        writer.put()
+        status_writer(clients, cluster).put()
 
     def sink(kind) -> Callable[[], None]:
         def write() -> None:
@@ -196,6 +187,19 @@ def worker_probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable
         "OutputTable": sink(lambda: DynamoDBTableSink(OUTPUT_TABLE, context)),
         "S3Output": sink(lambda: S3Sink(S3OutputSpec(bucket=BUCKET, prefix="out"), context)),
     }
+
+
+def status_writer(clients: AwsClients, cluster: str) -> StatusWriter:
+    """The worker's own status writer (its heartbeat's PutItem), for ``cluster``."""
+    return StatusWriter(
+        clients.dynamodb,
+        STATE_TABLE,
+        WorkerStatus(),
+        cluster_id=cluster,
+        worker_id="i-necessity",
+        retention_seconds=3600,
+        log=EventLog(),
+    )
 
 
 def cloud_queues(cloud: LocalCloud, cluster: str) -> tuple[str, str]:
@@ -257,17 +261,8 @@ def test_a_role_per_dag_keeps_each_dags_workers_to_its_own_clusters(world, monke
         cloud.set_user_policy(CONTROLLER_USER, scoped["controller"])
         clients = worker_clients(cloud)
         for cluster in (own, other):
-            writer = StatusWriter(
-                clients.dynamodb,
-                STATE_TABLE,
-                WorkerStatus(),
-                cluster_id=cluster,
-                worker_id="i-dag",
-                retention_seconds=3600,
-                log=EventLog(),
-            )
             try:
-                writer.put()
+                status_writer(clients, cluster).put()
                 found[f"worker writes status of {cluster}"] = "allowed"
             except botocore.exceptions.ClientError as error:
                 found[f"worker writes status of {cluster}"] = error.response["Error"]["Code"]

@@ -21,11 +21,15 @@ Notable rules that it models:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlparse
+
+import boto3
+from botocore.exceptions import UnknownRegionError
 
 from ec2cluster_localcloud.iam.evaluate import AuthorizationRequest
 
@@ -51,12 +55,13 @@ SPOT_SERVICE = "spot.amazonaws.com"
 KEY_CONDITION_RE = re.compile(r"^\s*\(?\s*([#\w.]+)\s*=\s*(:[\w]+)")
 
 
+@functools.cache
 def partition_of(region: str) -> str:
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
+    """The ARN partition of a region, from botocore's endpoint data ("aws" for a region it does not know)."""
+    try:
+        return boto3.session.Session().get_partition_for_region(region)
+    except UnknownRegionError:
+        return "aws"
 
 
 class Facts(Protocol):
