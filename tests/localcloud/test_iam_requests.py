@@ -161,6 +161,10 @@ def test_s3_iam_sts():
     assert s3_operation("PUT", "/bkt/out/a%20b", {}, {}) == ("s3:PutObject", "bkt", "out/a b")
     assert s3_operation("GET", "/bkt", {"list-type": ["2"], "prefix": ["in/"]}, {})[0] == "s3:ListBucket"
     assert s3_operation("PUT", "/bkt", {}, {})[0] == "s3:CreateBucket"
+    assert (
+        s3_operation("GET", "/bkt", {"list-type": ["2"], "x-id": ["ListObjectsV2"]}, {})[0] == "s3:ListBucket"
+    )
+    assert s3_operation("GET", "/bkt/k", {"x-id": ["GetObject"]}, {})[0] == "s3:GetObject"
     assert s3_operation("GET", "/", {}, {})[0] == "s3:ListAllMyBuckets"
     put = asks("s3", "PUT", method="PUT", path="/bkt/out/1.json")
     assert put == [AuthorizationRequest("s3:PutObject", "arn:aws:s3:::bkt/out/1.json")]

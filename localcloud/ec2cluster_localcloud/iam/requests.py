@@ -392,6 +392,7 @@ def s3_operation(
     method: str, path: str, query: Mapping[str, Sequence[str]], headers: Mapping[str, str]
 ) -> tuple[str, str | None, str | None]:
     """(IAM action, bucket, key) of a path-style S3 request."""
+    query = {k: v for k, v in query.items() if k != "x-id"}  # botocore names the operation: not a subresource
     parts = unquote(path).lstrip("/").split("/", 1)
     bucket = parts[0] or None
     key = parts[1] if len(parts) > 1 and parts[1] else None
