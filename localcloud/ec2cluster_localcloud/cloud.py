@@ -229,15 +229,21 @@ class LocalCloud:
         """Instance id -> its process (pid, pgid, alive, returncode, home, log_path...)."""
         return self._runner.processes() if self._runner is not None else {}
 
-    def client(self, service: str):
-        """A boto3 client for the local cloud."""
+    def client(self, service: str, credentials: dict[str, str] | None = None):
+        """A boto3 client for the local cloud: as the root, or with ``credentials`` (AccessKeyId,
+        SecretAccessKey and, for a role session, SessionToken: what IAM and STS return)."""
         self._require_started()
+        credentials = credentials or {
+            "AccessKeyId": ROOT_ACCESS_KEY_ID,
+            "SecretAccessKey": ROOT_SECRET_ACCESS_KEY,
+        }
         return boto3.client(
             service,
             endpoint_url=self.endpoint_url,
             region_name=self.region,
-            aws_access_key_id=ROOT_ACCESS_KEY_ID,
-            aws_secret_access_key=ROOT_SECRET_ACCESS_KEY,
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials.get("SessionToken"),
             config=Config(retries={"mode": "standard"}),
         )
 

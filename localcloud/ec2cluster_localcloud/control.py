@@ -8,12 +8,12 @@ Python, call the LocalCloud's methods instead.
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from ec2cluster_localcloud.loopback import LoopbackServer, QuietHandler
 
 CONTROL_URL_ENV = "EC2CLUSTER_LOCALCLOUD_CONTROL_URL"
 SPOT_INTERRUPTION = "/spot-interruption"
@@ -29,12 +29,12 @@ class ControlServer:
 
     def __init__(self, actions: dict[str, Callable[[dict[str, Any]], None]]) -> None:
         self.actions = actions
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
 
     def start(self) -> str:
         actions = self.actions
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 action = actions.get(self.path)
                 if action is None:
@@ -49,25 +49,14 @@ class ControlServer:
                 self._send(200, {"ok": True})
 
             def _send(self, status: int, document: dict[str, Any]) -> None:
-                data = json.dumps(document).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(status, json.dumps(document).encode(), {"Content-Type": "application/json"})
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="localcloud-control", daemon=True).start()
-        return f"http://127.0.0.1:{self._server.server_port}"
+        self._server = LoopbackServer(Handler, "localcloud-control")
+        return self._server.url
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
 

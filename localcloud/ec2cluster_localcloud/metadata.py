@@ -25,8 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from ec2cluster_localcloud.loopback import LoopbackServer, QuietHandler
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class InstanceMetadataService:
         self._credentials: Credentials | None = None
         self._credentials_updated_at = 0.0
         self._notices: dict[str, str] = {}  # metadata path -> JSON document, once injected
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
         self._closed = threading.Event()
         self.credentials_issued = 0
 
@@ -130,7 +131,7 @@ class InstanceMetadataService:
                 target=self._renew, name=f"imds-renew-{self.facts.instance_id}", daemon=True
             ).start()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
                 self._send(*service.answer("PUT", self.path, self.headers))
 
@@ -138,35 +139,20 @@ class InstanceMetadataService:
                 self._send(*service.answer("GET", self.path, self.headers))
 
             def _send(self, status: int, body: str, headers: dict[str, str]) -> None:
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(status, body.encode("utf-8"), {"Content-Type": "text/plain", **headers})
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass  # one line per request would flood the local cloud's log
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(
-            target=self._server.serve_forever, name=f"imds-{self.facts.instance_id}", daemon=True
-        ).start()
+        self._server = LoopbackServer(Handler, f"imds-{self.facts.instance_id}")
         return self.url
 
     @property
     def url(self) -> str:
         assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_port}"
+        return self._server.url
 
     def close(self) -> None:
         self._closed.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     # Injected events

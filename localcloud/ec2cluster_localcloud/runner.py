@@ -284,9 +284,6 @@ class InstanceRunner:
             for instance in reservation["Instances"]
         }
 
-    def instance_states(self) -> dict[str, str]:
-        return {instance_id: i["State"]["Name"] for instance_id, i in self.describe_instances().items()}
-
     # Injected events
 
     def inject_spot_interruption(self, instance_id: str, notice_seconds: float = SPOT_NOTICE_SECONDS) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import boto3
 import botocore
 import pytest
 from ec2cluster_localcloud import LocalCloud
@@ -44,16 +43,6 @@ def cloud(tmp_path_factory):
         yield started
 
 
-def client(cloud, service, key_id, secret):
-    return boto3.client(
-        service,
-        endpoint_url=cloud.endpoint_url,
-        region_name=cloud.region,
-        aws_access_key_id=key_id,
-        aws_secret_access_key=secret,
-    )
-
-
 def error_of(call) -> tuple[str, str]:
     with pytest.raises(botocore.exceptions.ClientError) as caught:
         call()
@@ -62,10 +51,7 @@ def error_of(call) -> tuple[str, str]:
 
 def test_a_user_may_do_what_its_policy_allows_and_nothing_else(cloud):
     keys = cloud.create_user("enforce-user", POLICY)
-    sqs, s3, ddb, ec2 = (
-        client(cloud, service, keys["AccessKeyId"], keys["SecretAccessKey"])
-        for service in ("sqs", "s3", "dynamodb", "ec2")
-    )
+    sqs, s3, ddb, ec2 = (cloud.client(service, keys) for service in ("sqs", "s3", "dynamodb", "ec2"))
     user = "arn:aws:iam::123456789012:user/enforce-user"
     url = sqs.create_queue(QueueName="etl-1-tasks")["QueueUrl"]
     sqs.send_message(QueueUrl=url, MessageBody="x")
@@ -110,13 +96,11 @@ def test_a_user_may_do_what_its_policy_allows_and_nothing_else(cloud):
 
 def test_callers_are_authenticated(cloud):
     keys = cloud.create_user("enforce-auth", POLICY)
-    wrong = client(cloud, "sqs", keys["AccessKeyId"], "not-the-secret")
+    wrong = cloud.client("sqs", {**keys, "SecretAccessKey": "not-the-secret"})
     assert error_of(lambda: wrong.list_queues())[0] == "SignatureDoesNotMatch"
-    assert (
-        error_of(lambda: client(cloud, "ec2", keys["AccessKeyId"], "x").describe_instances())[0]
-        == "AuthFailure"
-    )
-    unknown = client(cloud, "dynamodb", "AKIAUNKNOWN000000000", "x")
+    wrong_ec2 = cloud.client("ec2", {**keys, "SecretAccessKey": "x"})
+    assert error_of(lambda: wrong_ec2.describe_instances())[0] == "AuthFailure"
+    unknown = cloud.client("dynamodb", {"AccessKeyId": "AKIAUNKNOWN000000000", "SecretAccessKey": "x"})
     assert error_of(lambda: unknown.list_tables())[0] == "InvalidClientTokenId"
     # The root key may do anything; a role's session credentials carry the role's policy only.
     cloud.client("sqs").list_queues()
@@ -128,14 +112,7 @@ def test_callers_are_authenticated(cloud):
     )
     role = cloud.client("iam").get_role(RoleName=cloud.instance_profile_name)["Role"]["Arn"]
     session = cloud.client("sts").assume_role(RoleArn=role, RoleSessionName="i-test")["Credentials"]
-    assumed = boto3.client(
-        "sqs",
-        endpoint_url=cloud.endpoint_url,
-        region_name=cloud.region,
-        aws_access_key_id=session["AccessKeyId"],
-        aws_secret_access_key=session["SecretAccessKey"],
-        aws_session_token=session["SessionToken"],
-    )
+    assumed = cloud.client("sqs", session)
     assumed.list_queues()
     code, message = error_of(lambda: assumed.create_queue(QueueName="etl-2-tasks"))
     assert code == "AccessDenied"
