@@ -1,7 +1,8 @@
 """``ec2cluster-worker --config PATH`` (or env EC2CLUSTER_WORKER_CONFIG = a path or the JSON text).
 
 Exit codes: 0 after a normal stop (idle, lifetime, signal, spot notice, queue deleted), 1 on an unexpected
-error, 2 on a bad configuration, 3 when start-up failed (handler cannot be loaded, state table not writable).
+error, 2 on a bad configuration, 3 when start-up failed (a needed service unreachable, the handler cannot be
+loaded, the state table not writable).
 """
 
 from __future__ import annotations

@@ -103,6 +103,10 @@ class WorkerConfig:
     max_messages: int = 10
     log_shards: int = records.DEFAULT_LOG_SHARDS
     retention_seconds: int = records.DEFAULT_RETENTION_SECONDS
+    # At start, one TCP connect to each service's endpoint (reachability.py): stop at once, saying which
+    # service this subnet cannot reach, rather than hang in connect timeouts and retries.
+    startup_check: bool = True
+    startup_check_timeout_seconds: float = 5
 
     @classmethod
     def from_dict(cls, document: Any) -> WorkerConfig:
@@ -166,6 +170,8 @@ FIELD_NAMES = (
     "max_messages",
     "log_shards",
     "retention_seconds",
+    "startup_check",
+    "startup_check_timeout_seconds",
 )
 REQUIRED_FIELDS = ("cluster_id", "region", "queue_url", "handler")
 
@@ -199,10 +205,15 @@ def parse_config(document: Any) -> WorkerConfig:
         "max_messages": lambda v: _integer("max_messages", v, 1, 10),
         "log_shards": lambda v: _integer("log_shards", v, 1, 1000),
         "retention_seconds": lambda v: _integer("retention_seconds", v, 1, None),
+        "startup_check_timeout_seconds": lambda v: _number(
+            "startup_check_timeout_seconds", v, minimum=0, exclusive=True
+        ),
     }
     for name, check in numbers.items():
         if name in document:
             values[name] = check(document[name])
+    if "startup_check" in document:
+        values["startup_check"] = _boolean("startup_check", document["startup_check"])
     return WorkerConfig(**values)
 
 
@@ -340,6 +351,12 @@ def _number(name: str, value: Any, *, minimum: float, exclusive: bool) -> float:
     if value < minimum or (exclusive and value == minimum):
         bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
         raise ConfigError(f"{name}: {value!r} is out of range; give a number {bound}")
+    return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not a boolean; give true or false")
     return value
 
 

@@ -1,19 +1,24 @@
 """Putting a worker together from its configuration and environment, and running it.
 
-Start-up order matters: the status item is written first (so the controller sees a worker that booted), then
-the handler and sink are loaded, so a bad handler stops the worker at once with the reason on its status item.
+Start-up order matters: first one TCP connect to each service the worker needs (``reachability``), so a subnet
+with no way to one of them stops the worker in seconds, saying which; then the status item is written (so the
+controller sees a worker that booted), then the handler and sink are loaded, so a bad handler stops the worker
+at once with the reason on its status item. Every start-up failure also prints one console line
+(``ec2cluster: startup-failed: <reason>``), which the controller finds with GetConsoleOutput when the status
+item could not be written.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Mapping
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from . import records
+from . import reachability, records
 from .aws import AwsClients
 from .config import WorkerConfig
 from .handlers import HandlerError, build_handler
@@ -50,13 +55,29 @@ def run_worker(
         retention_seconds=config.retention_seconds,
         log=log,
     )
+
+    def startup_failed(error: str, *, write_status: bool, **fields: str) -> int:
+        stop_reason = startup_failure_reason(error, worker_id)
+        log.error("worker.startup_failed", error=error, **fields)
+        if write_status:
+            status.set_state(records.STATE_STOPPED, stop_reason=stop_reason)
+            status_writer.put_logged()
+        reachability.print_console_failure(stop_reason)
+        return EXIT_STARTUP_FAILED
+
+    if config.startup_check:
+        problems = check_reachability(config, clients, log)
+        if problems:
+            # The status item only when DynamoDB answers: a write to it would wait out the same timeouts.
+            return startup_failed(
+                reachability.unreachable_reason(problems), write_status="dynamodb" not in problems
+            )
     try:
         status_writer.put()
     except (BotoCoreError, ClientError) as error:
-        log.error(
-            "worker.startup_failed", error=f"cannot write the status item to {config.state_table!r}: {error}"
+        return startup_failed(
+            f"cannot write the status item to {config.state_table!r}: {error}", write_status=False
         )
-        return EXIT_STARTUP_FAILED
     try:
         handler = build_handler(config.handler)
         sink = build_sink(
@@ -71,14 +92,11 @@ def run_worker(
         )
     except HandlerError as error:
         cause = error.__cause__ or error
-        log.error(
-            "worker.startup_failed",
-            error=str(error),
+        return startup_failed(
+            str(error),
+            write_status=True,
             traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
         )
-        status.set_state(records.STATE_STOPPED, stop_reason=startup_failure_reason(str(error), worker_id))
-        status_writer.put_logged()
-        return EXIT_STARTUP_FAILED
     stop = StopRequest()
     # Watch for spot notices only where metadata answered (or was pointed at explicitly): off EC2, never.
     base_url = imds_base_url(environ)
@@ -104,3 +122,23 @@ def run_worker(
         close = getattr(sink, "close", None)
         if callable(close):
             close()
+
+
+def check_reachability(config: WorkerConfig, clients: AwsClients, log: EventLog) -> dict[str, str]:
+    """Service -> problem for the services this worker needs and cannot reach (see ``reachability``)."""
+    services = reachability.services_needed(config)
+    started = time.monotonic()
+    try:
+        problems = reachability.check(
+            services, config.region, config.startup_check_timeout_seconds, session=clients.session
+        )
+    except Exception as error:  # a bug in the check must not stop a worker that may well work
+        log.warning("worker.startup_check_skipped", error=f"{type(error).__name__}: {error}")
+        return {}
+    log.info(
+        "worker.startup_check",
+        services=services,
+        unreachable=problems,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    return problems
