@@ -22,6 +22,7 @@ from ec2cluster_localcloud.control import (
     ControlError,
     post,
 )
+from ec2cluster_localcloud.package_index import PYPI_SIMPLE
 from ec2cluster_localcloud.runner import SPOT_NOTICE_SECONDS
 
 EVENT_COMMANDS = ("spot-interrupt", "rebalance")
@@ -37,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--region", default="us-east-1", help="AWS region to emulate (default us-east-1)")
     parser.add_argument(
         "--work-dir", default=None, help="where instance homes and logs go (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--wheel-cache",
+        default=None,
+        help="the package index's wheel cache, the instances' internet "
+        "(default ~/.cache/ec2cluster-localcloud/wheels)",
+    )
+    parser.add_argument(
+        "--no-upstream",
+        action="store_true",
+        help="the package index serves the wheel cache only (default: fetches what it lacks from PyPI, once)",
     )
     return parser
 
@@ -94,10 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop.set())
     try:
-        with LocalCloud(port=args.port, region=args.region, work_dir=args.work_dir) as cloud:
+        with LocalCloud(
+            port=args.port,
+            region=args.region,
+            work_dir=args.work_dir,
+            wheel_cache=args.wheel_cache,
+            package_upstream=None if args.no_upstream else PYPI_SIMPLE,
+        ) as cloud:
             print(f"Local cloud endpoint: {cloud.endpoint_url}")
             print(f"AMI: {cloud.ami_id}   instance profile: {cloud.instance_profile_name}")
             print(f"Instance logs: {cloud.work_dir}/logs")
+            print(
+                f"Package index (the instances' internet): {cloud.package_index_url} "
+                f"(wheel cache {cloud.wheel_cache.directory})"
+            )
             print("Export this environment to use it (boto3, AWS CLI, Airflow):")
             for name, value in {**cloud.env(), **cloud.airflow_conn_env(), **cloud.control_env()}.items():
                 print(f"export {name}={shlex.quote(value)}")

@@ -6,6 +6,11 @@
 
 On exit (normal, exception or Ctrl-C) it stops every instance's process group, then the server, and
 leaves no child process behind.
+
+The account has what a new AWS account has: a default VPC with an internet gateway (0.0.0.0/0 on its main
+route table), so an instance launched in it with a public IP reaches AWS's services and the internet. What
+an instance reaches follows the VPC's state (``ec2cluster_localcloud.network``); the internet is a local
+package index (``package_index_url``) over a wheel cache (``wheel_cache``).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import boto3
 from botocore.config import Config
 
 from ec2cluster_localcloud.account import ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY
+from ec2cluster_localcloud.blackhole import REACHABILITY_FILE
 from ec2cluster_localcloud.control import (
     CONTROL_URL_ENV,
     REBALANCE_RECOMMENDATION,
     SPOT_INTERRUPTION,
     ControlServer,
 )
+from ec2cluster_localcloud.package_index import PYPI_SIMPLE, PackageIndex, WheelCache
 from ec2cluster_localcloud.runner import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_POLL_SECONDS,
@@ -72,7 +79,12 @@ class LocalCloud:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         sqs_speedup: bool = True,
         enforce_iam: bool = True,
+        wheel_cache: str | Path | None = None,
+        package_upstream: str | None = PYPI_SIMPLE,
     ):
+        """``wheel_cache``: the package index's directory of wheels (default
+        ``~/.cache/ec2cluster-localcloud/wheels``, shared across runs); ``package_upstream``: the index a
+        project missing from it is fetched from once (None: serve the cache only, never leave loopback)."""
         self.port = port
         self.region = region
         self.poll_seconds = poll_seconds
@@ -88,6 +100,10 @@ class LocalCloud:
         self._runner: InstanceRunner | None = None
         self._control: ControlServer | None = None
         self.control_url: str | None = None
+        self.wheel_cache = WheelCache(wheel_cache)
+        self.package_upstream = package_upstream
+        self._package_index: PackageIndex | None = None
+        self.package_index_url: str | None = None
 
     # Context manager
 
@@ -102,6 +118,8 @@ class LocalCloud:
         self.work_dir = self._given_work_dir or Path(tempfile.mkdtemp(prefix="ec2cluster-localcloud-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self._package_index = PackageIndex(self.wheel_cache, upstream=self.package_upstream)
+            self.package_index_url = self._package_index.start()
             self.endpoint_url = self._start_server()
             self._bootstrap_account()
             self._runner = InstanceRunner(
@@ -111,6 +129,8 @@ class LocalCloud:
                 env=self.env(),
                 poll_seconds=self.poll_seconds,
                 grace_seconds=self.grace_seconds,
+                package_index_url=self.package_index_url,
+                reachability_file=self.work_dir / REACHABILITY_FILE,
             )
             self._runner.start()
             self._control = ControlServer(
@@ -142,6 +162,9 @@ class LocalCloud:
             if self._server is not None:
                 _stop_process(self._server, SERVER_STOP_TIMEOUT_SECONDS)
                 self._server = None
+            if self._package_index is not None:
+                self._package_index.close()
+                self._package_index = None
             if self._given_work_dir is None and self.work_dir is not None:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
         finally:
@@ -225,8 +248,13 @@ class LocalCloud:
         self._require_started()
         self._runner.inject_rebalance_recommendation(instance_id)
 
+    def add_wheel(self, path: str | Path) -> Path:
+        """Put a wheel (or sdist) in the package index's cache, for instances that reach the internet."""
+        return self.wheel_cache.add(path)
+
     def worker_processes(self) -> dict[str, dict]:
-        """Instance id -> its process (pid, pgid, alive, returncode, home, log_path...)."""
+        """Instance id -> its process (pid, pgid, alive, returncode, home, log_path, and what its network
+        reaches: ``reachable`` {destination: through what}, ``unreachable`` {destination: why not})."""
         return self._runner.processes() if self._runner is not None else {}
 
     def client(self, service: str, credentials: dict[str, str] | None = None):
@@ -260,6 +288,8 @@ class LocalCloud:
             command.append("--no-sqs-speedup")
         if self.enforce_iam:
             command.append("--enforce-iam")
+        command += ["--work-dir", str(self.work_dir)]
+        command += ["--reachability-file", str(self.work_dir / REACHABILITY_FILE)]
         with open(self.work_dir / "server.log", "ab") as server_log:
             self._server = subprocess.Popen(
                 command,

@@ -4,8 +4,13 @@ It polls the local cloud's EC2 (DescribeInstances) and, for each instance that r
 starts the instance's metadata service (ec2cluster_localcloud.metadata) and runs the instance's own user
 data (``bash <script>``) in a process group of its own. The script gets what an instance gives it: the
 metadata service's address, where it finds its instance id and its instance profile's credentials. It gets
-no worker id, no credentials and no region; the one stand-in is ``AWS_ENDPOINT_URL``, the network route to
-the local cloud's endpoint (on EC2, DNS sends the SDK's regional endpoints to AWS). When an instance is
+no worker id, no credentials and no region. Its network is its VPC's (``ec2cluster_localcloud.network``):
+at launch the runner reads the VPC's state, decides what the instance reaches, and stands in for DNS with
+botocore's per-service endpoint variables (``AWS_ENDPOINT_URL_SQS``, ...; ``SERVICE_ENDPOINT_VARIABLES``):
+the local cloud's endpoint for what it reaches, a blackhole (connections time out) for what it does not;
+``AWS_ENDPOINT_URL`` (every other service: a public endpoint) and ``PIP_INDEX_URL`` (the local package
+index) only when it reaches the internet. Its metadata is always reachable. The verdicts go to
+``InstanceProcess.info()``, the log, and the reachability file the server enforces too. When an instance is
 stopped or terminated its process group gets SIGTERM, then SIGKILL after a grace period. When the script
 exits by itself the instance shuts down the way EC2 would: the runner terminates it (or stops it, as
 InstanceInitiatedShutdownBehavior says). A spot interruption notice can be injected: the instance is
@@ -33,7 +38,9 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from ec2cluster_localcloud.blackhole import Blackhole, ReachabilityFile
 from ec2cluster_localcloud.metadata import CREDENTIAL_SECONDS, InstanceFacts, InstanceMetadataService
+from ec2cluster_localcloud.network import INTERNET, Network, Reachability, reachability
 
 log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -49,6 +56,15 @@ KILL_WAIT_SECONDS = 5.0
 # modules (so that user handlers import). Nothing that names the account, its credentials or the region.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
 SPOT_NOTICE_SECONDS = 120.0  # EC2's two-minute warning
+# botocore's per-service endpoint variables: where each service's requests go (DNS, on EC2).
+SERVICE_ENDPOINT_VARIABLES = {
+    "sqs": "AWS_ENDPOINT_URL_SQS",
+    "dynamodb": "AWS_ENDPOINT_URL_DYNAMODB",
+    "s3": "AWS_ENDPOINT_URL_S3",
+    "sts": "AWS_ENDPOINT_URL_STS",
+    "ec2": "AWS_ENDPOINT_URL_EC2",
+    "logs": "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS",
+}
 
 
 @dataclass
@@ -67,6 +83,7 @@ class InstanceProcess:
     shutdown_requested: bool = False
     reclaim_at: float | None = None  # monotonic: when an injected spot notice's period ends
     reclaimed: bool = False
+    reachability: Reachability | None = None  # what its network reaches, decided at launch
 
     @property
     def alive(self) -> bool:
@@ -92,6 +109,8 @@ class InstanceProcess:
             "killed": self.killed,
             "metadata_url": self.metadata.url if self.metadata else None,
             "reclaimed": self.reclaimed,
+            "reachable": dict(self.reachability.to_dict()["reachable"]) if self.reachability else {},
+            "unreachable": self.reachability.unreachable if self.reachability else {},
         }
 
 
@@ -168,8 +187,14 @@ class InstanceRunner:
         env: Mapping[str, str],
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        package_index_url: str | None = None,
+        reachability_file: Path | None = None,
     ):
         self.endpoint_url = endpoint_url
+        self.package_index_url = package_index_url
+        self.reachability_file = ReachabilityFile(reachability_file or Path(work_dir) / "reachability.json")
+        self._reachability: dict[str, Reachability] = {}
+        self.blackhole = Blackhole()
         self.region = region
         self.work_dir = Path(work_dir)
         self.cloud_env = dict(env)
@@ -208,6 +233,7 @@ class InstanceRunner:
         for record in records:
             if record.metadata is not None:
                 record.metadata.close()
+        self.blackhole.close()
 
     def stop_processes(self, records: Iterable[InstanceProcess]) -> None:
         records = [r for r in records if r.process is not None]
@@ -246,10 +272,11 @@ class InstanceRunner:
         states = {instance_id: instance["State"]["Name"] for instance_id, instance in instances.items()}
         with self._lock:
             decided = plan(states, self._processes, time.monotonic(), self.grace_seconds)
+        network = self.describe_network() if decided.start else None
         for instance_id in decided.start:
             if self._stop.is_set():
                 break
-            record = self._launch(instances[instance_id])
+            record = self._launch(instances[instance_id], network)
             with self._lock:
                 self._processes[instance_id] = record
         if decided.reclaim:
@@ -284,6 +311,26 @@ class InstanceRunner:
             for instance in reservation["Instances"]
         }
 
+    def describe_network(self) -> Network:
+        """The region's VPC state, as the network model reads it (one call per Describe*)."""
+
+        def every(operation: str, key: str) -> list[dict]:
+            if self._ec2.can_paginate(operation):
+                pages = self._ec2.get_paginator(operation).paginate()
+                return [item for page in pages for item in page.get(key, [])]
+            return getattr(self._ec2, operation)().get(key, [])
+
+        return Network(
+            region=self.region,
+            vpcs=every("describe_vpcs", "Vpcs"),
+            subnets=every("describe_subnets", "Subnets"),
+            route_tables=every("describe_route_tables", "RouteTables"),
+            internet_gateways=every("describe_internet_gateways", "InternetGateways"),
+            nat_gateways=every("describe_nat_gateways", "NatGateways"),
+            vpc_endpoints=every("describe_vpc_endpoints", "VpcEndpoints"),
+            security_groups=every("describe_security_groups", "SecurityGroups"),
+        )
+
     # Injected events
 
     def inject_spot_interruption(self, instance_id: str, notice_seconds: float = SPOT_NOTICE_SECONDS) -> None:
@@ -306,8 +353,14 @@ class InstanceRunner:
 
     # Actions
 
-    def _launch(self, instance: dict) -> InstanceProcess:
+    def _launch(self, instance: dict, network: Network | None = None) -> InstanceProcess:
         instance_id = instance["InstanceId"]
+        verdicts = reachability(instance, network or self.describe_network())
+        log.info("instance %s: %s", instance_id, verdicts.summary())
+        with self._lock:
+            self._reachability[instance_id] = verdicts
+            table = dict(self._reachability)
+        self.reachability_file.write(table)  # before the instance runs: the server enforces it too
         home = self.work_dir / "instances" / instance_id
         home.mkdir(parents=True, exist_ok=True)
         log_path = self.work_dir / "logs" / f"{instance_id}.log"
@@ -320,21 +373,25 @@ class InstanceRunner:
         metadata.start()
         if not script.strip():
             log.info("instance %s has no user data: nothing to run", instance_id)
-            return InstanceProcess(instance_id, home, log_path, behavior, None, metadata=metadata)
+            return InstanceProcess(
+                instance_id, home, log_path, behavior, None, metadata=metadata, reachability=verdicts
+            )
         script_path = home / "user-data.sh"
         script_path.write_text(script, encoding="utf-8")
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 ["bash", str(script_path)],
                 cwd=home,
-                env=self.instance_env(home, metadata.url),
+                env=self.instance_env(home, metadata.url, verdicts),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: SIGTERM/SIGKILL reach all it started
             )
         log.info("instance %s: started pid %s, log %s", instance_id, process.pid, log_path)
-        return InstanceProcess(instance_id, home, log_path, behavior, process, metadata=metadata)
+        return InstanceProcess(
+            instance_id, home, log_path, behavior, process, metadata=metadata, reachability=verdicts
+        )
 
     def instance_facts(self, instance: dict) -> InstanceFacts:
         """What the instance's metadata says: from DescribeInstances and its instance profile's role."""
@@ -369,8 +426,12 @@ class InstanceRunner:
         encoded = (answer.get("UserData") or {}).get("Value") or ""
         return cloud_init_text(base64.b64decode(encoded)) if encoded else ""
 
-    def instance_env(self, home: Path, metadata_url: str) -> dict[str, str]:
-        """An instance's environment: the metadata service's address, the route to the endpoint, the host.
+    def instance_env(
+        self, home: Path, metadata_url: str, verdicts: Reachability | None = None
+    ) -> dict[str, str]:
+        """An instance's environment: the metadata service's address, its network's endpoints, the host.
+
+        ``verdicts`` None: the instance reaches everything (no network model).
 
         The EC2CLUSTER_* knobs are the local cloud's remaining stand-ins for what its instances cannot do yet
         (an image of their own to install into, powering off): see DESIGN.md, "User data".
@@ -382,14 +443,29 @@ class InstanceRunner:
             {
                 "HOME": str(home),  # no shared AWS config or credentials files of the host's user
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata_url,
-                "AWS_ENDPOINT_URL": self.cloud_env["AWS_ENDPOINT_URL"],
                 "EC2CLUSTER_HOME": str(home),
                 "EC2CLUSTER_PYTHON": sys.executable,
                 "EC2CLUSTER_SKIP_INSTALL": "1",
                 "EC2CLUSTER_NO_SHUTDOWN": "1",
                 "PYTHONPATH": os.pathsep.join(python_path),
                 "PYTHONUNBUFFERED": "1",
+                **self.network_env(verdicts),
             }
+        )
+        return env
+
+    def network_env(self, verdicts: Reachability | None) -> dict[str, str]:
+        """The endpoint variables: the local cloud's endpoint where the network goes, else the blackhole."""
+        endpoint, blackhole = self.cloud_env["AWS_ENDPOINT_URL"], self.blackhole.url
+
+        def route(destination: str, url: str) -> str:
+            return url if verdicts is None or verdicts.reaches(destination) else blackhole
+
+        env = {variable: route(service, endpoint) for service, variable in SERVICE_ENDPOINT_VARIABLES.items()}
+        env["AWS_ENDPOINT_URL"] = route(INTERNET, endpoint)
+        # Without a package index there is no internet to install from: pip never leaves loopback.
+        env["PIP_INDEX_URL"] = (
+            route(INTERNET, self.package_index_url) if self.package_index_url else blackhole
         )
         return env
 

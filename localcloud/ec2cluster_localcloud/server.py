@@ -3,11 +3,17 @@
 ``python -m ec2cluster_localcloud.server --host 127.0.0.1 --port N`` (N = 0: any free port) prints
 one line ``EC2CLUSTER_LOCALCLOUD_READY <endpoint url>`` on stdout once it listens, then serves until SIGTERM
 or SIGINT. It exits by itself when the process that started it goes away, so it is never left behind.
+
+``--work-dir`` names the local cloud's work dir, where the instance runner writes each instance's console
+(``logs/<instance id>.log``: GetConsoleOutput answers from it); ``--reachability-file``, the runner's network
+verdicts (``ec2cluster_localcloud.blackhole``): with ``--enforce-iam``, a request an instance's network does
+not carry is held unanswered, then dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import logging
 import os
@@ -16,12 +22,14 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 READY_PREFIX = "EC2CLUSTER_LOCALCLOUD_READY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 PARENT_CHECK_SECONDS = 1.0
 CREDENTIAL_SCOPE_RE = re.compile(r"Credential=[^/]+/\d{8}/[^/]+/([a-z0-9-]+)/aws4_request")
 SERIALISED_SERVICES = ("ec2",)
+CONSOLE_OUTPUT_BYTES = 64 * 1024  # GetConsoleOutput: the latest 64 KB, as EC2 gives
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--enforce-iam",
         action="store_true",
         help="check every request against the caller's IAM policies, as AWS does (the root key passes)",
+    )
+    parser.add_argument(
+        "--work-dir", default=None, help="the local cloud's work dir: instance consoles are logs/<id>.log"
+    )
+    parser.add_argument(
+        "--reachability-file",
+        default=None,
+        help="the instance runner's network verdicts (JSON); with --enforce-iam, unreachable calls time out",
     )
     args = parser.parse_args(argv)
     if args.host not in LOOPBACK_HOSTS:
@@ -228,15 +244,124 @@ def make_spot_launches_create_the_service_linked_role() -> None:
     InstanceResponse.run_instances = run_instances
 
 
-def make_ec2_like_aws() -> None:
+def make_default_vpcs_like_aws() -> None:
+    """A default VPC as AWS makes it: an internet gateway, and 0.0.0.0/0 to it on the main route table.
+
+    moto's default VPC has neither (its default subnets map public IPs on launch, and its default group
+    allows all egress, as AWS's do). Patched where moto makes it, so every region's default VPC has them,
+    and so does one moto makes again after a reset.
+    """
+    from moto.ec2.models.vpcs import VPCBackend
+
+    original = VPCBackend.create_default_vpc
+    if already_patched(original, "ec2cluster_internet_gateway"):
+        return
+
+    def create_default_vpc(self):
+        vpc = original(self)
+        gateway = self.create_internet_gateway()
+        self.attach_internet_gateway(gateway.id, vpc.id)
+        main = next(
+            table
+            for table in self.route_tables.values()
+            if table.vpc_id == vpc.id and table.main_association_id is not None
+        )
+        self.create_route(main.id, "0.0.0.0/0", gateway_id=gateway.id)
+        return vpc
+
+    create_default_vpc.ec2cluster_internet_gateway = True
+    create_default_vpc.__wrapped__ = original
+    VPCBackend.create_default_vpc = create_default_vpc
+
+
+def make_default_security_groups_admit_their_members() -> None:
+    """A VPC's default security group has AWS's inbound rule: all traffic from members of the group itself.
+
+    moto creates it with no inbound rule. The network model reads it: an interface endpoint created without
+    security groups uses the default group, which admits only instances in that same group.
+    """
+    from moto.ec2.models.security_groups import SecurityGroupBackend
+
+    original = SecurityGroupBackend.create_security_group
+    if already_patched(original, "ec2cluster_default_ingress"):
+        return
+
+    def create_security_group(self, name, description, vpc_id=None, tags=None, force=False, is_default=None):
+        group = original(
+            self, name, description, vpc_id=vpc_id, tags=tags, force=force, is_default=is_default
+        )
+        if is_default:
+            self.authorize_security_group_ingress(
+                group.id, "-1", None, None, [], source_groups=[{"GroupId": group.id}], vpc_id=group.vpc_id
+            )
+        return group
+
+    create_security_group.ec2cluster_default_ingress = True
+    create_security_group.__wrapped__ = original
+    SecurityGroupBackend.create_security_group = create_security_group
+
+
+def console_output(log_path: Path, limit: int = CONSOLE_OUTPUT_BYTES) -> bytes:
+    """The last ``limit`` bytes of an instance's console (its log file); b"" when it has none yet."""
+    try:
+        with open(log_path, "rb") as console:
+            console.seek(0, os.SEEK_END)
+            console.seek(max(0, console.tell() - limit))
+            return console.read()
+    except FileNotFoundError:
+        return b""
+
+
+def make_console_output_the_instance_log(work_dir: Path) -> None:
+    """GetConsoleOutput answers with the instance's console: the last 64 KB of what its user data wrote.
+
+    moto answers canned kernel messages. The runner writes each instance's stdout and stderr to
+    ``<work dir>/logs/<instance id>.log``; it stays there after the instance is terminated, and so does the
+    answer, as on EC2 (for a while). Base64-encoded, as EC2 gives it; no Output before there is any.
+    """
+    from moto.core.responses import ActionResult
+    from moto.core.types import Base64EncodedString
+    from moto.core.utils import utcnow
+    from moto.ec2.responses.general import General
+
+    original = General.get_console_output
+    if already_patched(original, "ec2cluster_console"):
+        return
+
+    def get_console_output(self):
+        instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        result: dict = {"InstanceId": instance.id, "Timestamp": utcnow()}
+        output = console_output(work_dir / "logs" / f"{instance.id}.log")
+        if output:
+            result["Output"] = Base64EncodedString.from_encoded_bytes(base64.b64encode(output))
+        return ActionResult(result)
+
+    get_console_output.ec2cluster_console = True
+    get_console_output.__wrapped__ = original
+    General.get_console_output = get_console_output
+
+
+def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
     make_run_instances_idempotent()
     make_instance_profile_apply_to_every_instance()
     make_spot_launches_create_the_service_linked_role()
+    make_default_vpcs_like_aws()
+    make_default_security_groups_admit_their_members()
+    if work_dir is not None:
+        make_console_output_the_instance_log(work_dir)
 
 
-def serve(host: str, port: int, *, sqs_speedup: bool = True, enforce_iam: bool = False) -> None:
+def serve(
+    host: str,
+    port: int,
+    *,
+    sqs_speedup: bool = True,
+    enforce_iam: bool = False,
+    work_dir: Path | None = None,
+    reachability_file: Path | None = None,
+) -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
@@ -248,7 +373,7 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True, enforce_iam: bool =
         from ec2cluster_localcloud import sqs_speedup as speedup
 
         speedup.apply()
-    make_ec2_like_aws()
+    make_ec2_like_aws(work_dir)
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     ec2_lock = threading.Lock()
@@ -258,7 +383,12 @@ def serve(host: str, port: int, *, sqs_speedup: bool = True, enforce_iam: bool =
         from ec2cluster_localcloud.iam.enforce import IamEnforcer, MotoFacts, MotoIdentities
 
         identities = MotoIdentities(ACCOUNT_ID, ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY)
-        app = IamEnforcer(app, identities, MotoFacts(ACCOUNT_ID), lock=ec2_lock)
+        network_check = None
+        if reachability_file is not None:
+            from ec2cluster_localcloud.blackhole import ReachabilityFile, UnreachableGuard
+
+            network_check = UnreachableGuard(ReachabilityFile(reachability_file))
+        app = IamEnforcer(app, identities, MotoFacts(ACCOUNT_ID), lock=ec2_lock, network_check=network_check)
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     print(f"{READY_PREFIX} http://127.0.0.1:{server.server_port}", flush=True)
     # Nothing else goes to stdout: the owner reads only the ready line (and may stop reading it).
@@ -274,7 +404,14 @@ def main(argv: list[str] | None = None) -> None:
     exit_when_orphaned(os.getppid())
     signal.signal(signal.SIGTERM, raise_system_exit)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(args.host, args.port, sqs_speedup=not args.no_sqs_speedup, enforce_iam=args.enforce_iam)
+        serve(
+            args.host,
+            args.port,
+            sqs_speedup=not args.no_sqs_speedup,
+            enforce_iam=args.enforce_iam,
+            work_dir=Path(args.work_dir) if args.work_dir else None,
+            reachability_file=Path(args.reachability_file) if args.reachability_file else None,
+        )
 
 
 if __name__ == "__main__":

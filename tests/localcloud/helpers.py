@@ -42,3 +42,33 @@ def processes_in_groups(groups: set[int]) -> list[int]:
 
 def pid_alive(pid: int) -> bool:
     return pid in live_processes() and pid != os.getpid()
+
+
+def instance_log(cloud, instance_id: str) -> str:
+    """What the instance's user data has written so far (its console)."""
+    path = cloud.work_dir / "logs" / f"{instance_id}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_log_line(cloud, instance_id: str, marker: str, timeout: float) -> str:
+    """Wait until the instance's log has a line starting with ``marker``; the whole log."""
+
+    def found() -> str | None:
+        text = instance_log(cloud, instance_id)
+        return text if any(line.startswith(marker) for line in text.splitlines()) else None
+
+    return wait_for(found, timeout, f"{marker!r} in the log of {instance_id}")  # type: ignore[return-value]
+
+
+def launch_instance(cloud, user_data: str, **params) -> str:
+    """One instance with the worker instance profile, terminated when its user data exits; its id."""
+    answer = cloud.client("ec2").run_instances(
+        ImageId=cloud.ami_id,
+        MinCount=1,
+        MaxCount=1,
+        UserData=user_data,
+        InstanceInitiatedShutdownBehavior="terminate",
+        IamInstanceProfile={"Name": cloud.instance_profile_name},
+        **params,
+    )
+    return answer["Instances"][0]["InstanceId"]

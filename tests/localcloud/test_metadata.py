@@ -199,10 +199,17 @@ def test_an_instance_finds_its_identity_and_role_credentials_in_metadata(tmp_pat
         )["Instances"][0]["InstanceId"]
         home = tmp_path / "instances" / instance_id
         report = json.loads(wait_for(lambda: _read(home / "report.json"), 60, "the instance's report"))
-        # Given only the metadata address and the route to the endpoint: no id, credentials or region.
+        # Given only the metadata address and the routes to the endpoints (the stand-in for DNS, per
+        # service as the network model decides): no id, credentials or region.
         assert report["env"] == [
             "AWS_EC2_METADATA_SERVICE_ENDPOINT",
             "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS",
+            "AWS_ENDPOINT_URL_DYNAMODB",
+            "AWS_ENDPOINT_URL_EC2",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ENDPOINT_URL_SQS",
+            "AWS_ENDPOINT_URL_STS",
             "EC2CLUSTER_HOME",
             "EC2CLUSTER_NO_SHUTDOWN",
             "EC2CLUSTER_PYTHON",

@@ -72,7 +72,7 @@ def test_too_large_user_data_names_size_limit_and_fix():
 def test_pip_worker_source_installs_the_worker():
     data = render_user_data(CONFIG, worker_source=PIP_WORKER)
     script = parse_user_data(data)
-    assert "pip install --quiet ec2cluster-worker==0.1.0" in script
+    assert "pip install --quiet --timeout 10 --retries 2 ec2cluster-worker==0.1.0" in script
     assert "src/ec2cluster_worker" not in script
     assert len(data) < 2_000
 

@@ -6,7 +6,8 @@ works out what the request asks for (``iam.requests``), and evaluates the caller
 (``iam.evaluate``). A refused request gets AWS's error for its service and protocol, with AWS's message
 ("User: <arn> is not authorized to perform: <action> on resource: <arn> because no identity-based policy
 allows the <action> action"); moto never sees it. The root key is allowed everything, as an account's
-root user is.
+root user is. Before IAM, an optional network check (``network_check``) holds and drops a request from an
+instance's role session that the instance's network does not carry (``ec2cluster_localcloud.blackhole``).
 
 moto's own switch (``INITIAL_NO_AUTH_ACTION_COUNT``) checks actions only, and answers SQS and DynamoDB in
 XML, which botocore cannot read; this layer replaces it.
@@ -285,10 +286,14 @@ class IamEnforcer:
         facts: Facts,
         *,
         lock: threading.Lock | None = None,
+        network_check: Callable[[str, str, Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.app = app
         self.identities = identities
         self.facts = facts
+        # (caller's ARN, signing name, environ): holds and drops a request its caller's network does not
+        # carry (ec2cluster_localcloud.blackhole.UnreachableGuard); it never reaches IAM, as on AWS.
+        self.network_check = network_check
         # moto's EC2 backend is read while other threads write it: EC2's facts are read under its lock.
         self.lock = lock
         self.denied = 0
@@ -319,6 +324,8 @@ class IamEnforcer:
         principal = self.identities.principal(
             match["key"], partition, environ.get("HTTP_X_AMZ_SECURITY_TOKEN")
         )
+        if self.network_check is not None and not principal.root:
+            self.network_check(principal.arn, service, environ)
         if not hmac.compare_digest(signature(environ, body, match, principal), match["signature"]):
             raise AuthError(
                 "SignatureDoesNotMatch" if service != "ec2" else "AuthFailure",

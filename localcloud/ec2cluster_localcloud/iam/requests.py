@@ -41,7 +41,14 @@ BATCH_ACTIONS = {
 }
 # EC2 actions on existing instances (resource instance/<id>, the instance's tags as condition keys).
 INSTANCE_ACTIONS = frozenset(
-    {"TerminateInstances", "StopInstances", "StartInstances", "RebootInstances", "DescribeInstanceAttribute"}
+    {
+        "TerminateInstances",
+        "StopInstances",
+        "StartInstances",
+        "RebootInstances",
+        "DescribeInstanceAttribute",
+        "GetConsoleOutput",
+    }
 )
 LIST_PARAMETERS = frozenset(
     {"list-type", "prefix", "delimiter", "max-keys", "continuation-token", "encoding-type", "start-after"}
@@ -289,6 +296,30 @@ def _ec2(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
                 },
             )
             for instance_id in ids
+        ]
+    if operation == "CreateSecurityGroup":
+        tags = tag_specifications(params).get("security-group", {})
+        found = [
+            AuthorizationRequest(
+                "ec2:CreateSecurityGroup", call.arn("ec2", "security-group/*"), request_tag_context(tags)
+            ),
+            AuthorizationRequest(
+                "ec2:CreateSecurityGroup", call.arn("ec2", f"vpc/{params.get('VpcId', '')}")
+            ),
+        ]
+        if tags:
+            context = {**request_tag_context(tags), "ec2:CreateAction": ["CreateSecurityGroup"]}
+            found.append(AuthorizationRequest("ec2:CreateTags", call.arn("ec2", "security-group/*"), context))
+        return found
+    if operation == "DeleteSecurityGroup":
+        group_id = params.get("GroupId", "")
+        tags = facts.instance_tags(call.region, group_id)  # tags of any EC2 resource id
+        return [
+            AuthorizationRequest(
+                "ec2:DeleteSecurityGroup",
+                call.arn("ec2", f"security-group/{group_id}"),
+                {f"aws:ResourceTag/{k}": [v] for k, v in tags.items()},
+            )
         ]
     if operation == "CreateTags":
         tags = {
