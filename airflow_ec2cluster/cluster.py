@@ -66,6 +66,11 @@ def cluster_prefix_for(dag_id: str) -> str:
     return cluster_id_for(dag_id, "")[:-HASH_LENGTH]
 
 
+def cluster_security_group_name(cluster_id: str) -> str:
+    """The security group a launch creates for the cluster when it is given none."""
+    return f"{QUEUE_NAME_PREFIX}{cluster_id}"
+
+
 def worker_name(cluster_id: str) -> str:
     return f"{cluster_id}-worker"
 
@@ -99,7 +104,8 @@ class LaunchSpec:
     instance_type: str
     user_data_b64: str
     instance_profile: str | None = DEFAULT_INSTANCE_PROFILE
-    subnet_id: str | None = None
+    # Launches spread over these (see subnet_for); empty: EC2 picks a default subnet.
+    subnet_ids: list[str] = field(default_factory=list)
     security_group_ids: list[str] = field(default_factory=list)
     key_name: str | None = None
     spot: bool = False
@@ -116,7 +122,19 @@ class LaunchSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LaunchSpec:
         known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        fields = {key: value for key, value in data.items() if key in known}
+        if data.get("subnet_id") and not fields.get("subnet_ids"):  # a spec recorded before subnet_ids
+            fields["subnet_ids"] = [data["subnet_id"]]
+        return cls(**fields)
+
+    def subnet_for(self, client_token: str) -> str | None:
+        """The subnet of one RunInstances call: spread over the subnets by the call's ClientToken, so that
+        successive launches land in different zones while a retried call (same token) asks for the same
+        subnet, as EC2's idempotency requires."""
+        if not self.subnet_ids:
+            return None
+        digest = hashlib.sha256(client_token.encode()).digest()
+        return self.subnet_ids[int.from_bytes(digest[:4], "big") % len(self.subnet_ids)]
 
 
 @dataclass

@@ -63,6 +63,12 @@ CONTROLLER_DESCRIBE_ACTIONS = (
     "ec2:DescribeInstances",
     "ec2:DescribeSecurityGroups",
     "ec2:DescribeSubnets",
+    # The launch preflight: where each subnet's traffic goes (airflow_ec2cluster.preflight).
+    "ec2:DescribeVpcs",
+    "ec2:DescribeRouteTables",
+    "ec2:DescribeInternetGateways",
+    "ec2:DescribeNatGateways",
+    "ec2:DescribeVpcEndpoints",
 )
 WORKER_QUEUE_ACTIONS = (
     "sqs:ReceiveMessage",
@@ -178,6 +184,30 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
                 "TerminateClusterInstances",
                 ["ec2:TerminateInstances"],
                 ec2("instance/*"),
+                Condition=tag_condition,
+            ),
+            # Why an instance that never wrote a status item stopped: its console says.
+            statement(
+                "ReadClusterConsoles", ["ec2:GetConsoleOutput"], ec2("instance/*"), Condition=tag_condition
+            ),
+            # The cluster's own security group (when given none): created tagged, in any VPC, deleted by tag.
+            statement(
+                "CreateClusterSecurityGroup",
+                ["ec2:CreateSecurityGroup"],
+                ec2("security-group/*"),
+                Condition=request_tag,
+            ),
+            statement("CreateSecurityGroupInVpc", ["ec2:CreateSecurityGroup"], ec2("vpc/*")),
+            statement(
+                "TagSecurityGroupAtCreation",
+                ["ec2:CreateTags"],
+                ec2("security-group/*"),
+                Condition={"StringEquals": {"ec2:CreateAction": "CreateSecurityGroup"}},
+            ),
+            statement(
+                "DeleteClusterSecurityGroup",
+                ["ec2:DeleteSecurityGroup"],
+                ec2("security-group/*"),
                 Condition=tag_condition,
             ),
             statement(

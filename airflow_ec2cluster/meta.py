@@ -90,6 +90,9 @@ class ClusterMeta:
     retired_instance_ids: list[str] = field(default_factory=list)
     # Workers whose stop (and its reason) a drain round has already logged: each is logged once.
     stops_reported: list[str] = field(default_factory=list)
+    # Instances that ended without ever writing a status item: instance id -> {"at": when a round saw it,
+    # "reason": the start-up failure its console named, "" when it named none}. Read from the console once.
+    boot_failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     consecutive_empty: int = 0
     replacements_launched: int = 0
     replacement_generation: int = 0
@@ -131,6 +134,10 @@ class ClusterMeta:
             launch_count=number("launch_count"),
             retired_instance_ids=list(item.get("retired_instance_ids") or []),
             stops_reported=list(item.get("stops_reported") or []),
+            boot_failures={
+                str(iid): {"at": float(v.get("at") or 0), "reason": str(v.get("reason") or "")}
+                for iid, v in dict(item.get("boot_failures") or {}).items()
+            },
             consecutive_empty=int(item.get("consecutive_empty") or 0),
             replacements_launched=int(item.get(REPLACEMENTS_LAUNCHED) or 0),
             replacement_generation=int(item.get(REPLACEMENT_GENERATION) or 0),
@@ -199,6 +206,7 @@ class MetaUpdate:
     launch_count: int | None = None
     retired_instance_ids: list[str] | None = None
     stops_reported: list[str] | None = None
+    boot_failures: dict[str, dict[str, Any]] | None = None
     consecutive_empty: int | None = None
     # SET to 0 by a new launch generation: a fresh replacement budget (claims ADD to it).
     replacements_launched: int | None = None

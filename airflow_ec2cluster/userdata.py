@@ -17,8 +17,18 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator
 
+from ec2cluster_worker.reachability import CONSOLE_FAILURE_PREFIX
+
 from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE
 
+# The boot loader's DynamoDB connect timeout: with no route to DynamoDB, fail in seconds, not minutes.
+LOADER_CONNECT_TIMEOUT = 5
+LOADER_NO_ROUTE_HINT = (
+    "this subnet needs a route to it: a NAT gateway, a VPC endpoint for dynamodb, or a public IP with an "
+    "internet gateway (and security groups that allow outbound TCP 443)"
+)
+# pip gives up on an unreachable index after 10 s x 3 tries instead of 15 s x 6.
+PIP_OPTIONS = "--timeout 10 --retries 2"
 # EC2 limit on user data before base64 encoding.
 USER_DATA_LIMIT_BYTES = 16_384
 DEFAULT_HOME = "/opt/ec2cluster"
@@ -169,20 +179,29 @@ def table_worker_section(config: dict, bundle_sha256: str | None) -> str:
     loader = f"""\
 import hashlib, io, sys, zipfile
 import boto3
-item = boto3.client("dynamodb", region_name={config["region"]!r}).get_item(
-    TableName={table!r}, Key={key!r}, ConsistentRead=True).get("Item")
+from botocore.config import Config
+from botocore.exceptions import ConnectionError
+client = boto3.client("dynamodb", region_name={config["region"]!r}, config=Config(
+    connect_timeout={LOADER_CONNECT_TIMEOUT}, retries={{"mode": "standard", "max_attempts": 3}}))
+try:
+    item = client.get_item(TableName={table!r}, Key={key!r}, ConsistentRead=True).get("Item")
+except ConnectionError as error:
+    host = client.meta.endpoint_url.split("://", 1)[-1]
+    print({CONSOLE_FAILURE_PREFIX!r} + f"cannot reach dynamodb ({{host}}): {{type(error).__name__}}; "
+          {LOADER_NO_ROUTE_HINT!r}, flush=True)
+    sys.exit(1)
 if item is None:
-    sys.exit("ec2cluster: no worker bundle in the state table")
+    sys.exit({CONSOLE_FAILURE_PREFIX!r} + "no worker bundle in the state table (run the launch again)")
 data = item[{BUNDLE_ATTRIBUTE!r}]["B"]
 if hashlib.sha256(data).hexdigest() != {bundle_sha256!r}:
-    sys.exit("ec2cluster: the worker bundle's SHA-256 differs from the launch's")
+    sys.exit({CONSOLE_FAILURE_PREFIX!r} + "the worker bundle's SHA-256 differs from the launch's")
 zipfile.ZipFile(io.BytesIO(data)).extractall(sys.argv[1])
 """
     return (
         "# The worker's code: a zip in the state table, checked against the SHA-256 the launch stored.\n"
         'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ] && ! "$PY" -c "import boto3" 2>/dev/null; then\n'
         "  ensure_pip\n"
-        '  "$PY" -m pip install --quiet boto3\n'
+        f'  "$PY" -m pip install --quiet {PIP_OPTIONS} boto3 || fail_install "boto3 (not on the image)"\n'
         "fi\n"
         'export PYTHONPATH="$EC2CLUSTER_HOME/src${PYTHONPATH:+:$PYTHONPATH}"\n'
         f'"$PY" - "$EC2CLUSTER_HOME/src" <<\'{HEREDOC_DELIMITER}\'\n{loader}{HEREDOC_DELIMITER}\n'
@@ -208,7 +227,7 @@ def pip_section(what: str, specs: list[str]) -> str:
         f"# Install the {what} with pip.\n"
         'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ]; then\n'
         "  ensure_pip\n"
-        f'  "$PY" -m pip install --quiet {quoted}\n'
+        f'  "$PY" -m pip install --quiet {PIP_OPTIONS} {quoted} || fail_install "the {what}"\n'
         "fi\n"
     )
 
@@ -235,6 +254,13 @@ finish() {
 }
 trap finish EXIT
 
+# One console line the drain reads back (GetConsoleOutput) when no status item could say why.
+fail_install() {
+  echo "@PREFIX@cannot install $1 with pip: is a package index reachable from this subnet? Without a NAT \
+gateway or a public IP (network='public') it is not; bake it into the AMI instead" >&2
+  exit 1
+}
+
 ensure_pip() {
   "$PY" -m pip --version >/dev/null 2>&1 && return 0
   "$PY" -m ensurepip --upgrade >/dev/null 2>&1 && return 0
@@ -245,7 +271,7 @@ ensure_pip() {
 }
 
 mkdir -p "$EC2CLUSTER_HOME/src"
-""".replace("@DEFAULT_HOME@", DEFAULT_HOME)
+""".replace("@DEFAULT_HOME@", DEFAULT_HOME).replace("@PREFIX@", CONSOLE_FAILURE_PREFIX)
 
 SCRIPT_RUN = f"""\
 # Run the worker; its exit ends the script (and the instance, through the EXIT trap).

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import Iterable
 from typing import Any
 
-from airflow_ec2cluster.cluster import TAG_CLUSTER_ID, TAG_LAUNCH_TOKEN, LaunchSpec, cluster_tags
+from airflow_ec2cluster.cluster import (
+    TAG_CLUSTER_ID,
+    TAG_LAUNCH_TOKEN,
+    LaunchSpec,
+    cluster_security_group_name,
+    cluster_tags,
+)
 from airflow_ec2cluster.drain.decisions import LIVE_STATES
 
 # Instance ids per TerminateInstances call and per waiter call.
@@ -21,11 +28,13 @@ def run_instances_params(
     interface: dict[str, Any] = {
         "DeviceIndex": 0,
         "DeleteOnTermination": True,
-        # Explicit, so that a subnet that auto-assigns public IPv4 addresses does not (they are billed).
+        # Explicit: network="public" needs one (an internet gateway carries only instances that have a
+        # public IP); "private" must not get one from a subnet that auto-assigns them (they are billed).
         "AssociatePublicIpAddress": spec.associate_public_ip,
     }
-    if spec.subnet_id:
-        interface["SubnetId"] = spec.subnet_id
+    subnet_id = spec.subnet_for(client_token)
+    if subnet_id:
+        interface["SubnetId"] = subnet_id
     if spec.security_group_ids:
         interface["Groups"] = list(spec.security_group_ids)
     params: dict[str, Any] = {
@@ -85,6 +94,31 @@ def instances_of(page: dict[str, Any]) -> list[dict[str, Any]]:
     return [instance for reservation in page["Reservations"] for instance in reservation["Instances"]]
 
 
+def instance_states_of(instances: Iterable[dict[str, Any]]) -> dict[str, str]:
+    return {i["InstanceId"]: i["State"]["Name"] for i in instances}
+
+
 def terminated_waiter_params(instance_ids: list[str], delay: int, max_attempts: int) -> dict[str, Any]:
     """``instance_terminated`` waiter arguments for one batch of ids."""
     return {"InstanceIds": instance_ids, "WaiterConfig": {"Delay": delay, "MaxAttempts": max_attempts}}
+
+
+def create_security_group_params(cluster_id: str, vpc_id: str) -> dict[str, Any]:
+    """CreateSecurityGroup for the cluster: tagged at creation, no inbound rules (EC2 adds all egress)."""
+    tags = [{"Key": TAG_CLUSTER_ID, "Value": cluster_id}, {"Key": "Name", "Value": cluster_id}]
+    return {
+        "GroupName": cluster_security_group_name(cluster_id),
+        "Description": f"ec2cluster {cluster_id}: workers, no inbound, all egress",
+        "VpcId": vpc_id,
+        "TagSpecifications": [{"ResourceType": "security-group", "Tags": tags}],
+    }
+
+
+def decode_console_output(output: str | None) -> str:
+    """GetConsoleOutput's ``Output`` (base64 of the console's bytes) as text; '' when there is none yet."""
+    if not output:
+        return ""
+    try:
+        return base64.b64decode(output).decode("utf-8", errors="replace")
+    except (binascii.Error, ValueError):
+        return output

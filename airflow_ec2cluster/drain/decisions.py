@@ -320,6 +320,45 @@ def drain_state(snapshot: Snapshot, consecutive_empty: int, finished: int) -> tu
     return False, False, None
 
 
+# States of an instance that is gone for good: one that got there without a status item never booted.
+ENDED_STATES = frozenset({"shutting-down", "terminated"})
+# Consoles read in one round at most (each is a GetConsoleOutput call); the rest wait for the next round.
+MAX_CONSOLES_PER_ROUND = 10
+NO_CONSOLE_REASON = "its console named no start-up failure"
+
+
+def unexplained_ends(
+    launched: Iterable[str],
+    live: Iterable[str],
+    reported: Iterable[str],
+    explained: Iterable[str],
+    retired: Iterable[str] = (),
+) -> list[str]:
+    """Instances launched for the current generation that are no longer live, never wrote a status item,
+    and whose end no round has explained yet: their consoles say why (the worker could not reach
+    DynamoDB, the bootstrap could not install, ...). At most MAX_CONSOLES_PER_ROUND, oldest first."""
+    skip = set(live) | set(reported) | set(explained) | set(retired)
+    return [i for i in launched if i not in skip][:MAX_CONSOLES_PER_ROUND]
+
+
+def boot_failure_statuses(boot_failures: Mapping[str, Mapping[str, Any]]) -> tuple[WorkerStatus, ...]:
+    """The workers that ended without a status item, as stopped workers with the cause their console
+    named (``startup-failed: ...``), so that N in a row with one cause stop the drain like any start-up
+    failure. One whose console named no cause (reclaimed before it booted, or a console EC2 has not
+    published yet) is no evidence either way: it neither counts in such a row nor breaks it."""
+    return tuple(
+        WorkerStatus(
+            worker_id=instance_id,
+            state=WORKER_STOPPED,
+            started_at=float(failure.get("at") or 0.0),
+            heartbeat_at=float(failure.get("at") or 0.0),
+            stop_reason=f"{STARTUP_FAILED}: {failure['reason']}",
+        )
+        for instance_id, failure in sorted(boot_failures.items())
+        if failure.get("reason")
+    )
+
+
 def current_stops(snapshot: Snapshot) -> list[WorkerStatus]:
     """The current launch generation's stopped workers, in the order they stopped (their last beat)."""
     stopped = [

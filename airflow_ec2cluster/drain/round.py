@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ec2cluster_worker import records
+from ec2cluster_worker.reachability import failure_from_console
 from ec2cluster_worker.status import STARTUP_FAILED
 
 from airflow_ec2cluster.cluster import TAG_LAUNCH_TOKEN, launch_client_token
@@ -40,13 +41,17 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_STATE_TABLE,
 )
 from airflow_ec2cluster.drain.decisions import (
+    ENDED_STATES,
+    NO_CONSOLE_REASON,
     Decision,
     InstanceInfo,
     Policy,
     QueueCounts,
     Snapshot,
     WorkerStatus,
+    boot_failure_statuses,
     decide,
+    unexplained_ends,
 )
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate, PendingLaunch
 from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished, tasks_finished
@@ -167,6 +172,12 @@ def drain_round(
     counts = yield call("queue_counts", meta.queue_url, meta.dlq_url)
     instances = yield call("list_cluster_instances", cluster_id)
     workers = yield call("worker_statuses", table, cluster_id)
+    new_failures = yield from explain_ends(meta, instances, workers, now or time.time())
+    for instance_id, failure in new_failures.items():
+        if not failure["reason"]:
+            log.info("Instance %s ended without a status item; %s", instance_id, NO_CONSOLE_REASON)
+    if new_failures:
+        meta = replace(meta, boot_failures={**meta.boot_failures, **new_failures})
     snapshot = build_snapshot(meta, counts, instances, workers, settings.policy(meta), now or time.time())
     decision = decide(snapshot)
     exact: dict[str, int] | None = None
@@ -189,7 +200,9 @@ def drain_round(
     launched: list[str] = []
     if decision.launch > 0 and not decision.failure and not finished_pending:
         launched = yield from launch_replacements(cluster_id, table, meta, decision.launch, log)
-    yield from record(cluster_id, table, meta, decision, exact_count=exact is not None)
+    yield from record(
+        cluster_id, table, meta, decision, exact_count=exact is not None, boot_failures=bool(new_failures)
+    )
     log.info("Cluster %s: %s", cluster_id, decision.progress)
 
     outcome = RoundOutcome(
@@ -202,6 +215,32 @@ def drain_round(
     summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards, exact)
     log.info("Cluster %s drained: %s", cluster_id, json.dumps(summary))
     return replace(outcome, drained=True, summary=summary)
+
+
+def explain_ends(
+    meta: ClusterMeta, instances: list[dict[str, Any]], worker_items: list[dict[str, Any]], now: float
+) -> Generator[Call, Any, dict[str, dict[str, Any]]]:
+    """Instances that ended without a status item: why, from their consoles (once each; see
+    :func:`~airflow_ec2cluster.drain.decisions.unexplained_ends`). A round without such instances makes no
+    call here."""
+    candidates = unexplained_ends(
+        meta.instance_ids,
+        live=[i["InstanceId"] for i in instances],
+        reported=[str(item.get("worker_id") or item.get("sk")) for item in worker_items],
+        explained=meta.boot_failures,
+        retired=meta.retired_instance_ids,
+    )
+    if not candidates:
+        return {}
+    states = yield call("instance_states", candidates)
+    found = {}
+    for instance_id in candidates:
+        # Not yet visible (EC2 is eventually consistent) or still booting: a later round looks again.
+        if states.get(instance_id, "terminated") not in ENDED_STATES:
+            continue
+        console = yield call("console_output", instance_id)
+        found[instance_id] = {"at": now, "reason": failure_from_console(console) or ""}
+    return found
 
 
 def build_snapshot(
@@ -217,7 +256,8 @@ def build_snapshot(
         instances=tuple(
             InstanceInfo(i["InstanceId"], i["State"]["Name"], i["LaunchTime"].timestamp()) for i in instances
         ),
-        workers=tuple(WorkerStatus.from_item(item) for item in worker_items),
+        workers=tuple(WorkerStatus.from_item(item) for item in worker_items)
+        + boot_failure_statuses(meta.boot_failures),
         now=now,
         policy=policy,
         enqueued=meta.enqueued,
@@ -284,9 +324,18 @@ def meta_update(meta: ClusterMeta, decision: Decision, *, exact_count: bool = Fa
 
 
 def record(
-    cluster_id: str, table: str, meta: ClusterMeta, decision: Decision, *, exact_count: bool = False
+    cluster_id: str,
+    table: str,
+    meta: ClusterMeta,
+    decision: Decision,
+    *,
+    exact_count: bool = False,
+    boot_failures: bool = False,
 ) -> Generator[Call, Any, None]:
+    """Write the round's change to META; ``boot_failures``: the round explained new ones (in ``meta``)."""
     update = meta_update(meta, decision, exact_count=exact_count)
+    if boot_failures:
+        update = replace(update, boot_failures=dict(meta.boot_failures))
     if update:
         yield call("update_meta", table, cluster_id, update)
 

@@ -25,7 +25,14 @@ from airflow_ec2cluster.aws.dynamodb import (
     query_params,
     unprocessed_keys,
 )
-from airflow_ec2cluster.aws.ec2 import EC2_ID_BATCH, instance_filters, instances_of, run_instances_params
+from airflow_ec2cluster.aws.ec2 import (
+    EC2_ID_BATCH,
+    decode_console_output,
+    instance_filters,
+    instance_states_of,
+    instances_of,
+    run_instances_params,
+)
 from airflow_ec2cluster.aws.sqs import (
     counts_from_attributes,
     dlq_counts_params,
@@ -170,6 +177,22 @@ class AsyncClusterIO:
 
     async def instances_with_launch_token(self, cluster_id: str, token: str) -> list[str]:
         return [i["InstanceId"] for i in await self._describe(instance_filters(cluster_id, None, token))]
+
+    async def instance_states(self, instance_ids: list[str]) -> dict[str, str]:
+        instances = []
+        try:
+            paginator = self.ec2.get_paginator("describe_instances")
+            async for page in paginator.paginate(InstanceIds=instance_ids):
+                instances.extend(instances_of(page))
+        except ClientError as error:
+            if error_code(error) != "InvalidInstanceID.NotFound":
+                raise
+            return {}
+        return instance_states_of(instances)
+
+    async def console_output(self, instance_id: str) -> str:
+        answer = await self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
+        return decode_console_output(answer.get("Output"))
 
     async def run_instances(
         self, *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str

@@ -40,7 +40,10 @@ from airflow_ec2cluster.aws.dynamodb import (
 )
 from airflow_ec2cluster.aws.ec2 import (
     EC2_ID_BATCH,
+    create_security_group_params,
+    decode_console_output,
     instance_filters,
+    instance_states_of,
     instances_of,
     run_instances_params,
     terminated_waiter_params,
@@ -65,7 +68,7 @@ from airflow_ec2cluster.aws.sqs import (
     task_queue_params,
 )
 from airflow_ec2cluster.aws.sqs_peek import DeadLetterPeek
-from airflow_ec2cluster.cluster import LaunchSpec
+from airflow_ec2cluster.cluster import TAG_CLUSTER_ID, LaunchSpec, cluster_security_group_name
 from airflow_ec2cluster.defaults import (
     DEFAULT_DEAD_LETTER_SAMPLE,
     DEFAULT_LOG_SHARDS,
@@ -92,6 +95,7 @@ from airflow_ec2cluster.meta import (
     update_meta_params,
 )
 from airflow_ec2cluster.packing import OutgoingMessage
+from airflow_ec2cluster.preflight import NetworkFacts
 from airflow_ec2cluster.tasklog import log_key_of, tally, task_results_of
 
 DEFAULT_RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
@@ -545,6 +549,15 @@ class EC2ClusterHook(AwsBaseHook):
                 return False
             raise
 
+    def describe_instance_type(self, instance_type: str) -> dict[str, Any] | None:
+        try:
+            types = self.ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+        except ClientError as error:
+            if error_code(error) == "InvalidInstanceType":
+                return None
+            raise
+        return types[0] if types else None
+
     def subnet_exists(self, subnet_id: str) -> bool:
         try:
             return bool(self.ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"])
@@ -552,6 +565,110 @@ class EC2ClusterHook(AwsBaseHook):
             if error_code(error) in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
                 return False
             raise
+
+    @staticmethod
+    def _items(paginator: Any, key: str, **params: Any) -> list[dict[str, Any]]:
+        return [item for page in paginator.paginate(**params) for item in page[key]]
+
+    def default_subnet_ids(self) -> list[str]:
+        """The default VPC's default subnets (one per availability zone), in zone order; [] without one."""
+        subnets = self._items(
+            self.ec2.get_paginator("describe_subnets"),
+            "Subnets",
+            Filters=[{"Name": "default-for-az", "Values": ["true"]}],
+        )
+        return [s["SubnetId"] for s in sorted(subnets, key=lambda s: s["AvailabilityZone"])]
+
+    def network_facts(self, subnet_ids: list[str], group_ids: list[str]) -> NetworkFacts:
+        """The VPC state the launch preflight reads: the subnets, their VPCs' route tables, gateways,
+        endpoints and security groups (a handful of paginated Describe calls, whatever the job's size)."""
+        subnets = self._items(
+            self.ec2.get_paginator("describe_subnets"), "Subnets", SubnetIds=list(subnet_ids)
+        )
+        vpc_ids = sorted({s["VpcId"] for s in subnets})
+        by_vpc = [{"Name": "vpc-id", "Values": vpc_ids}]
+        groups = self._items(
+            self.ec2.get_paginator("describe_security_groups"), "SecurityGroups", Filters=by_vpc
+        )
+        known = {g["GroupId"] for g in groups}
+        others = [g for g in group_ids if g not in known]
+        if others:  # groups of another VPC: described so that the preflight can name the mismatch
+            groups += self._items(
+                self.ec2.get_paginator("describe_security_groups"), "SecurityGroups", GroupIds=others
+            )
+        return NetworkFacts(
+            region=self.region,
+            subnets={s["SubnetId"]: s for s in subnets},
+            vpcs={
+                v["VpcId"]: v
+                for v in self._items(self.ec2.get_paginator("describe_vpcs"), "Vpcs", VpcIds=vpc_ids)
+            },
+            route_tables=self._items(
+                self.ec2.get_paginator("describe_route_tables"), "RouteTables", Filters=by_vpc
+            ),
+            internet_gateways=self._items(
+                self.ec2.get_paginator("describe_internet_gateways"),
+                "InternetGateways",
+                Filters=[{"Name": "attachment.vpc-id", "Values": vpc_ids}],
+            ),
+            nat_gateways=self._items(
+                self.ec2.get_paginator("describe_nat_gateways"), "NatGateways", Filter=by_vpc
+            ),
+            endpoints=self._items(
+                self.ec2.get_paginator("describe_vpc_endpoints"), "VpcEndpoints", Filters=by_vpc
+            ),
+            security_groups={g["GroupId"]: g for g in groups},
+        )
+
+    def ensure_cluster_security_group(self, cluster_id: str, vpc_id: str) -> str:
+        """The cluster's own security group in ``vpc_id`` (no inbound rules; EC2's default egress: all),
+        created and tagged when missing; found by name when a retry already created it."""
+        name = cluster_security_group_name(cluster_id)
+        found = self._items(
+            self.ec2.get_paginator("describe_security_groups"),
+            "SecurityGroups",
+            Filters=[{"Name": "vpc-id", "Values": [vpc_id]}, {"Name": "group-name", "Values": [name]}],
+        )
+        if found:
+            return found[0]["GroupId"]
+        return self.ec2.create_security_group(**create_security_group_params(cluster_id, vpc_id))["GroupId"]
+
+    def cluster_security_groups(self, cluster_id: str) -> list[str]:
+        """Ids of the security groups tagged with the cluster id (the ones the launch created)."""
+        groups = self._items(
+            self.ec2.get_paginator("describe_security_groups"),
+            "SecurityGroups",
+            Filters=[{"Name": f"tag:{TAG_CLUSTER_ID}", "Values": [cluster_id]}],
+        )
+        return [g["GroupId"] for g in groups]
+
+    def delete_security_group(self, group_id: str) -> None:
+        try:
+            self.ec2.delete_security_group(GroupId=group_id)
+        except ClientError as error:
+            if error_code(error) != "InvalidGroup.NotFound":
+                raise
+
+    def instance_states(self, instance_ids: list[str]) -> dict[str, str]:
+        """Instance id -> state, for ``instance_ids`` (ids EC2 no longer knows are left out)."""
+        return instance_states_of(self._describe_ids(instance_ids))
+
+    def _describe_ids(self, instance_ids: list[str]) -> list[dict[str, Any]]:
+        try:
+            return [
+                i
+                for page in self.ec2.get_paginator("describe_instances").paginate(InstanceIds=instance_ids)
+                for i in instances_of(page)
+            ]
+        except ClientError as error:
+            if error_code(error) != "InvalidInstanceID.NotFound":
+                raise
+            return []
+
+    def console_output(self, instance_id: str) -> str:
+        """The instance's console (the last 64 KB EC2 keeps): why a boot failed, when nothing else says."""
+        answer = self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
+        return decode_console_output(answer.get("Output"))
 
     def missing_security_groups(self, group_ids: list[str]) -> list[str]:
         """The ids that do not exist, checked one by one (an error names only some of them)."""

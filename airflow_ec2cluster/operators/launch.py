@@ -33,6 +33,14 @@ from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin, as_bool
+from airflow_ec2cluster.preflight import (
+    NETWORK_MODES,
+    PUBLIC,
+    SubnetReport,
+    architecture_problem,
+    internet_need,
+    launch_reports,
+)
 from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
 from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
 
@@ -71,7 +79,9 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "instance_type",
         "handler",
         "worker_options",
+        "subnet_ids",
         "subnet_id",
+        "network",
         "security_group_ids",
         "instance_profile",
         "key_name",
@@ -82,7 +92,6 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "tags",
         "spot",
         "spot_max_price",
-        "associate_public_ip",
         "metadata_hop_limit",
         "volume_size_gb",
     )
@@ -102,13 +111,14 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         cluster_id: str | None = None,
         state_table: str = DEFAULT_STATE_TABLE,
         queue_url: str | None = None,
+        subnet_ids: list[str] | None = None,
         subnet_id: str | None = None,
+        network: str = PUBLIC,
         security_group_ids: list[str] | None = None,
         instance_profile: str | None = DEFAULT_INSTANCE_PROFILE,
         key_name: str | None = None,
         spot: bool = False,
         spot_max_price: str | None = None,
-        associate_public_ip: bool = False,
         metadata_hop_limit: int = DEFAULT_METADATA_HOP_LIMIT,
         volume_size_gb: int | None = None,
         worker_source: str = WORKER_FROM_TABLE,
@@ -127,13 +137,14 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.cluster_id = cluster_id
         self.state_table = state_table
         self.queue_url = queue_url
+        self.subnet_ids = subnet_ids or []
         self.subnet_id = subnet_id
+        self.network = network
         self.security_group_ids = security_group_ids or []
         self.instance_profile = instance_profile
         self.key_name = key_name
         self.spot = spot
         self.spot_max_price = spot_max_price
-        self.associate_public_ip = associate_public_ip
         self.metadata_hop_limit = metadata_hop_limit
         self.volume_size_gb = volume_size_gb
         self.worker_source = worker_source
@@ -141,6 +152,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.tags = tags or {}
         self.terminate_on_failure = terminate_on_failure
         self._launched_ids: list[str] = []
+        self._vpc_id: str | None = None
 
     def execute(self, context: Context) -> dict[str, Any]:
         cluster_id = self.resolve_cluster_id(context)
@@ -159,6 +171,8 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         config = self.worker_config(cluster_id, hook.region, queue_url)
         bundle = build_worker_bundle() if self.worker_source == WORKER_FROM_TABLE else None
         spec = self.validated_spec(hook, config, bundle)
+        if not spec.security_group_ids:
+            spec = replace(spec, security_group_ids=[self.cluster_security_group(hook, cluster_id, spec)])
         num_workers = int(self.num_workers)
         work = None
         if meta.current_generation and meta.enqueue_finished and not live:
@@ -268,6 +282,14 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             self.hook.terminate_instances(self._launched_ids, wait=False)
         super().on_kill()
 
+    def cluster_security_group(self, hook: EC2ClusterHook, cluster_id: str, spec: LaunchSpec) -> str:
+        """The cluster's own group (no inbound rules, all egress), made once every check passed (the
+        preflight found the subnets' VPC); teardown deletes it."""
+        vpc_id = self._vpc_id
+        group_id = hook.ensure_cluster_security_group(cluster_id, vpc_id)
+        self.log.info("Cluster %s: security group %s (no inbound rules) in %s", cluster_id, group_id, vpc_id)
+        return group_id
+
     def resolve_queues(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[str, str]:
         queue_url = self.queue_url or hook.get_queue_url(task_queue_name(cluster_id))
         dlq_url = hook.get_queue_url(dead_letter_queue_name(cluster_id))
@@ -332,15 +354,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             problems.append(
                 f"image_id: AMI {self.image_id!r} not found in {hook.region}; check the id and region"
             )
-        if not hook.instance_type_exists(self.instance_type):
+        instance_type = hook.describe_instance_type(self.instance_type)
+        if instance_type is None:
             problems.append(
                 f"instance_type: {self.instance_type!r} is not an EC2 instance type (e.g. 'c7g.large')"
             )
-        if self.subnet_id and not hook.subnet_exists(self.subnet_id):
-            problems.append(f"subnet_id: subnet {self.subnet_id!r} not found in {hook.region}")
-        missing_groups = hook.missing_security_groups(list(self.security_group_ids))
-        if missing_groups:
-            problems.append(f"security_group_ids: {missing_groups} not found in {hook.region}")
+        arch_problem = architecture_problem(image, instance_type)
+        if arch_problem:
+            problems.append(arch_problem)
+        subnet_ids, network_problems = self.network_preflight(hook, config)
+        problems.extend(network_problems)
         if self.instance_profile and not hook.instance_profile_exists(self.instance_profile):
             problems.append(
                 f"instance_profile: IAM instance profile {self.instance_profile!r} not found; create it "
@@ -355,17 +378,113 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             instance_type=self.instance_type,
             user_data_b64=base64.b64encode(user_data).decode("ascii"),
             instance_profile=self.instance_profile,
-            subnet_id=self.subnet_id,
+            subnet_ids=subnet_ids,
             security_group_ids=list(self.security_group_ids),
             key_name=self.key_name,
             spot=as_bool(self.spot),
             spot_max_price=self.spot_max_price,
-            associate_public_ip=as_bool(self.associate_public_ip),
+            associate_public_ip=self.network == PUBLIC,
             metadata_hop_limit=int(self.metadata_hop_limit),
             root_device_name=(image or {}).get("RootDeviceName"),
             volume_size_gb=root_volume_size(image, self.volume_size_gb),
             extra_tags=dict(self.tags),
         )
+
+    def network_preflight(self, hook: EC2ClusterHook, config: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """The launch's subnets and every network problem (see airflow_ec2cluster.preflight)."""
+        from ec2cluster_worker.config import ConfigError, WorkerConfig
+        from ec2cluster_worker.reachability import services_needed
+
+        try:
+            services = services_needed(WorkerConfig.from_dict(config))
+        except ConfigError:  # reported by validated_spec; check what every worker needs
+            services = ["dynamodb", "sqs"]
+        found = check_network(
+            hook,
+            subnet_ids=self.subnet_ids,
+            subnet_id=self.subnet_id,
+            network=self.network,
+            security_group_ids=list(self.security_group_ids),
+            services=services,
+            internet_why=internet_need(self.requirements, self.worker_source),
+        )
+        self._vpc_id = found.vpc_id
+        for report in found.reports:
+            if report.ok:
+                self.log.info("Preflight: %s", report_line(report))
+        return found.subnet_ids, found.problems
+
+
+@dataclass(frozen=True)
+class NetworkCheck:
+    subnet_ids: list[str]
+    problems: list[str]
+    reports: list[SubnetReport]
+    vpc_id: str | None
+
+
+def check_network(
+    hook: EC2ClusterHook,
+    *,
+    subnet_ids: list[str],
+    subnet_id: str | None,
+    network: str,
+    security_group_ids: list[str],
+    services: list[str],
+    internet_why: str,
+) -> NetworkCheck:
+    """Resolve the launch's subnets, read their VPC, and judge each subnet (the launch and ``doctor``)."""
+    chosen, problems = resolve_subnets(hook, subnet_ids, subnet_id, network)
+    missing_groups = hook.missing_security_groups(security_group_ids)
+    if missing_groups:
+        problems.append(f"security_group_ids: {missing_groups} not found in {hook.region}")
+    if problems:
+        return NetworkCheck(chosen, problems, [], None)
+    facts = hook.network_facts(chosen, security_group_ids)
+    found, reports = launch_reports(
+        facts,
+        chosen,
+        mode=network,
+        services=services,
+        group_ids=security_group_ids,
+        internet_why=internet_why,
+    )
+    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"])
+
+
+def report_line(report: SubnetReport) -> str:
+    """``subnet-1 (us-east-1a): sqs via internet gateway igw-1, ...`` (unreachable: ``sqs: NO PATH``)."""
+    parts = [
+        f"{destination} via {path.via}" if path is not None else f"{destination}: NO PATH"
+        for destination, path in report.paths.items()
+    ]
+    return f"{report.subnet_id} ({report.zone}): {', '.join(parts)}"
+
+
+def resolve_subnets(
+    hook: EC2ClusterHook, subnet_ids: list[str], subnet_id: str | None, network: str
+) -> tuple[list[str], list[str]]:
+    """The subnets to launch in (``subnet_ids``, ``subnet_id``, else the default VPC's) and their problems."""
+    problems: list[str] = []
+    if network not in NETWORK_MODES:
+        problems.append(
+            f"network: {network!r} is not a network mode; use 'public' (a public IP, through an internet "
+            "gateway: a default VPC) or 'private' (no public IP: the subnets' NAT gateway or VPC endpoints)"
+        )
+    if isinstance(subnet_ids, str):
+        subnet_ids = [s.strip() for s in subnet_ids.split(",") if s.strip()]
+    chosen = list(dict.fromkeys([*list(subnet_ids or []), *([subnet_id] if subnet_id else [])]))
+    if not chosen:
+        chosen = hook.default_subnet_ids()
+        if not chosen:
+            problems.append(
+                f"subnet_ids: {hook.region} has no default VPC to launch in; give subnet_ids (subnets of one "
+                "VPC, one per availability zone) and network='public' or 'private'"
+            )
+    missing = [s for s in chosen if not hook.subnet_exists(s)]
+    if missing:
+        problems.append(f"subnet_ids: {missing} not found in {hook.region}; check the ids and the region")
+    return chosen, problems
 
 
 ADOPT = "adopt"  # live instances: record them, launch nothing

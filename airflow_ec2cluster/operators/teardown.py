@@ -40,7 +40,9 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
     task queue still holds work: after a failed drain they stay, so that clearing the launch and drain tasks
     runs it. Meant to run as an Airflow teardown task:
     ``launch >> drain >> teardown.as_teardown(setups=launch)``.
-    Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool}``.
+    The security group the launch created for the cluster (when given none) is deleted once the instances
+    are terminated. Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool,
+    "security_groups_deleted": [ids]}``.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -83,6 +85,7 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             waiter_delay=self.waiter_delay,
             waiter_max_attempts=self.waiter_max_attempts,
         )
+        groups_deleted = self.delete_security_groups(hook, cluster_id)
         queues_deleted = False
         if self.delete_queues:
             urls = [
@@ -104,7 +107,31 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
                     self.log.info("Deleted queue %s", url)
                 queues_deleted = True
         self.record_teardown(hook, cluster_id, instance_ids)
-        return {"cluster_id": cluster_id, "terminated": instance_ids, "queues_deleted": queues_deleted}
+        return {
+            "cluster_id": cluster_id,
+            "terminated": instance_ids,
+            "queues_deleted": queues_deleted,
+            "security_groups_deleted": groups_deleted,
+        }
+
+    def delete_security_groups(self, hook: EC2ClusterHook, cluster_id: str) -> list[str]:
+        """Delete the groups the launch made for the cluster, once its instances are gone (an instance's
+        network interface holds its group until the instance is terminated)."""
+        group_ids = hook.cluster_security_groups(cluster_id)
+        if not group_ids:
+            return []
+        if not self.wait_for_termination:
+            self.log.warning(
+                "Cluster %s: keeping security group(s) %s: without wait_for_termination the instances may "
+                "still hold them; run the teardown again with wait_for_termination=True to delete them",
+                cluster_id,
+                ", ".join(group_ids),
+            )
+            return []
+        for group_id in group_ids:
+            hook.delete_security_group(group_id)
+            self.log.info("Deleted security group %s", group_id)
+        return group_ids
 
     def record_teardown(self, hook: EC2ClusterHook, cluster_id: str, instance_ids: list[str]) -> None:
         """Note the teardown in the META item when there is a state table (never fail the teardown on it)."""

@@ -51,7 +51,10 @@ class World:
         token_instances: list[dict[str, Any]] = (),
         task_log: list[dict[str, Any]] = (),
         dead_letters: list[dict[str, Any]] = (),
+        ended: list[dict[str, Any]] = (),
+        consoles: dict[str, str] | None = None,
     ) -> None:
+        self.ended, self.consoles = list(ended), dict(consoles or {})
         self.meta, self.main, self.dead = meta, main, dead
         self.instances, self.token_instances = instances, list(token_instances)
         self.workers, self.task_log, self.dead_letters = workers, list(task_log), list(dead_letters)
@@ -88,10 +91,22 @@ class World:
         return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
 
     # EC2
-    def ec2_describe_instances(self, Filters: list[dict[str, Any]]) -> dict[str, Any]:
+    def ec2_describe_instances(
+        self, Filters: list[dict[str, Any]] | None = None, InstanceIds: list[str] | None = None
+    ) -> dict[str, Any]:
+        if InstanceIds is not None:
+            return {
+                "Reservations": [{"Instances": [i for i in self.ended if i["InstanceId"] in InstanceIds]}]
+            }
         by_token = any(f["Name"].endswith("launch-token") for f in Filters)
         instances = self.token_instances if by_token else self.instances
         return {"Reservations": [{"Instances": instances}]}
+
+    def ec2_get_console_output(self, InstanceId: str, Latest: bool) -> dict[str, Any]:
+        return {
+            "InstanceId": InstanceId,
+            "Output": base64.b64encode(self.consoles[InstanceId].encode()).decode(),
+        }
 
     def ec2_terminate_instances(self, InstanceIds: list[str]) -> dict[str, Any]:
         return {"TerminatingInstances": [{"InstanceId": iid} for iid in InstanceIds]}
@@ -222,6 +237,22 @@ def finish_a_claimed_launch() -> World:
         instances=[instance("i-1", NOW - 1000), instance("i-3", NOW - 10, "pending")],
         token_instances=[instance("i-3", NOW - 10, "pending")],
         workers=[worker("i-1")],
+        ended=[instance("i-2", NOW - 1000, "terminated")],
+        consoles={"i-2": "boot\nec2cluster: bootstrap finished with status 0\n"},
+    )
+
+
+def explain_a_boot_failure() -> World:
+    """i-2 and i-3 ended without a status item; their consoles say why (i-3's named no cause)."""
+    line = "ec2cluster: startup-failed: cannot reach sqs (sqs.us-east-1.amazonaws.com:443): timed out"
+    return World(
+        meta=meta(instance_ids=["i-1", "i-2", "i-3"]),
+        main={"ApproximateNumberOfMessages": "5"},
+        dead={"ApproximateNumberOfMessages": "0"},
+        instances=[instance("i-1", NOW - 1000)],
+        workers=[worker("i-1")],
+        ended=[instance("i-2", NOW - 1000, "terminated"), instance("i-3", NOW - 1000, "shutting-down")],
+        consoles={"i-2": f"[  3.1] cloud-init[990]: {line}\n", "i-3": ""},
     )
 
 
@@ -271,7 +302,8 @@ def run_both(world: World, settings: DrainSettings):
     ("world", "expected"),
     [
         (replace_a_hung_worker, {"terminate_instances", "run_instances", "update_item"}),
-        (finish_a_claimed_launch, {"update_item"}),
+        (finish_a_claimed_launch, {"update_item", "get_console_output"}),
+        (explain_a_boot_failure, {"describe_instances", "get_console_output", "update_item"}),
         (
             drained_with_a_dead_letter,
             {"receive_message", "change_message_visibility_batch", "batch_get_item", "update_item"},
@@ -297,3 +329,7 @@ def test_the_rounds_end_as_their_scenarios_say(monkeypatch):
     *_, drained = run_both(drained_with_a_dead_letter(), settings)
     assert drained.drained and drained.summary["dead_letters"] == [{"task_id": "t000000009", "error": "E"}]
     assert drained.summary["tasks_done"] == 9 and drained.summary["tasks_failed"] == 1
+    *_, explained = run_both(explain_a_boot_failure(), settings)
+    stops = dict(explained.decision.stops)
+    assert stops["i-2"].startswith("startup-failed: cannot reach sqs (sqs.us-east-1.amazonaws.com:443)")
+    assert "i-3" not in stops  # its console named no cause: no evidence either way

@@ -13,6 +13,7 @@ from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.meta import MetaUpdate
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.userdata import parse_user_data
+from tests.network_layouts import add_nat_gateway, private_vpc
 from tests.plugin.conftest import REGION
 
 TABLE = "ec2cluster-state-test"
@@ -125,7 +126,17 @@ def test_one_run_instances_call_with_the_right_parameters(
     assert params["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
     assert params["InstanceInitiatedShutdownBehavior"] == "terminate"
     assert params["IamInstanceProfile"] == {"Name": instance_profile}
-    assert params["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
+    # network="public" (the default): a public IP, in a default subnet, in the cluster's own group.
+    interface = params["NetworkInterfaces"][0]
+    assert interface["AssociatePublicIpAddress"] is True
+    ec2 = boto3.client("ec2", region_name=REGION)
+    default_subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])[
+        "Subnets"
+    ]
+    assert interface["SubnetId"] in {s["SubnetId"] for s in default_subnets}
+    (group,) = ec2.describe_security_groups(GroupIds=interface["Groups"])["SecurityGroups"]
+    assert group["GroupName"] == f"ec2cluster-{cluster_id}" and group["IpPermissions"] == []
+    assert descriptor["launch_spec"]["security_group_ids"] == [group["GroupId"]]
     ebs = params["BlockDeviceMappings"][0]["Ebs"]
     assert ebs["Encrypted"] is True and ebs["VolumeSize"] == 20
     assert {spec["ResourceType"] for spec in params["TagSpecifications"]} == {"instance", "volume"}
@@ -147,13 +158,20 @@ def test_one_run_instances_call_with_the_right_parameters(
     assert descriptor["launch_spec"]["root_device_name"]
 
 
-def test_spot_and_public_ip_when_asked(queues, context, cluster_id, ami_id, instance_profile):
-    operator = launch(cluster_id, ami_id, spot=True, spot_max_price="0.05", associate_public_ip=True)
+def test_spot_and_no_public_ip_when_asked(queues, context, cluster_id, ami_id, instance_profile):
+    ec2 = boto3.client("ec2", region_name=REGION)
+    layout = private_vpc(ec2)
+    add_nat_gateway(ec2, layout)
+    subnet = layout.private_subnet
+    operator = launch(
+        cluster_id, ami_id, spot=True, spot_max_price="0.05", network="private", subnet_id=subnet
+    )
     runs = record_calls(operator, "RunInstances")
     operator.execute(context)
     market = runs[0]["InstanceMarketOptions"]
     assert market["MarketType"] == "spot" and market["SpotOptions"]["MaxPrice"] == "0.05"
-    assert runs[0]["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is True
+    assert runs[0]["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
+    assert runs[0]["NetworkInterfaces"][0]["SubnetId"] == subnet
 
 
 def test_retried_launch_finds_the_existing_cluster(queues, context, cluster_id, ami_id, instance_profile):

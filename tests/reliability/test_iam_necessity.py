@@ -109,15 +109,32 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
             root_iam.delete_role(RoleName=SPOT_ROLE)
         launch(spot=True)
 
-    def terminate() -> None:
+    def tagged_instance() -> str:
         tags = [{"Key": k, "Value": v} for k, v in cluster_tags(cluster, {}).items()]
-        instance = root_ec2.run_instances(
+        return root_ec2.run_instances(
             ImageId=cloud.ami_id,
             MinCount=1,
             MaxCount=1,
             TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
         )["Instances"][0]["InstanceId"]
-        hook.terminate_instances([instance], wait=False)
+
+    def terminate() -> None:
+        hook.terminate_instances([tagged_instance()], wait=False)
+
+    def read_console() -> None:
+        hook.console_output(tagged_instance())
+
+    default_vpc = root_ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]
+
+    def create_group() -> None:
+        hook.ensure_cluster_security_group(f"{cluster}-{uuid.uuid4().hex[:6]}", default_vpc["VpcId"])
+
+    def delete_group() -> None:
+        from airflow_ec2cluster.aws.ec2 import create_security_group_params
+
+        params = create_security_group_params(f"{cluster}-{uuid.uuid4().hex[:6]}", default_vpc["VpcId"])
+        params["TagSpecifications"][0]["Tags"][0]["Value"] = cluster  # the cluster tag the policy scopes
+        hook.delete_security_group(root_ec2.create_security_group(**params)["GroupId"])
 
     def check_output_table() -> None:
         assert hook.table_exists(OUTPUT_TABLE)
@@ -129,12 +146,17 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
         "ClusterQueues": lambda: hook.ensure_queues(cluster),
         "StateTable": lambda: hook.put_worker_bundle(STATE_TABLE, cluster, b"zip", "0" * 64),
         "CheckOutputTable": check_output_table,
-        "DescribeEC2": lambda: hook.list_cluster_instances(cluster),
+        "DescribeEC2": lambda: hook.network_facts(hook.default_subnet_ids(), []),
         "LaunchTaggedWorkers": launch,
         "LaunchSpot": lambda: launch(spot=True),
         "LaunchFrom": launch,
         "TagAtLaunchOnly": launch,
         "TerminateClusterInstances": terminate,
+        "ReadClusterConsoles": read_console,
+        "CreateClusterSecurityGroup": create_group,
+        "CreateSecurityGroupInVpc": create_group,
+        "TagSecurityGroupAtCreation": create_group,
+        "DeleteClusterSecurityGroup": delete_group,
         "PassWorkerRole": launch,
         "CheckInstanceProfile": check_profile,
         "SpotServiceLinkedRole": spot_launch_in_a_new_account,
