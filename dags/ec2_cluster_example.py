@@ -49,6 +49,15 @@ with DAG(
         "ami_id": Param("", type="string", description="AMI with Python 3.9+ and boto3"),
         "instance_profile": Param("ec2cluster-worker", type="string"),
         "spot": Param(False, type="boolean", description="Launch spot instances"),
+        "network": Param(
+            "public",
+            enum=["public", "private"],
+            description="public: a public IP, through an internet gateway (a default VPC); private: no "
+            "public IP, the subnets' NAT gateway or VPC endpoints",
+        ),
+        "subnet_ids": Param(
+            [], type="array", items={"type": "string"}, description="Subnets (default: the default VPC's)"
+        ),
         "idle_timeout": Param(300, type="integer", minimum=1, description="Reap a worker idle this long (s)"),
         "fail_on_dead_letters": Param(
             False, type="boolean", description="Fail the run when any task ends in the dead-letter queue"
@@ -75,6 +84,8 @@ with DAG(
         instance_type="{{ params.instance_type }}",
         instance_profile="{{ params.instance_profile }}",
         spot="{{ params.spot }}",
+        network="{{ params.network }}",
+        subnet_ids="{{ params.subnet_ids }}",
         handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
         worker_options={"idle_shutdown_seconds": "{{ params.worker_idle_shutdown }}"},
     )

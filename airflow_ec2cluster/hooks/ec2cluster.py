@@ -558,6 +558,16 @@ class EC2ClusterHook(AwsBaseHook):
             raise
         return types[0] if types else None
 
+    def missing_subnets(self, subnet_ids: list[str]) -> list[str]:
+        """The ids that do not exist: one call when all do, else one per id (an error names only one)."""
+        try:
+            found = {s["SubnetId"] for s in self.ec2.describe_subnets(SubnetIds=subnet_ids)["Subnets"]}
+            return [s for s in subnet_ids if s not in found]
+        except ClientError as error:
+            if error_code(error) not in ("InvalidSubnetID.NotFound", "InvalidSubnetID.Malformed"):
+                raise
+        return [s for s in subnet_ids if not self.subnet_exists(s)]
+
     def subnet_exists(self, subnet_id: str) -> bool:
         try:
             return bool(self.ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"])

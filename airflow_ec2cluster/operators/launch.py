@@ -481,7 +481,7 @@ def resolve_subnets(
                 f"subnet_ids: {hook.region} has no default VPC to launch in; give subnet_ids (subnets of one "
                 "VPC, one per availability zone) and network='public' or 'private'"
             )
-    missing = [s for s in chosen if not hook.subnet_exists(s)]
+    missing = hook.missing_subnets(chosen) if subnet_ids or subnet_id else []
     if missing:
         problems.append(f"subnet_ids: {missing} not found in {hook.region}; check the ids and the region")
     return chosen, problems

@@ -42,9 +42,7 @@ SPLIT_ACTIONS = ("ec2:RunInstances", "ec2:CreateSecurityGroup")
 
 
 def known_false_positive(finding) -> bool:
-    return finding.issue == "RESOURCE_MISMATCH" and all(
-        d["action"] in SPLIT_ACTIONS for d in finding.detail
-    )
+    return finding.issue == "RESOURCE_MISMATCH" and all(d["action"] in SPLIT_ACTIONS for d in finding.detail)
 
 
 @pytest.mark.parametrize("scope", SCOPES, ids=lambda s: s.region if s.region != "*" else "any-region")
