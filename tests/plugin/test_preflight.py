@@ -6,12 +6,14 @@ route 0.0.0.0/0 to it). Each layout is built with the EC2 API as a user would bu
 
 from __future__ import annotations
 
+import argparse
+
 import boto3
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_ec2cluster.cli import main as cli_main
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
+from airflow_ec2cluster.commands import doctor
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterTeardownOperator
 from tests.network_layouts import (
     add_endpoints,
@@ -187,20 +189,28 @@ def test_subnets_of_two_vpcs_and_an_unknown_network_mode(
     assert "network: 'internet' is not a network mode" in message
 
 
+def run_doctor(*argv: str) -> int:
+    """The command's handler in this process (``ec2cluster`` itself would reconfigure logging for good)."""
+    parser = argparse.ArgumentParser()
+    doctor.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["doctor", "--region", REGION, *argv])
+    return args.handler(args)
+
+
 def test_doctor_prints_each_subnets_paths_and_the_problems(aws, ec2, capsys):
     layout = private_vpc(ec2)
     add_endpoints(ec2, layout, REGION)
-    args = ["doctor", "--region", REGION, "--network", "private", "--subnet-ids", layout.private_subnet]
-    assert cli_main(args) == 0
+    args = ["--network", "private", "--subnet-ids", layout.private_subnet]
+    assert run_doctor(*args) == 0
     out = capsys.readouterr().out
     assert f"ok   {layout.private_subnet} (us-east-1a): dynamodb via gateway endpoint vpce-" in out
     assert "sqs via interface endpoint vpce-" in out and "No problem found" in out
 
-    assert cli_main([*args, "--requirements", "torch"]) == 1
+    assert run_doctor(*args, "--requirements", "torch") == 1
     out = capsys.readouterr().out
     assert f"FAIL {layout.private_subnet} (us-east-1a)" in out and "internet: NO PATH" in out
     assert "1 problem(s); the launch would launch nothing" in out and "package index" in out
 
-    assert cli_main(["doctor", "--region", REGION]) == 0  # the default VPC, public
+    assert run_doctor() == 0  # the default VPC, public
     out = capsys.readouterr().out
     assert "Checked 6 subnet(s), network=public" in out and "via internet gateway igw-" in out
