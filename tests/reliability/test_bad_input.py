@@ -8,6 +8,7 @@ import uuid
 import boto3
 import pytest
 from airflow.sdk.exceptions import AirflowException
+from ec2cluster_localcloud.server import make_ec2_like_aws
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
@@ -27,6 +28,7 @@ HANDLER = {"type": "python", "target": "tests.reliability.handlers:double"}
 @pytest.fixture
 def aws(monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    make_ec2_like_aws()  # AWS's EC2 behaviours, a default VPC's internet gateway among them
     with mock_aws():
         boto3.client("iam", region_name=REGION).create_instance_profile(
             InstanceProfileName="ec2cluster-worker"

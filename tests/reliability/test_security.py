@@ -58,7 +58,13 @@ def test_instances_and_queues_are_hardened(aws_job):
     for instance in launched:
         assert instance["MetadataOptions"]["HttpTokens"] == "required"
         assert instance["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
-        assert "PublicIpAddress" not in instance
+        # Public mode (the default, for a default VPC): a public IP, in the cluster's own group, which
+        # admits nothing inbound.
+        groups = [g["GroupId"] for g in instance["NetworkInterfaces"][0]["Groups"]]
+        assert groups
+        described = ec2.describe_security_groups(GroupIds=groups)["SecurityGroups"]
+        assert [g["GroupName"] for g in described] == [f"ec2cluster-{instance_cluster(instance)}"]
+        assert all(g["IpPermissions"] == [] for g in described)
         # moto does not echo IamInstanceProfile back; the RunInstances arguments carry it (below).
     from airflow_ec2cluster.aws.ec2 import run_instances_params
     from airflow_ec2cluster.cluster import LaunchSpec
@@ -78,8 +84,13 @@ def test_instances_and_queues_are_hardened(aws_job):
         assert attributes["Attributes"]["SqsManagedSseEnabled"] == "true", url
 
 
+def instance_cluster(instance: dict) -> str:
+    return next(t["Value"] for t in instance["Tags"] if t["Key"] == "ec2cluster:cluster-id")
+
+
 @pytest.fixture
 def aws_job(monkeypatch):
+    from ec2cluster_localcloud.server import make_ec2_like_aws
     from moto import mock_aws
 
     from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
@@ -87,6 +98,7 @@ def aws_job(monkeypatch):
     from .harness import TaskInstance
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    make_ec2_like_aws()  # AWS's EC2 behaviours, a default VPC's internet gateway among them
     with mock_aws():
         boto3.client("iam", region_name="us-east-1").create_instance_profile(
             InstanceProfileName="ec2cluster-worker"
