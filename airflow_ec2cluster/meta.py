@@ -90,8 +90,9 @@ class ClusterMeta:
     retired_instance_ids: list[str] = field(default_factory=list)
     # Workers whose stop (and its reason) a drain round has already logged: each is logged once.
     stops_reported: list[str] = field(default_factory=list)
-    # Instances that ended without ever writing a status item: instance id -> {"at": when a round saw it,
-    # "reason": the start-up failure its console named, "" when it named none}. Read from the console once.
+    # Instances that ended (or were reaped) without ever writing a status item: instance id -> {"at": when a
+    # round saw it, "reason": the start-up failure its console named ("" when none), "console": its last
+    # lines}. Each console is read once.
     boot_failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     consecutive_empty: int = 0
     replacements_launched: int = 0
@@ -135,7 +136,11 @@ class ClusterMeta:
             retired_instance_ids=list(item.get("retired_instance_ids") or []),
             stops_reported=list(item.get("stops_reported") or []),
             boot_failures={
-                str(iid): {"at": float(v.get("at") or 0), "reason": str(v.get("reason") or "")}
+                str(iid): {
+                    "at": float(v.get("at") or 0),
+                    "reason": str(v.get("reason") or ""),
+                    "console": [str(line) for line in v.get("console") or []],
+                }
                 for iid, v in dict(item.get("boot_failures") or {}).items()
             },
             consecutive_empty=int(item.get("consecutive_empty") or 0),

@@ -325,6 +325,30 @@ ENDED_STATES = frozenset({"shutting-down", "terminated"})
 # Consoles read in one round at most (each is a GetConsoleOutput call); the rest wait for the next round.
 MAX_CONSOLES_PER_ROUND = 10
 NO_CONSOLE_REASON = "its console named no start-up failure"
+# What a boot failure keeps of the console: its last lines, each cut short (META holds one per failed boot).
+CONSOLE_TAIL_LINES = 5
+CONSOLE_LINE_CHARS = 200
+# Boot failures listed in a summary or a failure message (the newest).
+BOOT_FAILURES_SHOWN = 20
+
+
+def console_tail(console: str, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
+    """The last non-empty lines of an instance's console, each at most CONSOLE_LINE_CHARS long."""
+    kept = [line.rstrip()[:CONSOLE_LINE_CHARS] for line in console.splitlines() if line.strip()]
+    return kept[-lines:]
+
+
+def boot_failures_shown(boot_failures: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The newest boot failures, for a summary: instance id, the cause named (or None), the console's tail."""
+    newest = sorted(boot_failures.items(), key=lambda item: (item[1].get("at") or 0, item[0]))
+    return [
+        {
+            "instance_id": instance_id,
+            "reason": failure.get("reason") or None,
+            "console": list(failure.get("console") or []),
+        }
+        for instance_id, failure in newest[-BOOT_FAILURES_SHOWN:]
+    ]
 
 
 def unexplained_ends(

@@ -42,7 +42,8 @@ from airflow_ec2cluster.defaults import (
 )
 from airflow_ec2cluster.drain.decisions import (
     ENDED_STATES,
-    NO_CONSOLE_REASON,
+    MAX_CONSOLES_PER_ROUND,
+    REASON_NEVER_REPORTED,
     Decision,
     InstanceInfo,
     Policy,
@@ -50,6 +51,8 @@ from airflow_ec2cluster.drain.decisions import (
     Snapshot,
     WorkerStatus,
     boot_failure_statuses,
+    boot_failures_shown,
+    console_tail,
     decide,
     unexplained_ends,
 )
@@ -173,9 +176,7 @@ def drain_round(
     instances = yield call("list_cluster_instances", cluster_id)
     workers = yield call("worker_statuses", table, cluster_id)
     new_failures = yield from explain_ends(meta, instances, workers, now or time.time())
-    for instance_id, failure in new_failures.items():
-        if not failure["reason"]:
-            log.info("Instance %s ended without a status item; %s", instance_id, NO_CONSOLE_REASON)
+    log_boot_failures(new_failures, "ended before its worker wrote a status item", log)
     if new_failures:
         meta = replace(meta, boot_failures={**meta.boot_failures, **new_failures})
     snapshot = build_snapshot(meta, counts, instances, workers, settings.policy(meta), now or time.time())
@@ -197,6 +198,13 @@ def drain_round(
         log.warning("Reaping %s: %s (%s)", reap.instance_id, reap.reason, reap.detail)
     if decision.reap:
         yield call("terminate_instances", [r.instance_id for r in decision.reap], wait=False)
+    never_booted = yield from read_consoles(
+        [r.instance_id for r in decision.reap if r.reason == REASON_NEVER_REPORTED], now or time.time()
+    )
+    log_boot_failures(never_booted, "was reaped before its worker wrote a status item", log)
+    if never_booted:
+        new_failures = {**new_failures, **never_booted}
+        meta = replace(meta, boot_failures={**meta.boot_failures, **never_booted})
     launched: list[str] = []
     if decision.launch > 0 and not decision.failure and not finished_pending:
         launched = yield from launch_replacements(cluster_id, table, meta, decision.launch, log)
@@ -209,7 +217,8 @@ def drain_round(
         progress=decision.progress, decision=decision, launched=tuple(finished_pending or launched)
     )
     if decision.failure:
-        return replace(outcome, failure=f"cluster {cluster_id}: {decision.failure}")
+        consoles = boot_failures_text(meta.boot_failures)
+        return replace(outcome, failure=f"cluster {cluster_id}: {decision.failure}{consoles}")
     if not decision.drained:
         return outcome
     summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards, exact)
@@ -233,14 +242,41 @@ def explain_ends(
     if not candidates:
         return {}
     states = yield call("instance_states", candidates)
+    # Not yet visible (EC2 is eventually consistent) or still booting: a later round looks again.
+    ended = [i for i in candidates if states.get(i, "terminated") in ENDED_STATES]
+    return (yield from read_consoles(ended, now))
+
+
+def read_consoles(instance_ids: list[str], now: float) -> Generator[Call, Any, dict[str, dict[str, Any]]]:
+    """Each instance's boot failure from its console: the cause it names ("" when none) and its last lines."""
     found = {}
-    for instance_id in candidates:
-        # Not yet visible (EC2 is eventually consistent) or still booting: a later round looks again.
-        if states.get(instance_id, "terminated") not in ENDED_STATES:
-            continue
+    for instance_id in instance_ids[:MAX_CONSOLES_PER_ROUND]:
         console = yield call("console_output", instance_id)
-        found[instance_id] = {"at": now, "reason": failure_from_console(console) or ""}
+        found[instance_id] = {
+            "at": now,
+            "reason": failure_from_console(console) or "",
+            "console": console_tail(console),
+        }
     return found
+
+
+def boot_failures_text(boot_failures: dict[str, dict[str, Any]], shown: int = 3) -> str:
+    """For a failure message: the consoles of the last instances that did not boot (none: '')."""
+    newest = boot_failures_shown(boot_failures)[-shown:]
+    if not newest:
+        return ""
+    parts = [
+        f"\n  {f['instance_id']}: " + (" | ".join(f["console"][-2:]) or "(empty console)") for f in newest
+    ]
+    return "\nInstances that did not boot, the last lines of their consoles:" + "".join(parts)
+
+
+def log_boot_failures(failures: dict[str, dict[str, Any]], what: str, log: Any) -> None:
+    """Once per instance: why it did not boot, as its console says (a named cause is also logged as a
+    worker's stop, with the other stops)."""
+    for instance_id, failure in failures.items():
+        tail = "\n    ".join(failure["console"]) or "(empty: EC2 may publish it later)"
+        log.warning("Instance %s %s; the last lines of its console:\n    %s", instance_id, what, tail)
 
 
 def build_snapshot(
@@ -382,6 +418,7 @@ def build_summary(
         "reaped": snapshot.reaped_total,
         "elapsed_seconds": None if not started_at else round(snapshot.now - started_at, 1),
         "counts_exact": bool(settings.exact_summary),
+        "boot_failures": boot_failures_shown(meta.boot_failures),
     }
 
 

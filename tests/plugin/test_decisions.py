@@ -312,3 +312,25 @@ def test_without_an_enqueued_count_three_empty_reads_are_required():
         for n in range(UNCHECKED_DRAINED_CHECKS)
     ]
     assert reads == [False] * (UNCHECKED_DRAINED_CHECKS - 1) + [True]
+
+
+def test_a_console_tail_keeps_the_last_non_empty_lines_cut_short():
+    from airflow_ec2cluster.drain.decisions import CONSOLE_LINE_CHARS, console_tail
+
+    console = "\n".join(["boot"] + [f"line {n}" for n in range(8)] + ["", "x" * 500, "   "])
+    assert console_tail(console) == ["line 4", "line 5", "line 6", "line 7", "x" * CONSOLE_LINE_CHARS]
+    assert console_tail("") == []
+
+
+def test_boot_failures_are_shown_newest_last_and_capped():
+    from airflow_ec2cluster.drain.decisions import BOOT_FAILURES_SHOWN, boot_failures_shown
+
+    failures = {f"i-{n:03d}": {"at": float(n), "reason": "", "console": [f"c{n}"]} for n in range(30)}
+    failures["i-999"] = {"at": 99.0, "reason": "cannot reach sqs", "console": []}
+    shown = boot_failures_shown(failures)
+    assert len(shown) == BOOT_FAILURES_SHOWN and shown[-1]["instance_id"] == "i-999"
+    assert shown[-1]["reason"] == "cannot reach sqs" and shown[0] == {
+        "instance_id": "i-011",
+        "reason": None,
+        "console": ["c11"],
+    }

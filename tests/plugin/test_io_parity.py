@@ -256,6 +256,20 @@ def explain_a_boot_failure() -> World:
     )
 
 
+def reap_a_never_booted_instance() -> World:
+    """i-2 runs, 1,000 s after launch, with no status item: reaped, and its console read."""
+    return World(
+        meta=meta(),
+        main={"ApproximateNumberOfMessages": "5"},
+        dead={"ApproximateNumberOfMessages": "0"},
+        instances=[instance("i-1", NOW - 1000), instance("i-2", NOW - 1000)],
+        workers=[worker("i-1")],
+        consoles={
+            "i-2": "Cloud-init v. 24.1 running\n\nCollecting torch\n  Downloading torch-2.5.1.whl (906 MB)\n"
+        },
+    )
+
+
 def drained_with_a_dead_letter() -> World:
     dead_id = "t000000009"
     task_log = [
@@ -304,6 +318,7 @@ def run_both(world: World, settings: DrainSettings):
         (replace_a_hung_worker, {"terminate_instances", "run_instances", "update_item"}),
         (finish_a_claimed_launch, {"update_item", "get_console_output"}),
         (explain_a_boot_failure, {"describe_instances", "get_console_output", "update_item"}),
+        (reap_a_never_booted_instance, {"terminate_instances", "get_console_output", "update_item"}),
         (
             drained_with_a_dead_letter,
             {"receive_message", "change_message_visibility_batch", "batch_get_item", "update_item"},
@@ -333,3 +348,20 @@ def test_the_rounds_end_as_their_scenarios_say(monkeypatch):
     stops = dict(explained.decision.stops)
     assert stops["i-2"].startswith("startup-failed: cannot reach sqs (sqs.us-east-1.amazonaws.com:443)")
     assert "i-3" not in stops  # its console named no cause: no evidence either way
+    calls, _, _, reaped = run_both(reap_a_never_booted_instance(), settings)
+    assert [r.instance_id for r in reaped.decision.reap] == ["i-2"]
+    assert "i-2" not in dict(reaped.decision.stops)  # no cause named: no start-up failure counted
+    # The console's last lines are kept in META, for the summary and a failure message.
+    values = [
+        value
+        for _, operation, kwargs in calls
+        if operation == "update_item"
+        for value in deserialize_item(kwargs["ExpressionAttributeValues"]).values()
+    ]
+    (failures,) = [v for v in values if isinstance(v, dict) and "i-2" in v]
+    assert failures["i-2"]["reason"] == ""
+    assert failures["i-2"]["console"] == [
+        "Cloud-init v. 24.1 running",
+        "Collecting torch",
+        "  Downloading torch-2.5.1.whl (906 MB)",
+    ]

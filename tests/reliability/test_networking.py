@@ -121,6 +121,8 @@ def test_a_network_broken_after_the_preflight_fails_fast_with_its_cause(cloud_en
     meta = job.hook.get_meta(job.state_table, job.cluster_id)
     if lost == "dynamodb":  # no status item could be written: the cause came from the consoles
         assert job.worker_states() == {}
+        assert "Instances that did not boot, the last lines of their consoles:" in message
+        assert "ec2cluster: startup-failed: cannot reach dynamodb" in message
         assert (
             sum(1 for f in meta.boot_failures.values() if f["reason"].startswith("cannot reach dynamodb"))
             >= LIMIT
