@@ -11,6 +11,11 @@ The account has what a new AWS account has: a default VPC with an internet gatew
 route table), so an instance launched in it with a public IP reaches AWS's services and the internet. What
 an instance reaches follows the VPC's state (``ec2cluster_localcloud.network``); the internet is a local
 package index (``package_index_url``) over a wheel cache (``wheel_cache``).
+
+Its default AMI (``ami_id``) runs an instance's user data as a process on the host. An image-backed AMI
+(``register_rootfs_image``: a real Debian root filesystem, built once with debootstrap and cached in
+``image_cache``) boots each instance as an isolated root of its own
+(``ec2cluster_localcloud.rootfs_instance``).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from ec2cluster_localcloud.control import (
     SPOT_INTERRUPTION,
     ControlServer,
 )
+from ec2cluster_localcloud.images import ensure_rootfs
 from ec2cluster_localcloud.package_index import PYPI_SIMPLE, PackageIndex, WheelCache
+from ec2cluster_localcloud.rootfs_instance import ROOTFS_TAG
 from ec2cluster_localcloud.runner import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_POLL_SECONDS,
@@ -81,10 +88,13 @@ class LocalCloud:
         enforce_iam: bool = True,
         wheel_cache: str | Path | None = None,
         package_upstream: str | None = PYPI_SIMPLE,
+        image_cache: str | Path | None = None,
     ):
         """``wheel_cache``: the package index's directory of wheels (default
         ``~/.cache/ec2cluster-localcloud/wheels``, shared across runs); ``package_upstream``: the index a
-        project missing from it is fetched from once (None: serve the cache only, never leave loopback)."""
+        project missing from it is fetched from once (None: serve the cache only, never leave loopback);
+        ``image_cache``: where image-backed AMIs' root filesystems are cached (default
+        ``~/.cache/ec2cluster-localcloud/images``, see ``ec2cluster_localcloud.images``)."""
         self.port = port
         self.region = region
         self.poll_seconds = poll_seconds
@@ -104,6 +114,7 @@ class LocalCloud:
         self.package_upstream = package_upstream
         self._package_index: PackageIndex | None = None
         self.package_index_url: str | None = None
+        self.image_cache = Path(image_cache) if image_cache is not None else None
 
     # Context manager
 
@@ -131,6 +142,7 @@ class LocalCloud:
                 grace_seconds=self.grace_seconds,
                 package_index_url=self.package_index_url,
                 reachability_file=self.work_dir / REACHABILITY_FILE,
+                image_cache=self.image_cache,
             )
             self._runner.start()
             self._control = ControlServer(
@@ -247,6 +259,26 @@ class LocalCloud:
         """Post an EC2 rebalance recommendation in the instance's metadata (nothing is terminated)."""
         self._require_started()
         self._runner.inject_rebalance_recommendation(instance_id)
+
+    def register_rootfs_image(self, flavour: str = "debian-12") -> str:
+        """An AMI backed by a real root filesystem (``debian-12``: Debian 12 minimal, python3 without pip,
+        PEP 668; ``debian-11``), built with debootstrap on first use (about a minute, then cached); its id.
+
+        Its instances boot as isolated roots of their own and run their user data as root, as cloud-init
+        does (ec2cluster_localcloud.rootfs_instance). Raises ImageError when the image cannot be built."""
+        self._require_started()
+        ensure_rootfs(flavour, self.image_cache)
+        ec2 = self.client("ec2")
+        image_id = ec2.register_image(
+            Name=f"ec2cluster-local-{flavour}",
+            Description=f"airflow-ec2cluster local image: a {flavour} root filesystem",
+            Architecture="x86_64",
+            RootDeviceName="/dev/xvda",
+            VirtualizationType="hvm",
+        )["ImageId"]
+        # moto's RegisterImage drops TagSpecifications: tag it afterwards (the runner reads this tag).
+        ec2.create_tags(Resources=[image_id], Tags=[{"Key": ROOTFS_TAG, "Value": flavour}])
+        return image_id
 
     def add_wheel(self, path: str | Path) -> Path:
         """Put a wheel (or sdist) in the package index's cache, for instances that reach the internet."""

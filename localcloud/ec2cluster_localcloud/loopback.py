@@ -1,8 +1,13 @@
-"""A small HTTP server on a free loopback port, in a daemon thread: the metadata and control listeners."""
+"""A small HTTP server on a free loopback port, in a daemon thread: the metadata and control listeners.
+
+``host``/``port`` bind another address (an image-backed instance's metadata listens at 169.254.169.254:80
+in the instance's own network namespace); ``create`` runs the listener's creation, e.g. in that namespace.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,12 +28,24 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 class LoopbackServer:
-    """``handler`` served on 127.0.0.1 (any free port) until ``close()``."""
+    """``handler`` served on 127.0.0.1 (any free port, by default) until ``close()``."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str) -> None:
-        self._server: ThreadingHTTPServer | None = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(
+        self,
+        handler: type[BaseHTTPRequestHandler],
+        name: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        create: Callable[[Callable[[], ThreadingHTTPServer]], ThreadingHTTPServer] | None = None,
+    ) -> None:
+        def make() -> ThreadingHTTPServer:
+            return ThreadingHTTPServer((host, port), handler)
+
+        self._server: ThreadingHTTPServer | None = create(make) if create else make()
         self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        bound = self._server.server_port
+        self.url = f"http://{host}" if bound == 80 else f"http://{host}:{bound}"
         threading.Thread(target=self._server.serve_forever, name=name, daemon=True).start()
 
     def close(self) -> None:

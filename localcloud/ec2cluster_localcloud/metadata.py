@@ -122,8 +122,11 @@ class InstanceMetadataService:
 
     # Serving
 
-    def start(self) -> str:
-        """Issue the role's credentials, listen on a free loopback port; the base URL (http://127.0.0.1:N)."""
+    def start(self, host: str = "127.0.0.1", port: int = 0, create: Callable | None = None) -> str:
+        """Issue the role's credentials, listen on a free loopback port; the base URL (http://127.0.0.1:N).
+
+        ``host``, ``port`` and ``create``: another address, e.g. 169.254.169.254:80 created in an
+        image-backed instance's network namespace (``ec2cluster_localcloud.loopback.LoopbackServer``)."""
         service = self
         if self.facts.role_name:
             self.current_credentials()
@@ -141,7 +144,9 @@ class InstanceMetadataService:
             def _send(self, status: int, body: str, headers: dict[str, str]) -> None:
                 self.send_body(status, body.encode("utf-8"), {"Content-Type": "text/plain", **headers})
 
-        self._server = LoopbackServer(Handler, f"imds-{self.facts.instance_id}")
+        self._server = LoopbackServer(
+            Handler, f"imds-{self.facts.instance_id}", host=host, port=port, create=create
+        )
         return self.url
 
     @property

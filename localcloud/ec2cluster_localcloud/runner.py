@@ -17,6 +17,12 @@ InstanceInitiatedShutdownBehavior says). A spot interruption notice can be injec
 reclaimed (terminated) when its notice period ends.
 
 Like cloud-init, it runs an instance's user data once, at its first boot.
+
+An instance of an image-backed AMI (tagged ``ec2cluster-localcloud:rootfs``:
+``LocalCloud.register_rootfs_image``) boots instead as an isolated root of its own
+(``ec2cluster_localcloud.rootfs_instance``): the same metadata, endpoints and shutdown logic, in its own
+namespaces, with cloud-init's environment; it runs until it powers itself off (``shutdown -h now``) or EC2
+stops or terminates it.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ import boto3
 from botocore.config import Config
 
 from ec2cluster_localcloud.blackhole import Blackhole, ReachabilityFile
+from ec2cluster_localcloud.images import ensure_rootfs
 from ec2cluster_localcloud.metadata import CREDENTIAL_SECONDS, InstanceFacts, InstanceMetadataService
 from ec2cluster_localcloud.network import INTERNET, Network, Reachability, reachability
+from ec2cluster_localcloud.rootfs_instance import ROOTFS_TAG, RootfsInstance, RootfsInstanceError
 
 log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -84,6 +92,7 @@ class InstanceProcess:
     reclaim_at: float | None = None  # monotonic: when an injected spot notice's period ends
     reclaimed: bool = False
     reachability: Reachability | None = None  # what its network reaches, decided at launch
+    rootfs: RootfsInstance | None = None  # an image-backed instance's root and namespaces
 
     @property
     def alive(self) -> bool:
@@ -111,6 +120,7 @@ class InstanceProcess:
             "reclaimed": self.reclaimed,
             "reachable": dict(self.reachability.to_dict()["reachable"]) if self.reachability else {},
             "unreachable": self.reachability.unreachable if self.reachability else {},
+            "image": self.rootfs.info() if self.rootfs else None,
         }
 
 
@@ -189,8 +199,11 @@ class InstanceRunner:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         package_index_url: str | None = None,
         reachability_file: Path | None = None,
+        image_cache: Path | None = None,
     ):
         self.endpoint_url = endpoint_url
+        self.image_cache = image_cache
+        self._image_flavours: dict[str, str | None] = {}
         self.package_index_url = package_index_url
         self.reachability_file = ReachabilityFile(reachability_file or Path(work_dir) / "reachability.json")
         self._reachability: dict[str, Reachability] = {}
@@ -233,6 +246,8 @@ class InstanceRunner:
         for record in records:
             if record.metadata is not None:
                 record.metadata.close()
+            if record.rootfs is not None:
+                record.rootfs.close()
         self.blackhole.close()
 
     def stop_processes(self, records: Iterable[InstanceProcess]) -> None:
@@ -300,6 +315,8 @@ class InstanceRunner:
             if record.metadata is not None and gone:
                 record.metadata.close()
                 record.metadata = None
+            if record.rootfs is not None and gone:
+                record.rootfs.close()
         return decided
 
     def describe_instances(self) -> dict[str, dict]:
@@ -369,6 +386,9 @@ class InstanceRunner:
         behavior = self._ec2.describe_instance_attribute(
             InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
         )["InstanceInitiatedShutdownBehavior"]["Value"]
+        flavour = self.image_flavour(instance["ImageId"])
+        if flavour is not None:
+            return self._boot_rootfs(instance, flavour, home, log_path, script, behavior, verdicts)
         metadata = InstanceMetadataService(self.instance_facts(instance), self._issue_credentials)
         metadata.start()
         if not script.strip():
@@ -391,6 +411,56 @@ class InstanceRunner:
         log.info("instance %s: started pid %s, log %s", instance_id, process.pid, log_path)
         return InstanceProcess(
             instance_id, home, log_path, behavior, process, metadata=metadata, reachability=verdicts
+        )
+
+    def image_flavour(self, image_id: str) -> str | None:
+        """The root filesystem flavour an AMI is backed by (its ROOTFS_TAG), None for a process-backed one."""
+        if image_id not in self._image_flavours:
+            try:
+                images = self._ec2.describe_images(ImageIds=[image_id])["Images"]
+            except self._ec2.exceptions.ClientError:
+                images = []
+            tags = {tag["Key"]: tag["Value"] for image in images for tag in image.get("Tags", [])}
+            self._image_flavours[image_id] = tags.get(ROOTFS_TAG)
+        return self._image_flavours[image_id]
+
+    def _boot_rootfs(
+        self,
+        instance: dict,
+        flavour: str,
+        home: Path,
+        log_path: Path,
+        script: str,
+        behavior: str,
+        verdicts: Reachability,
+    ) -> InstanceProcess:
+        """An image-backed instance: its own root and namespaces (ec2cluster_localcloud.rootfs_instance)."""
+        instance_id = instance["InstanceId"]
+        rootfs = RootfsInstance(instance_id, flavour, ensure_rootfs(flavour, self.image_cache), home, script)
+        metadata = InstanceMetadataService(self.instance_facts(instance), self._issue_credentials)
+        try:
+            process = rootfs.boot(log_path, metadata, self.network_env(verdicts), self.blackhole.url)
+        except RootfsInstanceError as error:
+            # Like a failed boot: said on its console; its ended process powers it off (no retry).
+            log.error("instance %s: %s", instance_id, error)
+            with open(log_path, "a", encoding="utf-8") as console:
+                console.write(f"ec2cluster-localcloud: boot failed: {error}\n")
+            metadata.close()
+            return InstanceProcess(
+                instance_id, home, log_path, behavior, rootfs.process, reachability=verdicts, rootfs=rootfs
+            )
+        except BaseException:
+            metadata.close()
+            raise
+        return InstanceProcess(
+            instance_id,
+            home,
+            log_path,
+            behavior,
+            process,
+            metadata=metadata,
+            reachability=verdicts,
+            rootfs=rootfs,
         )
 
     def instance_facts(self, instance: dict) -> InstanceFacts:
