@@ -418,7 +418,7 @@ def build_summary(
         "reaped": snapshot.reaped_total,
         "elapsed_seconds": None if not started_at else round(snapshot.now - started_at, 1),
         "counts_exact": bool(settings.exact_summary),
-        "boot_failures": boot_failures_shown(meta.boot_failures),
+        "failed_boots": boot_failures_shown(meta.boot_failures),
     }
 
 
