@@ -60,10 +60,11 @@ def wait_for_log_line(cloud, instance_id: str, marker: str, timeout: float) -> s
     return wait_for(found, timeout, f"{marker!r} in the log of {instance_id}")  # type: ignore[return-value]
 
 
-def launch_instance(cloud, user_data: str, **params) -> str:
-    """One instance with the worker instance profile, terminated when its user data exits; its id."""
+def launch_instance(cloud, user_data: bytes | str, image_id: str | None = None, **params) -> str:
+    """One instance (of ``image_id``, default the local cloud's AMI) with the worker instance profile,
+    terminated when it shuts down; its id."""
     answer = cloud.client("ec2").run_instances(
-        ImageId=cloud.ami_id,
+        ImageId=image_id or cloud.ami_id,
         MinCount=1,
         MaxCount=1,
         UserData=user_data,

@@ -29,7 +29,7 @@ from ec2cluster_localcloud import LocalCloud, images
 from ec2cluster_localcloud.rootfs_instance import RootfsInstance, pids_in_namespace
 from ec2cluster_localcloud.runner import SERVICE_ENDPOINT_VARIABLES
 
-from .helpers import instance_log, wait_for, wait_for_log_line
+from .helpers import instance_log, launch_instance, wait_for, wait_for_log_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -133,19 +133,6 @@ def state(ec2, instance_id: str) -> str:
     return answer["Reservations"][0]["Instances"][0]["State"]["Name"]
 
 
-def launch(cloud: LocalCloud, ami_id: str, user_data: bytes | str, **params) -> str:
-    answer = cloud.client("ec2").run_instances(
-        ImageId=ami_id,
-        MinCount=1,
-        MaxCount=1,
-        UserData=user_data,
-        InstanceInitiatedShutdownBehavior="terminate",
-        IamInstanceProfile={"Name": cloud.instance_profile_name},
-        **params,
-    )
-    return answer["Instances"][0]["InstanceId"]
-
-
 def closed_group(ec2) -> str:
     """A security group of the default VPC with its egress rule removed."""
     group = ec2.create_security_group(GroupName="no-egress", Description="no egress")["GroupId"]
@@ -195,8 +182,8 @@ def test_debian_12_instance_boots_isolated_and_powers_off(tmp_path: Path):
             launched = time.monotonic()
             user_data = PROBE.replace("HOST_MARKER", str(host_marker))
             user_data = user_data.replace("HOST_PORT", str(urllib.parse.urlsplit(cloud.endpoint_url).port))
-            probe = launch(cloud, ami_id, gzip.compress(user_data.encode()))
-            sleeper = launch(cloud, ami_id, SLEEPER)
+            probe = launch_instance(cloud, gzip.compress(user_data.encode()), ami_id)
+            sleeper = launch_instance(cloud, SLEEPER, ami_id)
             text = wait_for_log_line(cloud, probe, "probe: ", timeout=60)
             print(f"probe's user data reported {time.monotonic() - launched:.1f} s after launch")
             report = json.loads(next(line for line in text.splitlines() if line.startswith("probe: "))[7:])
@@ -239,7 +226,7 @@ def test_debian_12_instance_boots_isolated_and_powers_off(tmp_path: Path):
             assert not cloud.worker_processes()[sleeper]["killed"]
 
             # No egress: its metadata answers, its endpoints time out; poweroff ends it too.
-            closed = launch(cloud, ami_id, CLOSED, SecurityGroupIds=[closed_group(ec2)])
+            closed = launch_instance(cloud, CLOSED, ami_id, SecurityGroupIds=[closed_group(ec2)])
             text = wait_for_log_line(cloud, closed, "closed: ", timeout=60)
             report = json.loads(next(line for line in text.splitlines() if line.startswith("closed: "))[8:])
             assert report["token"] and report["dynamodb"] == "TimeoutError", report
@@ -264,7 +251,7 @@ def test_a_failed_boot_is_on_the_console_and_powers_the_instance_off(tmp_path: P
     monkeypatch.setattr(RootfsInstance, "_launcher", lambda self, ready: "echo 'no root here' >&2; exit 3\n")
     with LocalCloud(work_dir=tmp_path, grace_seconds=10, package_upstream=None) as cloud:
         ami_id = cloud.register_rootfs_image("debian-12")
-        instance_id = launch(cloud, ami_id, "#!/bin/bash\necho never\n")
+        instance_id = launch_instance(cloud, "#!/bin/bash\necho never\n", ami_id)
         ec2 = cloud.client("ec2")
         wait_for(lambda: state(ec2, instance_id) == "terminated", 30, "the instance to terminate")
         console = instance_log(cloud, instance_id)

@@ -14,7 +14,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 from airflow_ec2cluster.commands import doctor
-from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterTeardownOperator
+from airflow_ec2cluster.operators import EC2ClusterTeardownOperator
 from tests.network_layouts import (
     add_endpoints,
     add_nat_gateway,
@@ -24,20 +24,9 @@ from tests.network_layouts import (
 )
 from tests.plugin.conftest import REGION
 from tests.plugin.test_launch import TABLE, cluster_instances, launch, record_calls
+from tests.plugin.test_launch import queues as queues  # noqa: F401  (the fixture)
 
 TABLE_MODE = {"worker_source": "table"}  # the worker from the state table: nothing to install
-
-
-@pytest.fixture
-def queued(aws, context, cluster_id):
-    return EC2ClusterEnqueueOperator(
-        task_id="enqueue",
-        cluster_id=cluster_id,
-        state_table=TABLE,
-        aws_conn_id=None,
-        region_name=REGION,
-        tasks=[1],
-    ).execute(context)
 
 
 @pytest.fixture
@@ -59,7 +48,7 @@ def refused(operator, context) -> str:
 
 
 def test_the_default_vpc_works_in_public_mode_and_teardown_deletes_the_clusters_group(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     descriptor = launch(cluster_id, ami_id, **TABLE_MODE).execute(context)
     (group,) = cluster_groups(ec2, cluster_id)
@@ -78,7 +67,7 @@ def test_the_default_vpc_works_in_public_mode_and_teardown_deletes_the_clusters_
 
 
 def test_a_private_subnet_with_neither_nat_nor_endpoints_launches_nothing(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
     message = refused(
@@ -95,7 +84,7 @@ def test_a_private_subnet_with_neither_nat_nor_endpoints_launches_nothing(
 
 
 def test_public_mode_in_a_private_subnet_says_what_would_work(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
     message = refused(launch(cluster_id, ami_id, subnet_id=layout.private_subnet, **TABLE_MODE), context)
@@ -109,7 +98,7 @@ def test_public_mode_in_a_private_subnet_says_what_would_work(
 
 
 def test_endpoints_without_a_nat_refuse_a_bootstrap_that_needs_the_package_index(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
     add_endpoints(ec2, layout, REGION)
@@ -129,7 +118,7 @@ def test_endpoints_without_a_nat_refuse_a_bootstrap_that_needs_the_package_index
 
 
 def test_endpoints_and_nothing_to_install_launch_in_a_private_subnet(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
     add_endpoints(ec2, layout, REGION)
@@ -142,7 +131,7 @@ def test_endpoints_and_nothing_to_install_launch_in_a_private_subnet(
 
 
 def test_an_interface_endpoint_in_the_default_group_does_not_admit_the_cluster(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
     add_endpoints(ec2, layout, REGION, services=("dynamodb",))
@@ -161,7 +150,7 @@ def test_an_interface_endpoint_in_the_default_group_does_not_admit_the_cluster(
 
 
 def test_a_security_group_without_egress_launches_nothing(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     group = group_without_egress(ec2, default_vpc(ec2))
     message = refused(launch(cluster_id, ami_id, security_group_ids=[group], **TABLE_MODE), context)
@@ -170,14 +159,14 @@ def test_a_security_group_without_egress_launches_nothing(
 
 
 def test_an_image_of_another_architecture_than_the_instance_type(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     message = refused(launch(cluster_id, ami_id, instance_type="c7g.large", **TABLE_MODE), context)
     assert "is x86_64 but instance_type c7g.large runs arm64" in message
 
 
 def test_subnets_of_two_vpcs_and_an_unknown_network_mode(
-    queued, context, cluster_id, ami_id, instance_profile, ec2
+    queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     first, second = private_vpc(ec2), private_vpc(ec2)
     message = refused(
