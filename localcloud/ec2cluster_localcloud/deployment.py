@@ -46,6 +46,8 @@ STOP_TIMEOUT_SECONDS = 30.0
 DEFAULT_PARALLELISM = 8  # task processes at once: a run of ec2_cluster_example needs 2
 MIGRATE_TIMEOUT_SECONDS = 300.0
 FINISHED_RUN_STATES = ("success", "failed")
+# Task instance states that never reach the executor: nothing for the scheduler to see finish.
+NEVER_RAN = (None, "skipped", "upstream_failed", "removed")
 ERROR_LEVELS = ("error", "critical", "fatal", "exception")
 # A plain-text log line at ERROR or above, or a traceback: Airflow 3's console format (structlog,
 # ``[error    ]``), the classic logging format (``ERROR``), and Python's traceback header.
@@ -394,7 +396,7 @@ class AirflowDeployment:
                 on_poll(seen["tasks"])
             return seen["state"] if seen["state"] in FINISHED_RUN_STATES else None
 
-        return wait_until(
+        state = wait_until(
             f"run {run_id} of {dag_id} to finish",
             finished,
             timeout=timeout,
@@ -403,6 +405,36 @@ class AirflowDeployment:
                 f"run state {seen.get('state')}, tasks {seen.get('tasks')}; "
                 f"logs in {self.components_dir} and {self.task_logs_dir}"
             ),
+        )
+        self.wait_workloads_finished(dag_id, run_id)
+        return state
+
+    def wait_workloads_finished(self, dag_id: str, run_id: str, *, timeout: float = 120) -> None:
+        """Wait until the scheduler has seen every task process of the run exit.
+
+        A task reports its own state through the API before its process exits, so a run can be finished
+        while the executor still holds its last workloads; stopping then cuts into them. The scheduler logs
+        ``TaskInstance Finished: dag_id=..., task_id=..., run_id=...`` once the executor reports one.
+        """
+        scheduler_log = self.component_logs()["scheduler"]
+        missing: list[str] = []
+
+        def finished() -> bool:
+            self.check_alive()
+            ran = [task for task, state in self.task_states(dag_id, run_id).items() if state not in NEVER_RAN]
+            text = scheduler_log.read_text(encoding="utf-8", errors="replace")
+            missing[:] = [
+                task
+                for task in ran
+                if f"TaskInstance Finished: dag_id={dag_id}, task_id={task}, run_id={run_id}," not in text
+            ]
+            return not missing
+
+        wait_until(
+            f"the scheduler to see every task process of run {run_id} exit",
+            finished,
+            timeout=timeout,
+            describe=lambda: f"not yet finished in the executor: {missing}; {scheduler_log}",
         )
 
     # Secrets kept in AIRFLOW_HOME, so that a restarted deployment keeps its login and its tokens work
@@ -445,10 +477,40 @@ def error_lines(paths: Iterable[Path]) -> list[str]:
     """
     found = []
     for path in paths:
-        for number, line in _numbered_lines(path):
-            if _is_error_line(line):
+        numbered = list(_numbered_lines(path))
+        exit_requests = _swallowed_exit_requests(numbered)
+        for number, line in numbered:
+            if number not in exit_requests and _is_error_line(line):
                 found.append(f"{path}:{number}: {line.rstrip()[:1000]}")
     return found
+
+
+def _swallowed_exit_requests(numbered: list[tuple[int, str]]) -> set[int]:
+    """Line numbers of Python's ``Exception ignored in: ...`` reports of a ``SystemExit: 0``.
+
+    Airflow's components exit on SIGTERM by raising ``SystemExit(0)`` from the signal handler; when the
+    signal lands while a finalizer runs (a garbage-collection callback), Python prints the exit as an
+    ignored exception. That is a clean exit request, not an error.
+    """
+    skipped: set[int] = set()
+    index = 0
+    while index < len(numbered):
+        number, line = numbered[index]
+        if not _ANSI_RE.sub("", line).startswith("Exception ignored in"):
+            index += 1
+            continue
+        block = [number]
+        index += 1
+        while index < len(numbered):
+            number, line = numbered[index]
+            text = _ANSI_RE.sub("", line).rstrip("\n")
+            block.append(number)
+            index += 1
+            if text and not text[0].isspace() and not text.startswith("Traceback ("):
+                if text.strip() == "SystemExit: 0":
+                    skipped.update(block)
+                break
+    return skipped
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:

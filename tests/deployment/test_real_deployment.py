@@ -94,6 +94,8 @@ def runs(cloud, deployment) -> dict[str, Run]:
         timeout=RUNS_TIMEOUT_SECONDS,
         describe=lambda: f"{[(r.name, r.state, r.seen) for r in runs.values()]}; {deployment.airflow_home}",
     )
+    for run in runs.values():
+        deployment.wait_workloads_finished(demo.DAG_ID, run.run_id)
     with pytest.MonkeyPatch.context() as env:
         for name, value in {**cloud.env(), **cloud.airflow_conn_env()}.items():
             env.setenv(name, value)
