@@ -211,7 +211,7 @@ def test_debian_12_instance_boots_isolated_and_powers_off(tmp_path: Path):
 
             # shutdown -h now: the instance is terminated and nothing of it is left.
             wait_for(lambda: state(ec2, probe) == "terminated", 30, "the probe to terminate")
-            wait_for(lambda: nothing_left(image), 10, "nothing left of the probe")
+            wait_for(lambda: nothing_left(image), 60, "nothing left of the probe")
             assert "ec2cluster-localcloud: power off" in instance_log(cloud, probe)
 
             # Terminated through EC2: SIGTERM reaches its processes, then nothing of it is left.
