@@ -115,6 +115,9 @@ class LaunchSpec:
     root_device_name: str | None = None
     volume_size_gb: int | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    # Where the launch stored the cluster's bundle (airflow_ec2cluster.bundle): the teardown deletes it.
+    bundle_bucket: str | None = None
+    bundle_prefix: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

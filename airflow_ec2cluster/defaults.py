@@ -44,6 +44,12 @@ DEFAULT_IDLE_TIMEOUT = 600
 DEFAULT_HEARTBEAT_TIMEOUT = 120
 DEFAULT_MAX_TASK_SECONDS = 3600
 DEFAULT_BOOT_TIMEOUT = 600
+# The image's interpreters the bootstrap tries, in order (the launch's ``python``): stock images name theirs
+# python3; a Deep Learning AMI's environments live under /opt (pass that path).
+DEFAULT_PYTHONS = ("python3", "/usr/bin/python3", "/usr/local/bin/python3")
+# Where the launch stores the cluster's bundle when no bucket is named: one bucket per account and region.
+DEFAULT_BUNDLE_BUCKET_FORMAT = "ec2cluster-{account}-{region}"
+DEFAULT_BUNDLE_PREFIX = "ec2cluster/bundles/"
 # Two consecutive empty reads: enough because "drained" also needs the messages accounted for (finished +
 # dead-lettered >= enqueued), a check that a stale zero cannot pass while messages are still queued or held.
 # Each extra read costs a poke interval of idle instances (drain latency <= 2 intervals + teardown).

@@ -6,11 +6,12 @@ prefix and the clusters' prefix, the state table by name, instances by the ``ec2
 PassRole to EC2 only and only for the worker role. Describe* calls of EC2 cannot be scoped to resources
 (AWS does not support it), so they use ``*``. ARNs are in the region's partition (aws, aws-cn, aws-us-gov).
 
-The worker may write only its cluster's status and task-log items (``dynamodb:LeadingKeys``), never the
-META item or the worker bundle, which hold what the controller launches from (AMI, instance type, user
-data, cluster size): a task's code runs with the worker's credentials, and must not be able to choose what
-the controller launches. Clusters that share one worker role can write each other's status and task log:
-they are one trust domain; a role per DAG (``--dag-id``) separates them.
+The worker may write only its cluster's status and task-log items (``dynamodb:LeadingKeys``), never
+the META item or the cluster's bundle in S3, which hold what the controller launches from (AMI, instance
+type, user data, cluster size, the code instances run): a task's code runs with the worker's credentials,
+and must not be able to choose what the controller launches. Clusters that share one worker role can
+write each other's status and task log: they are one trust domain; a role per DAG (``--dag-id``)
+separates them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from airflow_ec2cluster.cluster import (
     TAG_CLUSTER_ID,
     TASK_QUEUE_SUFFIX,
 )
-from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
+from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX, DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
 
 POLICY_VERSION = "2012-10-17"
 
@@ -52,7 +53,6 @@ CONTROLLER_TABLE_ACTIONS = (
     "dynamodb:UpdateTimeToLive",
     "dynamodb:GetItem",
     "dynamodb:BatchGetItem",
-    "dynamodb:PutItem",
     "dynamodb:UpdateItem",
     "dynamodb:DeleteItem",  # a failed enqueue's META item
     "dynamodb:Query",
@@ -75,9 +75,8 @@ WORKER_QUEUE_ACTIONS = (
     "sqs:DeleteMessage",  # DeleteMessageBatch
     "sqs:ChangeMessageVisibility",  # ChangeMessageVisibilityBatch
 )
-# GetItem: the boot loader fetches the worker bundle (see workerbundle.py) before the worker starts.
 # BatchGetItem: a redelivered message's task-log item, so tasks already done are not run again.
-WORKER_TABLE_READ_ACTIONS = ("dynamodb:GetItem", "dynamodb:BatchGetItem")
+WORKER_TABLE_READ_ACTIONS = ("dynamodb:BatchGetItem",)
 # PutItem: the worker's status item; BatchWriteItem: task-log items (and results, with an output table).
 WORKER_TABLE_WRITE_ACTIONS = ("dynamodb:PutItem", "dynamodb:BatchWriteItem")
 WORKER_TABLE_ACTIONS = WORKER_TABLE_READ_ACTIONS + WORKER_TABLE_WRITE_ACTIONS
@@ -105,6 +104,13 @@ class PolicyScope:
     manifest_bucket: str = "*"  # S3 manifests the enqueue operator reads
     output_bucket: str = "*"  # the workers' s3 output, when used
     output_table: str | None = None  # the workers' DynamoDB output table (worker_options.output.table)
+    bundle_bucket: str = "ec2cluster-*"  # where launches store clusters' bundles (the default's pattern)
+    bundle_prefix: str = DEFAULT_BUNDLE_PREFIX
+
+    def bundle_arn(self) -> str:
+        """The clusters' bundles: ``<prefix><cluster id>/<sha256>.zip`` (aws.s3.bundle_object_key)."""
+        prefix = f"{self.bundle_prefix.rstrip('/')}/" if self.bundle_prefix.strip("/") else ""
+        return self.s3_arn(self.bundle_bucket, f"{prefix}{self.cluster_prefix}*")
 
     @property
     def partition(self) -> str:
@@ -229,6 +235,18 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
                 Condition={"StringEquals": {"iam:AWSServiceName": "spot.amazonaws.com"}},
             ),
             statement("ReadManifests", ["s3:GetObject"], scope.s3_arn(scope.manifest_bucket, "*")),
+            # The clusters' bundles: the bucket checked (HeadBucket), created private when absent, listed
+            # at teardown; each cluster's bundle uploaded (multipart when large) and deleted at teardown.
+            statement(
+                "BundleBucket",
+                ["s3:CreateBucket", "s3:ListBucket", "s3:PutBucketPublicAccessBlock"],
+                f"arn:{scope.partition}:s3:::{scope.bundle_bucket}",
+            ),
+            statement(
+                "ClusterBundles",
+                ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"],
+                scope.bundle_arn(),
+            ),
         ],
     }
 
@@ -263,6 +281,17 @@ def worker_policy(scope: PolicyScope) -> dict[str, Any]:
             ),
             *output_table,
             statement("S3Output", ["s3:PutObject"], scope.s3_arn(scope.output_bucket, "*")),
+            # The boot loader fetches the cluster's bundle (airflow_ec2cluster.bundle) before the worker runs.
+            statement("ReadClusterBundle", ["s3:GetObject"], scope.bundle_arn()),
+            # ... and no task may rewrite what replacements boot, whatever S3Output allows (its default
+            # bucket is any): an explicit Deny wins. (The boot loader's SHA-256 check would refuse a
+            # rewritten bundle; this keeps replacements from being stopped that way too.)
+            {
+                "Sid": "ProtectClusterBundles",
+                "Effect": "Deny",
+                "Action": ["s3:DeleteObject", "s3:PutObject"],
+                "Resource": scope.bundle_arn(),
+            },
         ],
     }
 
@@ -276,4 +305,5 @@ def leading_keys(patterns: list[str]) -> dict[str, Any]:
 
 
 def policy_actions(policy: dict[str, Any]) -> set[str]:
-    return {action for item in policy["Statement"] for action in item["Action"]}
+    """The actions a policy allows (its Deny statements only narrow them)."""
+    return {action for item in policy["Statement"] if item["Effect"] == "Allow" for action in item["Action"]}

@@ -395,16 +395,6 @@ def vpc_problems(facts: NetworkFacts, subnet_ids: Sequence[str], group_ids: Sequ
     return []
 
 
-def internet_need(requirements: Sequence[str], worker_source: str) -> str:
-    """Why the bootstrap needs a package index ('' when it installs nothing from one)."""
-    reasons = []
-    if worker_source.startswith("pip:"):
-        reasons.append(f"worker_source={worker_source!r}")
-    if requirements:
-        reasons.append(f"requirements {list(requirements)!r}")
-    return " and ".join(reasons)
-
-
 def launch_reports(
     facts: NetworkFacts,
     subnet_ids: Sequence[str],

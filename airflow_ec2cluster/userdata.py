@@ -1,46 +1,41 @@
 """The instance bootstrap: a gzip-compressed bash script that installs and runs the worker.
 
-cloud-init runs the script as root at first boot. It gets the worker's code (a zip fetched from the state
-table, or a pip install of a spec), writes the worker configuration into ``$EC2CLUSTER_HOME``, runs the
-worker, and shuts the instance down when the worker exits (the instance is launched with
-InstanceInitiatedShutdownBehavior=terminate, so shutting down terminates it). The local cloud's instance
-runner runs the same script with a few environment knobs (see DESIGN.md, "User data").
+cloud-init runs the script as root at first boot. It writes into ``$EC2CLUSTER_HOME`` the boot loader
+(``ec2cluster_worker.boot``: standard library only, it runs on the image's own Python), the worker
+configuration, a watchdog and ``start.sh``, registers ``start.sh`` to run at every boot, and runs it:
+the watchdog, an interpreter of the image (the launch's ``python``), the boot loader (the cluster's bundle,
+checked by SHA-256, into a virtual environment of its own: no pip, no internet, never the system
+site-packages), then the worker. When the worker exits (or a step fails) the instance shuts down; it is
+launched with InstanceInitiatedShutdownBehavior=terminate, so shutting down terminates it.
 
-The script carries no credentials: the worker gets them from the instance profile.
+The script carries no credentials: the boot loader and the worker get them from the instance profile.
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import re
 import shlex
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+from ec2cluster_worker import boot
 from ec2cluster_worker.reachability import CONSOLE_FAILURE_PREFIX
 
-from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE
-
-# The boot loader's DynamoDB connect timeout: with no route to DynamoDB, fail in seconds, not minutes.
-LOADER_CONNECT_TIMEOUT = 5
-LOADER_NO_ROUTE_HINT = (
-    "this subnet needs a route to it: a NAT gateway, a VPC endpoint for dynamodb, or a public IP with an "
-    "internet gateway (and security groups that allow outbound TCP 443)"
+from airflow_ec2cluster.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_PYTHONS,
+    DEFAULT_RETENTION_SECONDS,
+    DEFAULT_STATE_TABLE,
 )
-# pip gives up on an unreachable index after 10 s x 3 tries instead of 15 s x 6.
-PIP_OPTIONS = "--timeout 10 --retries 2"
+
 # EC2 limit on user data before base64 encoding.
 USER_DATA_LIMIT_BYTES = 16_384
 DEFAULT_HOME = "/opt/ec2cluster"
 WORKER_PACKAGE = "ec2cluster_worker"
-# Removed mode: the worker's source inside the user data. The worker outgrew EC2's 16 KB (even minified).
-REMOVED_EMBEDDED = "embedded"
-PIP_PREFIX = "pip:"
-# The worker's zip, fetched at boot from the state table (see airflow_ec2cluster.workerbundle).
-TABLE = "table"
 CONFIG_FILE = "config.json"
-# The configuration is written between these heredoc delimiters; config_from_script() finds it again.
-CONFIG_DELIMITER = "EC2CLUSTER_CONFIG_JSON"
 GZIP_MAGIC = b"\x1f\x8b"
 HEREDOC_DELIMITER = "EC2CLUSTER_EOF"
 
@@ -62,28 +57,34 @@ class CredentialsInUserData(ValueError):
 def render_user_data(
     config: dict,
     *,
-    worker_source: str = TABLE,
-    requirements: Iterable[str] = (),
-    bundle_sha256: str | None = None,
+    bundle: dict,
+    python: Sequence[str] = DEFAULT_PYTHONS,
+    python_version: str | None = None,
+    boot_timeout: int = DEFAULT_BOOT_TIMEOUT,
+    max_lifetime: int | None = None,
 ) -> bytes:
     """The gzip-compressed bootstrap script for an instance running the worker with ``config``.
 
-    ``worker_source``: ``"table"`` (a loader that fetches the worker bundle with SHA-256 ``bundle_sha256``
-    from the state table), or ``"pip:<spec>"``.
+    ``bundle``: where the cluster's bundle is and its SHA-256 (``{"sha256", "size", "s3": {"bucket",
+    "key"}}`` or ``{..., "table": {"pk", "sk", "attribute"}}``; boot.json's ``bundle``). ``python``: the
+    interpreters to try, in order (the first of ``python_version`` when one is given). ``boot_timeout``
+    and ``max_lifetime`` (seconds) arm the instance's own watchdog.
     """
     refuse_credentials(config)
-    requirements = list(requirements)
     script = render_script(
-        config, worker_source=worker_source, requirements=requirements, bundle_sha256=bundle_sha256
+        config,
+        bundle=bundle,
+        python=python,
+        python_version=python_version,
+        boot_timeout=boot_timeout,
+        max_lifetime=max_lifetime,
     )
     data = gzip.compress(script.encode("utf-8"), compresslevel=9, mtime=0)
     if len(data) > USER_DATA_LIMIT_BYTES:
         raise UserDataTooLarge(
             f"user data is {len(data):,} bytes gzip-compressed, over EC2's limit of "
-            f"{USER_DATA_LIMIT_BYTES:,} bytes ({len(requirements)} requirements, worker_source="
-            f"{worker_source!r}); list fewer requirements (put them in one wheel or a custom AMI), or "
-            f'install them with the worker from one package with worker_source="pip:<spec>" '
-            f"(a version pin, or an S3/HTTPS wheel URL)"
+            f"{USER_DATA_LIMIT_BYTES:,} bytes; the worker configuration (worker_options) "
+            "is too large: put large inputs in the tasks or in S3"
         )
     return data
 
@@ -97,10 +98,11 @@ def parse_user_data(data: bytes) -> str:
 
 def config_from_script(script: str) -> dict:
     """The worker configuration written by a rendered script."""
-    match = re.search(rf"<<'{CONFIG_DELIMITER}'\n(.*?)\n{CONFIG_DELIMITER}\n", script, flags=re.DOTALL)
+    target = re.escape(f'cat > "$H/{CONFIG_FILE}" <<')
+    match = re.search(rf"{target}'({HEREDOC_DELIMITER}_*)'\n(.*?)\n\1\n", script, flags=re.DOTALL)
     if match is None:
         raise ValueError("no worker configuration found in the script")
-    return json.loads(match.group(1))
+    return json.loads(match.group(2))
 
 
 def refuse_credentials(config: dict) -> None:
@@ -138,74 +140,72 @@ def walk_fields(value: object, path: str = "config", key: str | None = None) -> 
 
 
 def render_script(
-    config: dict, *, worker_source: str, requirements: list[str], bundle_sha256: str | None = None
+    config: dict,
+    *,
+    bundle: dict,
+    python: Sequence[str] = DEFAULT_PYTHONS,
+    python_version: str | None = None,
+    boot_timeout: int = DEFAULT_BOOT_TIMEOUT,
+    max_lifetime: int | None = None,
 ) -> str:
     """The bootstrap script text (uncompressed)."""
-    config_json = json.dumps(config, sort_keys=True)
-    if "\n" in config_json:  # json.dumps escapes newlines; guards the heredoc all the same
-        raise ValueError("config JSON must be one line")
+    if not re.fullmatch(r"[0-9a-f]{64}", str(bundle.get("sha256", ""))):
+        raise ValueError("bundle needs its SHA-256")
+    pythons = [python] if isinstance(python, str) else list(python)
+    for candidate in pythons:
+        if not re.fullmatch(r"[A-Za-z0-9_./+-]+", candidate or ""):
+            raise ValueError(f"python: {candidate!r} is not an interpreter name or path")
+    if not pythons:
+        raise ValueError("python: name at least one interpreter (e.g. 'python3' or '/opt/conda/bin/python')")
+    if python_version is not None and not re.fullmatch(r"3\.\d+", python_version):
+        raise ValueError(f"python_version: {python_version!r} is not a version like '3.11'")
+    boot = {
+        "region": config["region"],
+        "cluster_id": config["cluster_id"],
+        "state_table": config.get("state_table", DEFAULT_STATE_TABLE),
+        "retention_seconds": int(config.get("retention_seconds") or DEFAULT_RETENTION_SECONDS),
+        "bundle": bundle,
+    }
+    settings = {
+        "PYTHONS": " ".join(pythons),
+        "PYTHON_VERSION": python_version or "",
+        "BOOT_TIMEOUT": str(int(boot_timeout)),
+        "MAX_LIFETIME": "" if max_lifetime is None else str(int(max_lifetime)),
+    }
     parts = [SCRIPT_HEAD]
-    if worker_source == REMOVED_EMBEDDED:
-        raise ValueError(
-            "worker_source=\"embedded\" is no longer offered: the worker's source is over EC2's 16 KB of "
-            'user data even minified; use "table" (the default: the launch stores the worker in the state '
-            'table) or "pip:<spec>"'
-        )
-    if worker_source == TABLE:
-        parts.append(table_worker_section(config, bundle_sha256))
-    elif worker_source.startswith(PIP_PREFIX) and worker_source[len(PIP_PREFIX) :].strip():
-        parts.append(pip_section("worker", [worker_source[len(PIP_PREFIX) :].strip()]))
-    else:
-        raise ValueError(
-            f'worker_source must be "table" or "pip:<spec>" (a version pin or a wheel URL), '
-            f"not {worker_source!r}"
-        )
-    if requirements:
-        parts.append(pip_section("requirements", requirements))
-    config_target = f'"$EC2CLUSTER_HOME/{CONFIG_FILE}"'
-    parts.append(f"cat > {config_target} <<'{CONFIG_DELIMITER}'\n{config_json}\n{CONFIG_DELIMITER}\n")
+    parts.extend(f"{name}={shlex.quote(value)}" for name, value in settings.items())
+    parts.append(heredoc('"$H/settings.sh"', "".join(f"{n}={shlex.quote(v)}\n" for n, v in settings.items())))
+    parts.append(heredoc('"$H/boot.py"', boot_loader_source()))
+    parts.append(heredoc('"$H/boot.json"', one_line_json(boot)))
+    parts.append(heredoc(f'"$H/{CONFIG_FILE}"', one_line_json(config)))
+    parts.append(heredoc('"$H/watchdog.sh"', WATCHDOG))
+    parts.append(heredoc('"$H/start.sh"', START))
     parts.append(SCRIPT_RUN)
     return "\n".join(parts)
 
 
-def table_worker_section(config: dict, bundle_sha256: str | None) -> str:
-    """A loader that fetches the worker bundle from the state table (instance profile credentials)."""
-    if not bundle_sha256 or not re.fullmatch(r"[0-9a-f]{64}", bundle_sha256):
-        raise ValueError('worker_source="table" needs bundle_sha256: the SHA-256 of the stored bundle')
-    from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, bundle_key
+def one_line_json(value: dict) -> str:
+    text = json.dumps(value, sort_keys=True)
+    if "\n" in text:  # json.dumps escapes newlines; guards the heredoc all the same
+        raise ValueError("JSON must be one line")
+    return text
 
-    key = {name: {"S": value} for name, value in bundle_key(config["cluster_id"]).items()}
-    table = config.get("state_table", DEFAULT_STATE_TABLE)
-    loader = f"""\
-import hashlib, io, sys, zipfile
-import boto3
-from botocore.config import Config
-from botocore.exceptions import ConnectionError
-client = boto3.client("dynamodb", region_name={config["region"]!r}, config=Config(
-    connect_timeout={LOADER_CONNECT_TIMEOUT}, retries={{"mode": "standard", "max_attempts": 3}}))
-try:
-    item = client.get_item(TableName={table!r}, Key={key!r}, ConsistentRead=True).get("Item")
-except ConnectionError as error:
-    host = client.meta.endpoint_url.split("://", 1)[-1]
-    print({CONSOLE_FAILURE_PREFIX!r} + f"cannot reach dynamodb ({{host}}): {{type(error).__name__}}; "
-          {LOADER_NO_ROUTE_HINT!r}, flush=True)
-    sys.exit(1)
-if item is None:
-    sys.exit({CONSOLE_FAILURE_PREFIX!r} + "no worker bundle in the state table (run the launch again)")
-data = item[{BUNDLE_ATTRIBUTE!r}]["B"]
-if hashlib.sha256(data).hexdigest() != {bundle_sha256!r}:
-    sys.exit({CONSOLE_FAILURE_PREFIX!r} + "the worker bundle's SHA-256 differs from the launch's")
-zipfile.ZipFile(io.BytesIO(data)).extractall(sys.argv[1])
-"""
-    return (
-        "# The worker's code: a zip in the state table, checked against the SHA-256 the launch stored.\n"
-        'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ] && ! "$PY" -c "import boto3" 2>/dev/null; then\n'
-        "  ensure_pip\n"
-        f'  "$PY" -m pip install --quiet {PIP_OPTIONS} boto3 || fail_install "boto3 (not on the image)"\n'
-        "fi\n"
-        'export PYTHONPATH="$EC2CLUSTER_HOME/src${PYTHONPATH:+:$PYTHONPATH}"\n'
-        f'"$PY" - "$EC2CLUSTER_HOME/src" <<\'{HEREDOC_DELIMITER}\'\n{loader}{HEREDOC_DELIMITER}\n'
-    )
+
+def boot_loader_source() -> str:
+    """The code of ec2cluster_worker.boot (standard library only: it runs on the image's own Python),
+    without its comments and docstrings, which would take a third of EC2's 16 KB."""
+    tree = ast.parse(Path(boot.__file__).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
 
 
 def heredoc(target: str, text: str) -> str:
@@ -218,62 +218,139 @@ def heredoc(target: str, text: str) -> str:
     return f"cat > {target} <<'{delimiter}'\n{text}{delimiter}"
 
 
-def pip_section(what: str, specs: list[str]) -> str:
-    for spec in specs:
-        if not spec or "\n" in spec:
-            raise ValueError(f"invalid pip requirement {spec!r}")
-    quoted = " ".join(shlex.quote(spec) for spec in specs)
-    return (
-        f"# Install the {what} with pip.\n"
-        'if [ "${EC2CLUSTER_SKIP_INSTALL:-0}" != "1" ]; then\n'
-        "  ensure_pip\n"
-        f'  "$PY" -m pip install --quiet {PIP_OPTIONS} {quoted} || fail_install "the {what}"\n'
-        "fi\n"
-    )
-
-
 SCRIPT_HEAD = """\
 #!/bin/bash
-# airflow-ec2cluster worker bootstrap (generated by airflow_ec2cluster.userdata).
+# airflow-ec2cluster worker bootstrap (generated by airflow_ec2cluster.userdata); cloud-init runs it once,
+# as root. It writes the instance's start-up files and runs start.sh, which cloud-init also runs at every
+# later boot (scripts/per-boot): a rebooted instance starts its worker again instead of idling, billed.
 set -euo pipefail
 export EC2CLUSTER_HOME="${EC2CLUSTER_HOME:-@DEFAULT_HOME@}"
-PY="${EC2CLUSTER_PYTHON:-python3}"
+H="$EC2CLUSTER_HOME"
+mkdir -p "$H"
+chmod 700 "$H"
+""".replace("@DEFAULT_HOME@", DEFAULT_HOME)
+
+# Armed at every boot, before anything is installed: the instance stops paying by itself when its worker
+# has not started within BOOT_TIMEOUT, or when MAX_LIFETIME has passed since its first boot, whatever the
+# controller does. Its own loop: nothing else on the instance is trusted to be alive.
+WATCHDOG = """\
+#!/bin/bash
+H="$(dirname "$0")"
+. "$H/settings.sh"
+booted=$(date +%s)
+first=$(cat "$H/first-boot" 2>/dev/null || echo "$booted")
+sleeper=""
+trap '[ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null && wait "$sleeper"; exit 0' TERM
+while :; do
+  sleep 5 &
+  sleeper=$!
+  wait "$sleeper"
+  now=$(date +%s)
+  if [ ! -e "$H/worker-started" ] && [ $((now - booted)) -ge "$BOOT_TIMEOUT" ]; then
+    echo "@PREFIX@the worker did not start within $BOOT_TIMEOUT s of boot (boot_timeout): \\
+the watchdog shuts the instance down" >&2
+    shutdown -h now
+    exit 0
+  fi
+  if [ -n "$MAX_LIFETIME" ] && [ $((now - first)) -ge "$MAX_LIFETIME" ]; then
+    echo "ec2cluster: max_lifetime of $MAX_LIFETIME s reached: the watchdog shuts the instance down" >&2
+    shutdown -h now
+    exit 0
+  fi
+done
+""".replace("@PREFIX@", CONSOLE_FAILURE_PREFIX)
+
+# What runs at every boot: the watchdog, an interpreter of the image, the boot loader (the bundle, a venv
+# of its own), the worker. Whatever happens, the instance then shuts down: with
+# InstanceInitiatedShutdownBehavior=terminate that terminates it, so a broken boot costs nothing.
+START = (
+    """\
+#!/bin/bash
+set -uo pipefail
+H="$(cd "$(dirname "$0")" && pwd)"
+export EC2CLUSTER_HOME="$H"
+. "$H/settings.sh"
 # boto3 finds the instance profile's credentials in instance metadata, giving it by default one attempt
 # of 1 s: a busy instance (its first seconds) can miss that and fail with NoCredentialsError.
 export AWS_METADATA_SERVICE_TIMEOUT="${AWS_METADATA_SERVICE_TIMEOUT:-5}"
 export AWS_METADATA_SERVICE_NUM_ATTEMPTS="${AWS_METADATA_SERVICE_NUM_ATTEMPTS:-3}"
-
-# Whatever happens (the worker exits, or a step below fails), the instance shuts down: with
-# InstanceInitiatedShutdownBehavior=terminate that terminates it, so a broken bootstrap costs nothing.
+watchdog=""
 finish() {
   status=$?
   echo "ec2cluster: bootstrap finished with status $status" >&2
-  if [ "${EC2CLUSTER_NO_SHUTDOWN:-0}" != "1" ]; then
-    shutdown -h now
+  if [ -n "$watchdog" ]; then
+    kill "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
   fi
+  # The last process: nothing of the boot is left running when the power goes.
+  exec shutdown -h now
 }
 trap finish EXIT
-
-# One console line the drain reads back (GetConsoleOutput) when no status item could say why.
-fail_install() {
-  echo "@PREFIX@cannot install $1 with pip: is a package index reachable from this subnet? Without a NAT \
-gateway or a public IP (network='public') it is not; bake it into the AMI instead" >&2
+fail() {
+  echo "@PREFIX@$*" >&2
   exit 1
 }
+[ -s "$H/first-boot" ] || date +%s > "$H/first-boot"
+rm -f "$H/worker-started"
+bash "$H/watchdog.sh" </dev/null &
+watchdog=$!
 
-ensure_pip() {
-  "$PY" -m pip --version >/dev/null 2>&1 && return 0
-  "$PY" -m ensurepip --upgrade >/dev/null 2>&1 && return 0
-  if command -v dnf >/dev/null; then dnf install -y -q python3-pip
-  elif command -v yum >/dev/null; then yum install -y -q python3-pip
-  elif command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q python3-pip
+# The image's interpreter: the first of PYTHONS that runs, is 3.9 or newer and, when the bundle was built
+# for one Python version (binary wheels), is that version.
+PY="" found=""
+for candidate in $PYTHONS; do
+  path=$(command -v "$candidate" 2>/dev/null) || continue
+  version=$("$path" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || continue
+  found="$found $candidate=$version"
+  "$path" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null || continue
+  if [ -n "$PYTHON_VERSION" ] && [ "$version" != "$PYTHON_VERSION" ]; then continue; fi
+  PY="$path"
+  break
+done
+if [ -z "$PY" ]; then
+  fail "no Python ${PYTHON_VERSION:-3.9+} among: $PYTHONS (found:${found:- none}); pass the image's \\
+interpreter as python=[...] at launch, or build the bundle for its version (python_version)"
+fi
+echo "ec2cluster: python $PY" >&2
+
+# Venv support is missing on a few images (the venv module removed); the distribution's package adds it,
+# when a package mirror is reachable (the internet or a NAT gateway). Everything else comes from the bundle.
+venv_support() {
+  if command -v apt-get >/dev/null; then
+    v=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    export DEBIAN_FRONTEND=noninteractive
+    apt_options="-q -o DPkg::Lock::Timeout=120 -o Acquire::http::Timeout=10 -o Acquire::Retries=1"
+    apt-get $apt_options update && apt-get $apt_options install -y --no-install-recommends "python$v-venv"
+  elif command -v dnf >/dev/null; then
+    dnf install -y -q --setopt=timeout=10 python3-libs
+  else
+    return 1
   fi
 }
-
-mkdir -p "$EC2CLUSTER_HOME/src"
-""".replace("@DEFAULT_HOME@", DEFAULT_HOME).replace("@PREFIX@", CONSOLE_FAILURE_PREFIX)
-
-SCRIPT_RUN = f"""\
+"$PY" "$H/boot.py" "$H/boot.json"
+loaded=$?
+if [ "$loaded" = 4 ]; then
+  venv_support || fail "the image's Python has no venv module and no package mirror is reachable to add \\
+it: use an image whose Python has venv (python3 -m venv), or a subnet that reaches the internet"
+  "$PY" "$H/boot.py" "$H/boot.json"
+  loaded=$?
+fi
+[ "$loaded" = 0 ] || exit "$loaded"
+touch "$H/worker-started"
 # Run the worker; its exit ends the script (and the instance, through the EXIT trap).
-"$PY" -m {WORKER_PACKAGE} --config "$EC2CLUSTER_HOME/{CONFIG_FILE}"
+"$H/venv/bin/python" -m @WORKER@ --config "$H/@CONFIG@"
+""".replace("@PREFIX@", CONSOLE_FAILURE_PREFIX)
+    .replace("@WORKER@", WORKER_PACKAGE)
+    .replace("@CONFIG@", CONFIG_FILE)
+)
+
+SCRIPT_RUN = """\
+chmod 755 "$H/start.sh" "$H/watchdog.sh"
+# cloud-init runs scripts/per-boot at every boot (the local cloud's process-backed instances, which share
+# the host's disk, keep theirs in EC2CLUSTER_CLOUD_DIR).
+per_boot="${EC2CLUSTER_CLOUD_DIR:-/var/lib/cloud}/scripts/per-boot"
+mkdir -p "$per_boot"
+printf '#!/bin/bash\\nexec bash %q\\n' "$H/start.sh" > "$per_boot/ec2cluster.sh"
+chmod 755 "$per_boot/ec2cluster.sh"
+exec bash "$H/start.sh"
 """

@@ -19,7 +19,7 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import controller, costs, enqueue, localcloud_sqs, workers
+    from . import boot, controller, costs, enqueue, localcloud_sqs, workers
 
     return {
         "worker-calls": costs.worker_calls,
@@ -32,6 +32,8 @@ def registry() -> dict[str, Callable[[str], Result]]:
         "enqueue-stream": enqueue.enqueue_stream,
         "launch-calls": controller.launch_calls,
         "localcloud-sqs": localcloud_sqs.localcloud_sqs,
+        "boot-time": boot.boot_time,
+        "bundle-size": boot.bundle_size,
     }
 
 
@@ -46,6 +48,8 @@ NAMES = (
     "enqueue-stream",
     "launch-calls",
     "localcloud-sqs",
+    "boot-time",
+    "bundle-size",
 )
 
 

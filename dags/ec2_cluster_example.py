@@ -46,7 +46,7 @@ with DAG(
         "tweets": Param(3000, type="integer", minimum=1, description="How many tweets to process"),
         "workers": Param(3, type="integer", minimum=1, maximum=100, description="EC2 workers to launch"),
         "instance_type": Param("t3.micro", type="string"),
-        "ami_id": Param("", type="string", description="AMI with Python 3.9+ and boto3"),
+        "ami_id": Param("", type="string", description="AMI whose python3 is 3.10+ (nothing else needed)"),
         "instance_profile": Param("ec2cluster-worker", type="string"),
         "spot": Param(False, type="boolean", description="Launch spot instances"),
         "network": Param(

@@ -47,7 +47,7 @@ def add_nat_gateway(ec2, layout: Layout) -> str:
     return nat
 
 
-def add_endpoints(ec2, layout: Layout, region: str, services=("dynamodb", "sqs")) -> list[str]:
+def add_endpoints(ec2, layout: Layout, region: str, services=("dynamodb", "sqs", "s3")) -> list[str]:
     """Gateway endpoints for S3 and DynamoDB on the private table; interface endpoints (private DNS) for
     the others, with a group that admits HTTPS from the VPC (without one, the VPC's default group would
     admit only its own members)."""

@@ -15,13 +15,13 @@ import pytest
 pytestmark = pytest.mark.timeout(900)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# drain-latency runs the whole local cloud and spends most of its time waiting between pokes: it runs in a
-# process of its own, beside the others.
-# Three processes on a 2-core machine, balanced by their time at the tiny size (~20-35 s each alone).
+# drain-latency and boot-time run the whole local cloud (boot-time: one Debian 12 instance) and spend most of
+# their time waiting: they run in a process of their own, beside the others.
+# Three processes on a 2-core machine, balanced by their time at the tiny size (~20-40 s each alone).
 GROUPS = (
-    ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream"),
+    ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream", "bundle-size"),
     ("poke-calls", "worker-throughput", "worker-memory"),
-    ("drain-latency", "localcloud-sqs"),
+    ("drain-latency", "localcloud-sqs", "boot-time"),
 )
 
 
@@ -105,3 +105,21 @@ def test_process_benchmarks_report_figures(results):
     assert any(row["what"].startswith("peak RSS growth") for row in results["enqueue-stream"]["rows"])
     (latency, *_) = results["drain-latency"]["rows"]
     assert latency["value"] > 0
+
+
+def test_boot_time_reports_every_phase(results):
+    figures = {row["what"].strip(): row for row in results["boot-time"]["rows"]}
+    (install,) = [row for what, row in figures.items() if what.startswith("install + worker start, s")]
+    assert install["value"] > 0 and install["target"]
+    for phase in ("(a) OS start", "(b) install", "(c) worker start", "(d) first task"):
+        (row,) = [row for what, row in figures.items() if what.startswith(phase)]
+        assert row["value"] >= 0, row
+
+
+def test_bundle_size_reports_cold_and_warm_builds(results):
+    figures = {row["what"].strip(): row for row in results["bundle-size"]["rows"]}
+    (size,) = [row for what, row in figures.items() if what.endswith("zip, MB")]
+    assert size["value"] > 1  # the worker with boto3 and botocore
+    assert {"build, cold (fresh cache dir: pip runs), s", "build, warm (cache hit: no pip), s"} <= set(
+        figures
+    )

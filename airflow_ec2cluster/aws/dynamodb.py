@@ -6,7 +6,6 @@ The META item's requests are in :mod:`airflow_ec2cluster.meta`; key layouts are 
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from typing import Any
 
@@ -70,27 +69,6 @@ def ttl_params(table: str) -> dict[str, Any]:
         "TableName": table,
         "TimeToLiveSpecification": {"Enabled": True, "AttributeName": records.TTL_ATTRIBUTE},
     }
-
-
-def worker_bundle_params(
-    table: str, cluster_id: str, data: bytes, sha256: str, retention_seconds: int
-) -> dict[str, Any]:
-    """PutItem arguments of the worker's zip, for the cluster's instances to fetch at boot (workerbundle)."""
-    from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, bundle_key
-
-    key = {name: {"S": value} for name, value in bundle_key(cluster_id).items()}
-    return {
-        "TableName": table,
-        "Item": {
-            **key,
-            BUNDLE_ATTRIBUTE: {"B": data},
-            "sha256": {"S": sha256},
-            records.TTL_ATTRIBUTE: {"N": str(int(time.time()) + retention_seconds)},
-        },
-    }
-
-
-# -- queries: worker status items and the task log -----------------------------------------------------
 
 
 def query_params(table: str, pk: str, **extra: Any) -> dict[str, Any]:

@@ -76,3 +76,44 @@ def head_object_problem(uri: str, code: str) -> str | None:
             "object when s3:ListBucket is not granted: check the key too)"
         )
     return None
+
+
+# The cluster's bundle (airflow_ec2cluster.bundle): one object per cluster and SHA-256, under a prefix.
+
+
+def bundle_object_key(prefix: str, cluster_id: str, sha256: str) -> str:
+    return f"{cluster_bundles_prefix(prefix, cluster_id)}{sha256}.zip"
+
+
+def cluster_bundles_prefix(prefix: str, cluster_id: str) -> str:
+    """Where a cluster's bundles are: the teardown deletes what is under it."""
+    return f"{prefix.rstrip('/')}/{cluster_id}/" if prefix.strip("/") else f"{cluster_id}/"
+
+
+def create_bucket_params(bucket: str, region: str) -> dict[str, Any]:
+    """CreateBucket in ``region`` (us-east-1 takes no location constraint: S3 refuses one)."""
+    params: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":
+        params["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    return params
+
+
+BLOCK_PUBLIC_ACCESS = {
+    "BlockPublicAcls": True,
+    "IgnorePublicAcls": True,
+    "BlockPublicPolicy": True,
+    "RestrictPublicBuckets": True,
+}
+
+
+def bundle_bucket_problem(bucket: str, code: str) -> str | None:
+    """What a HeadBucket error on the bundle bucket tells the user; None when the bucket is simply absent."""
+    if code in NOT_FOUND_CODES:
+        return None
+    if code in FORBIDDEN_CODES:
+        return (
+            f"bundle_bucket: bucket {bucket!r} exists but this connection may not use it (S3 HeadBucket: "
+            "forbidden; another account may own the name): grant s3:ListBucket on it, or name a bucket of "
+            "this account as bundle_bucket"
+        )
+    return f"bundle_bucket: S3 HeadBucket on {bucket!r} failed with {code}"

@@ -1,7 +1,7 @@
 """``ec2cluster doctor``: the launch's preflight on its own, with the launch's parameters, launching nothing.
 
-For each subnet: the way to each service the job uses (and to a package index when the bootstrap installs
-from one), the security groups' egress, and the image's architecture against the instance type's. Prints
+For each subnet: the way to each service the job uses (S3 for the cluster's bundle among them), the
+security groups' egress, and the image's architecture against the instance type's. Prints
 one line per subnet, then each problem with its fix; exits 1 when there is a problem.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from airflow_ec2cluster.preflight import NETWORK_MODES, PUBLIC, architecture_problem, internet_need
-from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
+from airflow_ec2cluster.preflight import NETWORK_MODES, PUBLIC, architecture_problem
 
 SERVICES = ("dynamodb", "sqs", "s3", "logs")
 EXIT_PROBLEMS = 1
@@ -21,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "doctor",
         help="check, before launching, that the launch's subnets reach what the job needs",
         description="Run the launch operator's preflight with its parameters: for each subnet, can an "
-        "instance reach every service the job uses (and a package index when the bootstrap installs from "
-        "one); do the security groups allow the egress; does the AMI's architecture match the instance "
+        "instance reach every service the job uses (S3 for the cluster's bundle among them); do the "
+        "security groups allow the egress; does the AMI's architecture match the instance "
         "type. Launches nothing.",
     )
     parser.add_argument("--subnet-ids", nargs="*", default=[], help="subnets (default: the default VPC's)")
@@ -38,17 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-id", default=None, help="the AMI (its architecture is checked)")
     parser.add_argument("--instance-type", default=None, help="the instance type")
     parser.add_argument(
-        "--requirements", nargs="*", default=[], help="the launch's requirements (they need a package index)"
-    )
-    parser.add_argument(
-        "--worker-source", default=WORKER_FROM_TABLE, help='"table" (default) or "pip:<spec>"'
-    )
-    parser.add_argument(
         "--services",
         nargs="*",
-        default=["dynamodb", "sqs"],
+        default=["dynamodb", "sqs", "s3"],
         choices=SERVICES,
-        help="services the workers use (default dynamodb sqs; add s3 for an s3 output)",
+        help="services the instances use (default dynamodb sqs s3: the bundle is fetched from S3)",
     )
     parser.add_argument(
         "--aws-conn-id",
@@ -64,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     from airflow_ec2cluster.operators.launch import check_network, report_line
 
     hook = EC2ClusterHook(aws_conn_id=args.aws_conn_id, region_name=args.region)
-    internet_why = internet_need(args.requirements, args.worker_source)
     found = check_network(
         hook,
         subnet_ids=list(args.subnet_ids),
@@ -72,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
         network=args.network,
         security_group_ids=list(args.security_group_ids),
         services=list(args.services),
-        internet_why=internet_why,
     )
     problems = list(found.problems)
     image = hook.describe_image(args.image_id) if args.image_id else None
@@ -85,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if arch:
         problems.append(arch)
     mode = f"network={args.network}"
-    print(
-        f"Checked {len(found.subnet_ids)} subnet(s), {mode}, for {', '.join(args.services)}"
-        + (f" and a package index ({internet_why})" if internet_why else "")
-    )
+    print(f"Checked {len(found.subnet_ids)} subnet(s), {mode}, for {', '.join(args.services)}")
     for report in found.reports:
         print(f"  {'ok  ' if report.ok else 'FAIL'} {report_line(report)}")
     if not problems:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from airflow_ec2cluster.cluster import cluster_prefix_for
-from airflow_ec2cluster.defaults import DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
+from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX, DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
 from airflow_ec2cluster.iam import PolicyScope, controller_policy, worker_policy
 
 SIDES = ("controller", "worker", "both")
@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--manifest-bucket", default="*", help="bucket of S3 task manifests (default any)")
     parser.add_argument("--output-bucket", default="*", help="bucket of the workers' S3 output (default any)")
     parser.add_argument(
+        "--bundle-bucket",
+        default="ec2cluster-*",
+        help="the launches' bundle_bucket (default ec2cluster-*: the default ec2cluster-<account>-<region>)",
+    )
+    parser.add_argument("--bundle-prefix", default=DEFAULT_BUNDLE_PREFIX, help="the launches' bundle_prefix")
+    parser.add_argument(
         "--output-table",
         default=None,
         help="the workers' DynamoDB output table (worker_options.output.table), if they use one",
@@ -63,6 +69,8 @@ def scope_from(args: argparse.Namespace) -> PolicyScope:
         manifest_bucket=args.manifest_bucket,
         output_bucket=args.output_bucket,
         output_table=args.output_table,
+        bundle_bucket=args.bundle_bucket,
+        bundle_prefix=args.bundle_prefix,
     )
 
 

@@ -53,6 +53,9 @@ CAPACITY_STATES = frozenset({"pending", "running"})
 # EC2 states in which an instance costs money or may come back: everything teardown must terminate.
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 
+WORKER_BOOTING = (
+    "booting"  # written by the instance's boot loader (ec2cluster_worker.boot), before the worker
+)
 WORKER_STOPPING = "stopping"
 WORKER_STOPPED = "stopped"
 
@@ -107,6 +110,11 @@ class WorkerStatus:
     # Messages (one task or a group) finished; None from a worker that counted only tasks.
     messages_done: int | None = None
     messages_failed: int | None = None
+    step: str | None = None  # a booting instance's step under way
+
+    @property
+    def booting(self) -> bool:
+        return self.state == WORKER_BOOTING
 
     @property
     def messages_finished(self) -> int:
@@ -138,6 +146,7 @@ class WorkerStatus:
             stop_reason=item.get("stop_reason"),
             messages_done=None if item.get("messages_done") is None else int(item["messages_done"]),
             messages_failed=None if item.get("messages_failed") is None else int(item["messages_failed"]),
+            step=item.get("step"),
         )
 
     @property
@@ -229,6 +238,17 @@ def reap_reason(
         age = now - instance.launch_time
         if age > policy.boot_timeout:
             return Reap(iid, REASON_NEVER_REPORTED, f"no status {age:.0f}s after launch")
+        return None
+    if worker.booting:
+        # The boot loader rewrites its item at every step and while a long download progresses: a long
+        # install is kept while it moves; boot_timeout counts from its last sign of life.
+        silent = now - worker.heartbeat_at
+        if silent > policy.boot_timeout:
+            return Reap(
+                iid,
+                REASON_NEVER_REPORTED,
+                f"booting ({worker.step or 'no step'}), no sign of life for {silent:.0f}s",
+            )
         return None
     if worker.state == WORKER_STOPPED:
         return Reap(iid, REASON_STOPPED, f"worker exited ({worker.stop_reason or 'no reason'})")
@@ -358,7 +378,8 @@ def unexplained_ends(
     explained: Iterable[str],
     retired: Iterable[str] = (),
 ) -> list[str]:
-    """Instances launched for the current generation that are no longer live, never wrote a status item,
+    """Instances launched for the current generation that are no longer live, never had a worker write a
+    status item (``reported``: a boot loader's ``booting`` item does not count),
     and whose end no round has explained yet: their consoles say why (the worker could not reach
     DynamoDB, the bootstrap could not install, ...). At most MAX_CONSOLES_PER_ROUND, oldest first."""
     skip = set(live) | set(reported) | set(explained) | set(retired)
@@ -510,9 +531,11 @@ def decide(snapshot: Snapshot) -> Decision:
 def worker_stats(snapshot: Snapshot, reap: list[Reap], capacity: int, finished: int) -> dict[str, Any]:
     live = {i.instance_id for i in snapshot.instances}
     reaped = {r.instance_id for r in reap}
-    reporting = [w for w in snapshot.workers if w.worker_id in live and w.worker_id not in reaped]
+    reporting = [
+        w for w in snapshot.workers if w.worker_id in live and w.worker_id not in reaped and not w.booting
+    ]
     busy = sum(1 for w in reporting if w.busy)
-    reported = {w.worker_id for w in snapshot.workers}
+    reported = {w.worker_id for w in snapshot.workers if not w.booting}
     booting = sum(1 for i in snapshot.instances if i.instance_id not in reaped | reported)
     elapsed = snapshot.now - snapshot.started_at if snapshot.started_at else None
     rate = finished / elapsed if elapsed and elapsed > 0 else None

@@ -44,6 +44,7 @@ from airflow_ec2cluster.drain.decisions import (
     ENDED_STATES,
     MAX_CONSOLES_PER_ROUND,
     REASON_NEVER_REPORTED,
+    WORKER_BOOTING,
     Decision,
     InstanceInfo,
     Policy,
@@ -235,7 +236,11 @@ def explain_ends(
     candidates = unexplained_ends(
         meta.instance_ids,
         live=[i["InstanceId"] for i in instances],
-        reported=[str(item.get("worker_id") or item.get("sk")) for item in worker_items],
+        reported=[
+            str(item.get("worker_id") or item.get("sk"))
+            for item in worker_items
+            if item.get("state") != WORKER_BOOTING
+        ],
         explained=meta.boot_failures,
         retired=meta.retired_instance_ids,
     )

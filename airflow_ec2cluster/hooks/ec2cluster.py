@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
@@ -36,7 +37,6 @@ from airflow_ec2cluster.aws.dynamodb import (
     query_params,
     ttl_params,
     unprocessed_keys,
-    worker_bundle_params,
 )
 from airflow_ec2cluster.aws.ec2 import (
     EC2_ID_BATCH,
@@ -48,7 +48,14 @@ from airflow_ec2cluster.aws.ec2 import (
     run_instances_params,
     terminated_waiter_params,
 )
-from airflow_ec2cluster.aws.s3 import head_object_params, head_object_problem, parse_s3_uri
+from airflow_ec2cluster.aws.s3 import (
+    BLOCK_PUBLIC_ACCESS,
+    bundle_bucket_problem,
+    create_bucket_params,
+    head_object_params,
+    head_object_problem,
+    parse_s3_uri,
+)
 from airflow_ec2cluster.aws.sqs import (
     NONEXISTENT_QUEUE_CODES,
     SQS_BATCH_ENTRIES,
@@ -219,12 +226,6 @@ class EC2ClusterHook(AwsBaseHook):
     def delete_meta(self, table: str, cluster_id: str) -> None:
         """Delete the cluster's META item (a failed enqueue's, so that its re-run starts from the start)."""
         self.dynamodb.delete_item(TableName=table, Key=meta_key(cluster_id))
-
-    def put_worker_bundle(self, table: str, cluster_id: str, data: bytes, sha256: str) -> None:
-        """Store the worker's zip for the cluster's instances to fetch at boot (see workerbundle)."""
-        self.dynamodb.put_item(
-            **worker_bundle_params(table, cluster_id, data, sha256, DEFAULT_RETENTION_SECONDS)
-        )
 
     def update_meta(
         self,
@@ -732,3 +733,52 @@ class EC2ClusterHook(AwsBaseHook):
             yield from enumerate(body.iter_lines(keepends=False), start=1)
         finally:
             body.close()
+
+    # -- The cluster's bundle ---------------------------------------------------------------------------
+
+    def account_id(self) -> str:
+        """The connection's account (STS GetCallerIdentity, which needs no permission)."""
+        return self.client("sts").get_caller_identity()["Account"]
+
+    def bundle_bucket_problem(self, bucket: str) -> str | None:
+        """Why the bundle bucket cannot be used (HeadBucket); None when it can, or is absent."""
+        try:
+            self.s3.head_bucket(Bucket=bucket)
+        except ClientError as error:
+            return bundle_bucket_problem(bucket, error_code(error))
+        return None
+
+    def ensure_bundle_bucket(self, bucket: str) -> bool:
+        """The bucket, created when absent (private: public access blocked); True when it was created."""
+        try:
+            self.s3.head_bucket(Bucket=bucket)
+            return False
+        except ClientError as error:
+            if bundle_bucket_problem(bucket, error_code(error)) is not None:
+                raise
+        try:
+            self.s3.create_bucket(**create_bucket_params(bucket, self.region))
+        except ClientError as error:
+            if error_code(error) != "BucketAlreadyOwnedByYou":  # another launch made it a moment ago
+                raise
+        self.s3.get_waiter("bucket_exists").wait(Bucket=bucket)
+        self.s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration=BLOCK_PUBLIC_ACCESS)
+        return True
+
+    def put_bundle(self, path: Path, bucket: str, key: str, sha256: str) -> None:
+        """Upload the bundle (multipart when large: boto3's managed transfer)."""
+        self.s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
+
+    def delete_objects_under(self, bucket: str, prefix: str) -> int:
+        """Delete every object under ``prefix`` (a cluster holds one bundle per launch argument set, a few
+        at most: one DeleteObject each, which is also what AWS authorises a batch delete by); the count."""
+        deleted = 0
+        try:
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    self.s3.delete_object(Bucket=bucket, Key=item["Key"])
+                    deleted += 1
+        except ClientError as error:
+            if error_code(error) not in ("NoSuchBucket", "404"):
+                raise
+        return deleted

@@ -5,14 +5,18 @@ from __future__ import annotations
 import base64
 import re
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ec2cluster.aws.s3 import bundle_object_key
+from airflow_ec2cluster.bundle import Bundle, BundleError, Target, build_bundle, module_code_path
 from airflow_ec2cluster.cluster import (
     TAG_LAUNCH_TOKEN,
     ClusterDescriptor,
@@ -22,9 +26,13 @@ from airflow_ec2cluster.cluster import (
     task_queue_name,
 )
 from airflow_ec2cluster.defaults import (
+    DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_BUNDLE_BUCKET_FORMAT,
+    DEFAULT_BUNDLE_PREFIX,
     DEFAULT_INSTANCE_PROFILE,
     DEFAULT_LOG_SHARDS,
     DEFAULT_METADATA_HOP_LIMIT,
+    DEFAULT_PYTHONS,
     DEFAULT_ROOT_VOLUME_GB,
     DEFAULT_STATE_TABLE,
 )
@@ -38,11 +46,8 @@ from airflow_ec2cluster.preflight import (
     PUBLIC,
     SubnetReport,
     architecture_problem,
-    internet_need,
     launch_reports,
 )
-from airflow_ec2cluster.userdata import TABLE as WORKER_FROM_TABLE
-from airflow_ec2cluster.workerbundle import WorkerBundle, build_worker_bundle
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -87,8 +92,14 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "key_name",
         "queue_url",
         "state_table",
-        "worker_source",
+        "code",
         "requirements",
+        "python",
+        "python_version",
+        "bundle_bucket",
+        "bundle_prefix",
+        "boot_timeout",
+        "max_lifetime",
         "tags",
         "spot",
         "spot_max_price",
@@ -121,8 +132,14 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         spot_max_price: str | None = None,
         metadata_hop_limit: int = DEFAULT_METADATA_HOP_LIMIT,
         volume_size_gb: int | None = None,
-        worker_source: str = WORKER_FROM_TABLE,
+        code: str | list[str] | None = None,
         requirements: list[str] | None = None,
+        python: str | list[str] = DEFAULT_PYTHONS,
+        python_version: str | None = None,
+        bundle_bucket: str | None = None,
+        bundle_prefix: str = DEFAULT_BUNDLE_PREFIX,
+        boot_timeout: int = DEFAULT_BOOT_TIMEOUT,
+        max_lifetime: int | None = None,
         tags: dict[str, str] | None = None,
         terminate_on_failure: bool = True,
         **kwargs: Any,
@@ -147,8 +164,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.spot_max_price = spot_max_price
         self.metadata_hop_limit = metadata_hop_limit
         self.volume_size_gb = volume_size_gb
-        self.worker_source = worker_source
+        self.code = code
         self.requirements = requirements or []
+        self.python = python
+        self.python_version = python_version
+        self.bundle_bucket = bundle_bucket
+        self.bundle_prefix = bundle_prefix
+        self.boot_timeout = boot_timeout
+        self.max_lifetime = max_lifetime
+        self._bundle: Bundle | None = None
+        self._bundle_location: tuple[str, str] | None = None
         self.tags = tags or {}
         self.terminate_on_failure = terminate_on_failure
         self._launched_ids: list[str] = []
@@ -169,8 +194,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
 
         queue_url, dlq_url = self.resolve_queues(hook, cluster_id)
         config = self.worker_config(cluster_id, hook.region, queue_url)
-        bundle = build_worker_bundle() if self.worker_source == WORKER_FROM_TABLE else None
-        spec = self.validated_spec(hook, config, bundle)
+        spec = self.validated_spec(hook, config, code_search_dirs(context))
         if not spec.security_group_ids:
             spec = replace(spec, security_group_ids=[self.cluster_security_group(hook, cluster_id, spec)])
         num_workers = int(self.num_workers)
@@ -180,9 +204,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             work = hook.queue_counts(queue_url, dlq_url).work
         plan = plan_launch(meta, live, spec, num_workers, work)
         self.log.info("Cluster %s: %s", cluster_id, plan.why)
-        if bundle is not None:
-            # Replaced on every run, so replacements boot the worker of the current arguments.
-            hook.put_worker_bundle(self.state_table, cluster_id, bundle.data, bundle.sha256)
+        self.store_bundle(hook, cluster_id)
         common = MetaUpdate(
             region=hook.region,
             queue_url=queue_url,
@@ -312,7 +334,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         }
 
     def validated_spec(
-        self, hook: EC2ClusterHook, config: dict[str, Any], bundle: WorkerBundle | None = None
+        self, hook: EC2ClusterHook, config: dict[str, Any], code_dirs: Sequence[Path] = ()
     ) -> LaunchSpec:
         """The launch spec, or an AirflowException listing every problem (nothing is launched)."""
         from ec2cluster_worker.config import ConfigError, WorkerConfig
@@ -334,19 +356,13 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
                 f"worker_options.output.table: DynamoDB table {output_table!r} not found in {hook.region}; "
                 "create it (pk and sk string keys) or leave 'table' out to store results in the state table"
             )
-        user_data = b""
+        config_ok = True
         try:
             WorkerConfig.from_dict(config)
-            user_data = render_user_data(
-                config,
-                worker_source=self.worker_source,
-                requirements=self.requirements,
-                bundle_sha256=bundle.sha256 if bundle else None,
-            )
         except ConfigError as error:
             problems.append(f"worker configuration: {error}")
-        except (UserDataTooLarge, CredentialsInUserData) as error:
-            problems.append(f"user data: {error}")
+            config_ok = False
+        problems.extend(lifetime_problems(self.boot_timeout, self.max_lifetime))
         if not 1 <= int(self.metadata_hop_limit) <= 64:
             problems.append("metadata_hop_limit: use 1 (2 when containers on the instance need metadata)")
         image = hook.describe_image(self.image_id)
@@ -362,6 +378,28 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         arch_problem = architecture_problem(image, instance_type)
         if arch_problem:
             problems.append(arch_problem)
+        if image is not None:
+            problems.extend(self.bundle_problems(hook, config, image, code_dirs))
+        user_data = b""
+        if config_ok and self._bundle is not None and self._bundle_location is not None:
+            bucket, key = self._bundle_location
+            try:
+                user_data = render_user_data(
+                    config,
+                    bundle={
+                        "sha256": self._bundle.sha256,
+                        "size": self._bundle.size,
+                        "s3": {"bucket": bucket, "key": key},
+                    },
+                    python=[self.python] if isinstance(self.python, str) else list(self.python),
+                    python_version=self.python_version or None,
+                    boot_timeout=int(self.boot_timeout),
+                    max_lifetime=None if self.max_lifetime in (None, "") else int(self.max_lifetime),
+                )
+            except (UserDataTooLarge, CredentialsInUserData) as error:
+                problems.append(f"user data: {error}")
+            except ValueError as error:  # python / python_version
+                problems.append(str(error))
         subnet_ids, network_problems = self.network_preflight(hook, config)
         problems.extend(network_problems)
         if self.instance_profile and not hook.instance_profile_exists(self.instance_profile):
@@ -388,7 +426,64 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             root_device_name=(image or {}).get("RootDeviceName"),
             volume_size_gb=root_volume_size(image, self.volume_size_gb),
             extra_tags=dict(self.tags),
+            bundle_bucket=self._bundle_location[0] if self._bundle_location else None,
+            bundle_prefix=self.bundle_prefix,
         )
+
+    def bundle_problems(
+        self, hook: EC2ClusterHook, config: dict[str, Any], image: dict[str, Any], code_dirs: Sequence[Path]
+    ) -> list[str]:
+        """Build the cluster's bundle (airflow_ec2cluster.bundle) for the image's architecture and check
+        where it will be stored; every problem, naming the parameter and the fix."""
+        code = self.code_paths(config, code_dirs)
+        try:
+            target = Target(
+                python_version=self.python_version or None, architecture=image.get("Architecture") or "x86_64"
+            )
+            bundle = build_bundle(code, self.requirements, target)
+        except BundleError as error:
+            return [str(error)]
+        self.log.info(
+            "Bundle: %s (%.1f MB, SHA-256 %s, %s in %.1f s): code %s, requirements %s",
+            bundle.path.name,
+            bundle.size / 1e6,
+            bundle.sha256[:12],
+            "reused" if bundle.cached else "built",
+            bundle.build_seconds,
+            [str(path) for path in code] or "none",
+            list(self.requirements) or "none",
+        )
+        problems = handler_module_problems(config, bundle)
+        bucket = self.bundle_bucket or DEFAULT_BUNDLE_BUCKET_FORMAT.format(
+            account=hook.account_id(), region=hook.region
+        )
+        problem = hook.bundle_bucket_problem(bucket)
+        if problem:
+            problems.append(problem)
+        self._bundle = bundle
+        self._bundle_location = (
+            bucket,
+            bundle_object_key(self.bundle_prefix, config["cluster_id"], bundle.sha256),
+        )
+        return problems
+
+    def code_paths(self, config: dict[str, Any], code_dirs: Sequence[Path]) -> list[Path]:
+        """``code`` as given, else the handler's module when it sits beside the DAG file."""
+        if self.code:
+            return [Path(p) for p in ([self.code] if isinstance(self.code, (str, Path)) else self.code)]
+        module = handler_module(config)
+        found = module_code_path(module, list(code_dirs)) if module else None
+        return [found] if found else []
+
+    def store_bundle(self, hook: EC2ClusterHook, cluster_id: str) -> None:
+        """Create the bucket when needed and upload the bundle (once every check has passed)."""
+        if self._bundle is None or self._bundle_location is None:
+            return
+        bucket, key = self._bundle_location
+        if hook.ensure_bundle_bucket(bucket):
+            self.log.info("Bundle bucket s3://%s created (private: public access blocked)", bucket)
+        hook.put_bundle(self._bundle.path, bucket, key, self._bundle.sha256)
+        self.log.info("Cluster %s: bundle stored at s3://%s/%s", cluster_id, bucket, key)
 
     def network_preflight(self, hook: EC2ClusterHook, config: dict[str, Any]) -> tuple[list[str], list[str]]:
         """The launch's subnets and every network problem (see airflow_ec2cluster.preflight)."""
@@ -399,6 +494,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             services = services_needed(WorkerConfig.from_dict(config))
         except ConfigError:  # reported by validated_spec; check what every worker needs
             services = ["dynamodb", "sqs"]
+        services = list(dict.fromkeys([*services, BUNDLE_SERVICE]))  # the boot loader fetches the bundle
         found = check_network(
             hook,
             subnet_ids=self.subnet_ids,
@@ -406,7 +502,6 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             network=self.network,
             security_group_ids=list(self.security_group_ids),
             services=services,
-            internet_why=internet_need(self.requirements, self.worker_source),
         )
         self._vpc_id = found.vpc_id
         for report in found.reports:
@@ -431,7 +526,7 @@ def check_network(
     network: str,
     security_group_ids: list[str],
     services: list[str],
-    internet_why: str,
+    internet_why: str = "",
 ) -> NetworkCheck:
     """Resolve the launch's subnets, read their VPC, and judge each subnet (the launch and ``doctor``)."""
     chosen, problems = resolve_subnets(hook, subnet_ids, subnet_id, network)
@@ -575,6 +670,74 @@ def root_volume_size(image: dict[str, Any] | None, requested: int | None) -> int
             if size:
                 return int(size)
     return DEFAULT_ROOT_VOLUME_GB if image and image.get("RootDeviceName") else None
+
+
+BUNDLE_SERVICE = "s3"
+WORKER_PACKAGE = "ec2cluster_worker"
+
+
+def code_search_dirs(context: Context) -> list[Path]:
+    """Where a handler's module is looked for when ``code`` is not given: the DAG file's folder."""
+    dag = context.get("dag")
+    fileloc = getattr(dag, "fileloc", None)
+    return [Path(fileloc).resolve().parent] if fileloc else []
+
+
+def handler_module(config: dict[str, Any]) -> str | None:
+    """The top-level module of the handler's ``module:attribute`` target."""
+    target = str((config.get("handler") or {}).get("target") or "")
+    module = target.split(":", 1)[0].strip()
+    return module.split(".", 1)[0] or None
+
+
+def handler_module_problems(config: dict[str, Any], bundle: Bundle) -> list[str]:
+    """The handler's module must be in the bundle: the workers import nothing from Airflow's environment."""
+    module = handler_module(config)
+    if module is None or module == WORKER_PACKAGE or module in bundle_top_level_names(bundle.path):
+        return []
+    return [
+        f"handler.target: module {module!r} is not in the cluster's bundle (the workers run only what it "
+        f"holds, never Airflow's environment): pass code=['path/to/{module}.py' or its package folder], put "
+        f"it beside the DAG file, or list the distribution that provides it in requirements"
+    ]
+
+
+def bundle_top_level_names(path: Path) -> set[str]:
+    """Importable top-level names in a bundle: under ``code/`` and ``site/``."""
+    names = set()
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            parts = name.split("/")
+            if len(parts) >= 2 and parts[0] in ("code", "site") and parts[1]:
+                top = parts[1]
+                if len(parts) == 2:  # a module file
+                    if not top.endswith(".py"):
+                        continue
+                    top = top[:-3]
+                names.add(top)
+    return names
+
+
+def lifetime_problems(boot_timeout: Any, max_lifetime: Any) -> list[str]:
+    problems = []
+    try:
+        if int(boot_timeout) < 10:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(
+            f"boot_timeout: {boot_timeout!r} is not a number of seconds of at least 10 (the instance's "
+            "watchdog shuts it down when its worker has not started by then)"
+        )
+    if max_lifetime not in (None, ""):
+        try:
+            if int(max_lifetime) < 300:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(
+                f"max_lifetime: {max_lifetime!r} is not a number of seconds of at least 300 (or None: no "
+                "limit); the instance shuts itself down once it has run that long"
+            )
+    return problems
 
 
 def min_workers_problems(min_workers: Any, num_workers: Any) -> list[str]:

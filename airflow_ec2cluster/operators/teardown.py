@@ -11,6 +11,7 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from botocore.exceptions import ClientError
 
 from airflow_ec2cluster.aws import error_code
+from airflow_ec2cluster.aws.s3 import cluster_bundles_prefix
 from airflow_ec2cluster.cluster import (
     dead_letter_queue_name,
     task_queue_name,
@@ -42,7 +43,8 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
     ``launch >> drain >> teardown.as_teardown(setups=launch)``.
     The security group the launch created for the cluster (when given none) is deleted once the instances
     are terminated. Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool,
-    "security_groups_deleted": [ids]}``.
+    "security_groups_deleted": [ids], "bundles_deleted": count}``. The cluster's bundle in S3 is deleted
+    then too.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -86,6 +88,7 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             waiter_max_attempts=self.waiter_max_attempts,
         )
         groups_deleted = self.delete_security_groups(hook, cluster_id)
+        bundles_deleted = self.delete_bundles(hook, cluster_id)
         queues_deleted = False
         if self.delete_queues:
             urls = [
@@ -112,6 +115,7 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             "terminated": instance_ids,
             "queues_deleted": queues_deleted,
             "security_groups_deleted": groups_deleted,
+            "bundles_deleted": bundles_deleted,
         }
 
     def delete_security_groups(self, hook: EC2ClusterHook, cluster_id: str) -> list[str]:
@@ -132,6 +136,28 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             hook.delete_security_group(group_id)
             self.log.info("Deleted security group %s", group_id)
         return group_ids
+
+    def delete_bundles(self, hook: EC2ClusterHook, cluster_id: str) -> int:
+        """Delete the cluster's bundles from S3 (where META's launch spec says the launch stored them), once
+        no instance can still be booting from them."""
+        meta = hook.find_meta(self.state_table, cluster_id)
+        spec = meta.launch_spec if meta is not None else None
+        if spec is None or not spec.bundle_bucket:
+            return 0
+        if not self.wait_for_termination:
+            self.log.warning(
+                "Cluster %s: keeping its bundle in s3://%s (instances may still boot)",
+                cluster_id,
+                spec.bundle_bucket,
+            )
+            return 0
+        prefix = cluster_bundles_prefix(spec.bundle_prefix or "", cluster_id)
+        deleted = hook.delete_objects_under(spec.bundle_bucket, prefix)
+        if deleted:
+            self.log.info(
+                "Deleted the cluster's bundle(s): %d under s3://%s/%s", deleted, spec.bundle_bucket, prefix
+            )
+        return deleted
 
     def record_teardown(self, hook: EC2ClusterHook, cluster_id: str, instance_ids: list[str]) -> None:
         """Note the teardown in the META item when there is a state table (never fail the teardown on it)."""

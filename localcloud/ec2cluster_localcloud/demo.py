@@ -135,12 +135,20 @@ def read_summary(cloud: LocalCloud, cluster_id: str | None = None) -> dict | Non
     }
 
 
-def run_conf(cloud: LocalCloud, workers: int, tweets: int = 3000, *, deferrable: bool = False) -> dict:
-    """The params of a run on ``cloud``, as a UI user would fill in the trigger form."""
+def run_conf(
+    cloud: LocalCloud,
+    workers: int,
+    tweets: int = 3000,
+    *,
+    deferrable: bool = False,
+    ami_id: str | None = None,
+) -> dict:
+    """The params of a run on ``cloud``, as a UI user would fill in the trigger form (``ami_id``: default,
+    the local cloud's process-backed AMI; ``cloud.register_rootfs_image()`` gives a Debian 12 one)."""
     return {
         "tweets": tweets,
         "workers": workers,
-        "ami_id": cloud.ami_id,
+        "ami_id": ami_id or cloud.ami_id,
         "instance_profile": cloud.instance_profile_name,
         # Short timings so the demo finishes in seconds; real clusters keep the DAG's defaults.
         "idle_timeout": 60,

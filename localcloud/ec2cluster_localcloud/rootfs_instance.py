@@ -6,12 +6,18 @@ An AMI tagged ``ec2cluster-localcloud:rootfs`` = a flavour (``ec2cluster_localcl
   work: ``<home>/rootfs/``), mounted inside the instance's own mount namespace, so that it disappears with
   the instance (a full copy when the kernel has no overlayfs).
 - It runs in new mount, PID and network namespaces (``unshare --mount --pid --net --fork``): PID 1 is the
-  instance's init (``/usr/sbin/ec2cluster-init`` in its root, a few lines of bash), which runs the user data
-  once as root, as cloud-init does (``/var/lib/cloud/instance/user-data.txt``: executed when it starts with
-  ``#!``, else given to bash), with cloud-init's environment (PATH, HOME=/root, LANG) plus the endpoint
-  variables, then lives until ``shutdown``, ``poweroff`` or ``halt`` (small scripts in its root that send
-  SIGTERM to PID 1). On SIGTERM the init sends SIGTERM to every process of the instance, waits for them
-  (at most STOP_WAIT_SECONDS), and exits: the kernel then kills whatever is left in the PID namespace.
+  instance's init (``/usr/sbin/ec2cluster-init`` in its root, a few lines of bash). At every boot it runs,
+  in the background (PID 1 itself only waits for signals), what cloud-init runs: the executable files of
+  ``/var/lib/cloud/scripts/per-boot/`` in name order, each waited for (stdin /dev/null, cwd /root), then,
+  at the first boot only, the user data (``/var/lib/cloud/instance/user-data.txt``: executed when it starts
+  with ``#!``, else given to bash; its semaphore, ``/var/lib/cloud/instance/sem/config_scripts_user``, is
+  written before it starts, as cloud-init's is, so user data a reboot interrupted never runs again), all as
+  root with cloud-init's environment (PATH, HOME=/root, LANG) plus the endpoint variables. It lives until
+  ``shutdown``, ``poweroff`` or ``halt`` (small scripts in its root that send SIGTERM to PID 1) or
+  ``reboot`` (SIGINT to PID 1, as ctrl-alt-del). Either way the init sends SIGTERM to every process of the
+  instance, waits for them (at most STOP_WAIT_SECONDS), and exits, with REBOOT_EXIT_STATUS for a reboot:
+  the kernel then kills whatever is left in the PID namespace, and the runner boots the instance again
+  (``boot()`` once more over the same layer: the same disk) or powers it off.
 - Its network namespace has only a loopback interface, holding 169.254.169.254: the runner creates the
   instance's listeners *inside* it (a thread joins the namespace with setns just to create the sockets):
   its metadata service at http://169.254.169.254/ (port 80, as on EC2), a TCP forwarder to the local
@@ -32,6 +38,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -64,10 +71,17 @@ INIT_PATH = "usr/sbin/ec2cluster-init"
 POWER_COMMANDS = ("shutdown", "poweroff", "halt")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
+PER_BOOT_DIR = "var/lib/cloud/scripts/per-boot"
+USER_DATA_SEMAPHORE = "var/lib/cloud/instance/sem/config_scripts_user"
+REBOOT_EXIT_STATUS = 82  # the init's exit status when the instance reboots (0: it powers off)
+REBOOT_SIGNAL = signal.SIGINT  # to PID 1: reboot (ctrl-alt-del, for systemd and sysvinit); SIGTERM: power off
+
 INIT_SCRIPT = f"""#!/bin/bash
-# PID 1 of an image-backed instance of ec2cluster-localcloud: runs the user data once, as cloud-init does,
-# and lives until shutdown/poweroff/halt (SIGTERM to PID 1) powers the instance off.
-power_off() {{
+# PID 1 of an image-backed instance of ec2cluster-localcloud. At every boot, as cloud-init does: the
+# per-boot scripts, then the user data at the first boot only. It lives until shutdown/poweroff/halt
+# (SIGTERM to PID 1) powers the instance off, or reboot (SIGINT) reboots it (the runner boots it again).
+stop_all() {{  # $1: what the console says, $2: the exit status that tells the runner what to do
+  trap '' TERM INT PWR USR1 USR2  # one ending at a time: a shutdown during a reboot changes nothing
   kill -TERM -1 2>/dev/null
   for _ in $(seq {STOP_WAIT_SECONDS * 10}); do
     others=0
@@ -79,25 +93,39 @@ power_off() {{
     [ "$others" = 0 ] && break
     sleep 0.1 & wait $!
   done
-  echo "ec2cluster-localcloud: power off"
-  exit 0
+  echo "ec2cluster-localcloud: $1"
+  exit "$2"
 }}
-trap power_off TERM INT PWR USR1 USR2
-cd /
-user_data=/{USER_DATA_PATH}
-if [ -s "$user_data" ] && [ ! -e /var/lib/cloud/instance/boot-finished ]; then
-  if [ "$(head -c 2 "$user_data")" = '#!' ]; then (cd /root && exec "$user_data") </dev/null &
-  else (cd /root && exec /bin/bash "$user_data") </dev/null &
+trap 'stop_all "power off" 0' TERM PWR USR1 USR2
+trap 'stop_all "stopped for a reboot" {REBOOT_EXIT_STATUS}' INT
+boot() {{
+  for script in /{PER_BOOT_DIR}/*; do
+    [ -f "$script" ] && [ -x "$script" ] || continue
+    (cd /root && exec "$script") </dev/null
+    echo "ec2cluster-localcloud: per-boot script ${{script##*/}} exited with status $?"
+  done
+  user_data=/{USER_DATA_PATH}
+  if [ -s "$user_data" ] && [ ! -e /{USER_DATA_SEMAPHORE} ]; then
+    mkdir -p "$(dirname /{USER_DATA_SEMAPHORE})"
+    date +%s > /{USER_DATA_SEMAPHORE}  # before it runs: a reboot never runs it again
+    if [ "$(head -c 2 "$user_data")" = '#!' ]; then (cd /root && exec "$user_data") </dev/null
+    else (cd /root && exec /bin/bash "$user_data") </dev/null
+    fi
+    echo "ec2cluster-localcloud: user data exited with status $?"
   fi
-  wait $!
-  echo "ec2cluster-localcloud: user data exited with status $?"
   touch /var/lib/cloud/instance/boot-finished
-fi
+}}
+cd /
+boot &  # in the background: PID 1 only waits, so that its traps run at once
 while :; do sleep 3600 & wait $!; done
 """
 POWER_SCRIPT = """#!/bin/sh
 # ec2cluster-localcloud: power the instance off (its init, PID 1, ends it)
 kill -TERM 1  # the shell's builtin: minbase has no /bin/kill
+"""
+REBOOT_SCRIPT = """#!/bin/sh
+# ec2cluster-localcloud: reboot the instance (its init, PID 1, ends it; the instance runner boots it again)
+kill -INT 1
 """
 
 
@@ -263,6 +291,7 @@ class RootfsInstance:
         self.root = self.layer_dir / "root"
         self.overlay = overlay_available()
         self.process: subprocess.Popen | None = None
+        self.init_pid: int | None = None  # the host's pid of its init (PID 1 inside)
         self.pid_namespace: str | None = None
         self.mount_namespace: str | None = None
         self.net_namespace: str | None = None
@@ -275,6 +304,7 @@ class RootfsInstance:
             "flavour": self.flavour,
             "root": str(self.root),
             "overlay": self.overlay,
+            "init_pid": self.init_pid,
             "pid_namespace": self.pid_namespace,
             "mount_namespace": self.mount_namespace,
             "net_namespace": self.net_namespace,
@@ -318,8 +348,9 @@ class RootfsInstance:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: the runner's SIGTERM/SIGKILL reach it all
             )
+        self.init_pid = None
         try:
-            init_pid = self._wait_ready(ready)
+            init_pid = self.init_pid = self._wait_ready(ready)
             self.pid_namespace = namespace_id(init_pid, "pid")
             self.mount_namespace = namespace_id(init_pid, "mnt")
             self.net_namespace = namespace_id(init_pid, "net")
@@ -355,6 +386,7 @@ class RootfsInstance:
             layer = self.root
         files = {INIT_PATH: INIT_SCRIPT, USER_DATA_PATH: self.user_data}
         files.update({f"usr/sbin/{name}": POWER_SCRIPT for name in POWER_COMMANDS})
+        files["usr/sbin/reboot"] = REBOOT_SCRIPT
         for relative, text in files.items():
             path = layer / relative
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,6 +470,17 @@ class RootfsInstance:
         return " ".join(shlex.quote(f"{name}={value}") for name, value in pairs.items()) + "\n"
 
     # End
+
+    def request_reboot(self) -> bool:
+        """Ask its init to reboot (REBOOT_SIGNAL: it stops every process, then exits with
+        REBOOT_EXIT_STATUS); False when there is no init to ask (it has ended, or never started)."""
+        if self.init_pid is None or self.process is None or self.process.poll() is not None:
+            return False
+        try:
+            os.kill(self.init_pid, REBOOT_SIGNAL)
+        except ProcessLookupError:
+            return False
+        return True
 
     def kill(self) -> None:
         if self.process is not None:

@@ -11,12 +11,24 @@ the local cloud's endpoint for what it reaches, a blackhole (connections time ou
 ``AWS_ENDPOINT_URL`` (every other service: a public endpoint) and ``PIP_INDEX_URL`` (the local package
 index) only when it reaches the internet. Its metadata is always reachable. The verdicts go to
 ``InstanceProcess.info()``, the log, and the reachability file the server enforces too. When an instance is
-stopped or terminated its process group gets SIGTERM, then SIGKILL after a grace period. When the script
-exits by itself the instance shuts down the way EC2 would: the runner terminates it (or stops it, as
-InstanceInitiatedShutdownBehavior says). A spot interruption notice can be injected: the instance is
+stopped or terminated its process group gets SIGTERM, then SIGKILL after a grace period. Its ``shutdown``
+(``poweroff``, ``halt``: commands first on its PATH) powers it off the way EC2 would: the runner
+terminates it (or stops it, as InstanceInitiatedShutdownBehavior says); a script that exits without
+shutting down leaves it running, billed, as on EC2. The instance gets its own home (``EC2CLUSTER_HOME``)
+and cloud-init directory (``EC2CLUSTER_CLOUD_DIR``) but shares the host's filesystem and interpreters:
+the host is its image. A spot interruption notice can be injected: the instance is
 reclaimed (terminated) when its notice period ends.
 
 Like cloud-init, it runs an instance's user data once, at its first boot.
+
+A reboot (RebootInstances, which the server passes on through ``<work dir>/reboot-requests``, or ``reboot``
+run on the instance) restarts the instance's OS as on EC2: every process ends (SIGTERM, then SIGKILL after
+the grace period: a hard reboot), the disk stays, the instance stays running with its id, metadata and
+instance profile, and it boots again: cloud-init runs the executable files of its
+``scripts/per-boot/`` in name order (a process-backed instance's are in its ``EC2CLUSTER_CLOUD_DIR``),
+never the user data again. A process-backed instance without per-boot scripts then idles (no process),
+running and billed, as on EC2. Each reboot is in the runner's log and on the instance's console
+(``ec2cluster-localcloud: reboot``); ``InstanceProcess.info()`` counts the ``boots``.
 
 An instance of an image-backed AMI (tagged ``ec2cluster-localcloud:rootfs``:
 ``LocalCloud.register_rootfs_image``) boots instead as an isolated root of its own
@@ -34,7 +46,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -48,7 +59,12 @@ from ec2cluster_localcloud.blackhole import Blackhole, ReachabilityFile
 from ec2cluster_localcloud.images import ensure_rootfs
 from ec2cluster_localcloud.metadata import CREDENTIAL_SECONDS, InstanceFacts, InstanceMetadataService
 from ec2cluster_localcloud.network import INTERNET, Network, Reachability, reachability
-from ec2cluster_localcloud.rootfs_instance import ROOTFS_TAG, RootfsInstance, RootfsInstanceError
+from ec2cluster_localcloud.rootfs_instance import (
+    REBOOT_EXIT_STATUS,
+    ROOTFS_TAG,
+    RootfsInstance,
+    RootfsInstanceError,
+)
 
 log = logging.getLogger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -60,9 +76,33 @@ DEFAULT_POLL_SECONDS = 0.4
 # task in hand, and writes its 'stopped' status item first. 30 s covers that with room for a busy machine.
 DEFAULT_GRACE_SECONDS = 30.0
 KILL_WAIT_SECONDS = 5.0
-# What an instance's processes inherit from the runner's environment: the host's basics and the project's
-# modules (so that user handlers import). Nothing that names the account, its credentials or the region.
-PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
+# What an instance's processes inherit from the runner's environment: the host's basics. Nothing that names
+# the account, its credentials or the region, nor the host's Python modules (PYTHONPATH).
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+POWER_OFF_MARKER = ".powered-off"
+REBOOT_MARKER = ".reboot-requested"
+REBOOT_REQUESTS_FILE = "reboot-requests"  # in the work dir: RebootInstances' instance ids (server.py)
+CONSOLE_REBOOT_LINE = "ec2cluster-localcloud: reboot"
+# A process-backed instance's shutdown/poweroff/halt: mark the power-off, then SIGTERM its process group
+# (the instance's processes); the runner then stops or terminates it, as InstanceInitiatedShutdownBehavior
+# says. reboot: SIGTERM only, after marking a reboot request the runner acts on.
+POWER_COMMAND = """#!/bin/sh
+# ec2cluster-localcloud: power this process-backed instance off (never the host)
+touch "{marker}"
+kill -TERM 0
+"""
+REBOOT_COMMAND = """#!/bin/sh
+# ec2cluster-localcloud: reboot this process-backed instance (never the host)
+touch "{marker}"
+kill -TERM 0
+"""
+# A process-backed instance's boot after a reboot: its per-boot scripts (arguments), in order, each waited
+# for, as cloud-init runs them.
+PER_BOOT_COMMAND = """for script in "$@"; do
+  "$script" </dev/null
+  echo "ec2cluster-localcloud: per-boot script ${script##*/} exited with status $?"
+done
+"""
 SPOT_NOTICE_SECONDS = 120.0  # EC2's two-minute warning
 # botocore's per-service endpoint variables: where each service's requests go (DNS, on EC2).
 SERVICE_ENDPOINT_VARIABLES = {
@@ -93,6 +133,12 @@ class InstanceProcess:
     reclaimed: bool = False
     reachability: Reachability | None = None  # what its network reaches, decided at launch
     rootfs: RootfsInstance | None = None  # an image-backed instance's root and namespaces
+    facts: InstanceFacts | None = None  # what its metadata says (the same at every boot)
+    boots: int = 1
+    reboot_sent_at: float | None = None  # monotonic: a reboot is under way (its processes are ending)
+    spot_action_time: float | None = None  # wall clock: an injected spot notice's time (kept over reboots)
+    rebalance_recommended: bool = False
+    boot_failed: bool = False  # an image-backed instance's root did not boot: it powers off
 
     @property
     def alive(self) -> bool:
@@ -104,6 +150,48 @@ class InstanceProcess:
     @property
     def script_exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
+
+    @property
+    def rebooting(self) -> bool:
+        return self.reboot_sent_at is not None
+
+    @property
+    def reboot_requested(self) -> bool:
+        """``reboot`` ran on the instance: an image-backed instance's init ended for a reboot; a
+        process-backed one has its reboot marker."""
+        if self.rootfs is not None:
+            return (
+                not self.boot_failed and self.script_exited and self.process.returncode == REBOOT_EXIT_STATUS
+            )
+        return (self.home / REBOOT_MARKER).exists()
+
+    @property
+    def powered_off(self) -> bool:
+        """It powered itself off: an image-backed instance's init ended (not for a reboot); a process-backed
+        one ran ``shutdown`` (its marker) and its script has exited. A script that exits without shutting
+        down leaves the instance running, billed, as on EC2, and so does a reboot (under way, or asked for
+        on the instance: a ``shutdown`` its ending processes run then changes nothing)."""
+        if self.boot_failed:
+            return not self.alive
+        if not self.script_exited or self.rebooting or self.reboot_requested:
+            return False
+        return self.rootfs is not None or (self.home / POWER_OFF_MARKER).exists()
+
+    @property
+    def powering_off(self) -> bool:
+        """A power-off is under way or done (a process-backed instance ran ``shutdown``; an image-backed
+        one's init ended, not for a reboot): a reboot requested now is too late. The first ending wins."""
+        if self.reboot_requested:
+            return False
+        if self.rootfs is not None:
+            return self.boot_failed or self.script_exited
+        return (self.home / POWER_OFF_MARKER).exists()
+
+    @property
+    def shut_down_while_rebooting(self) -> bool:
+        """An image-backed instance's init powered off instead (a ``shutdown`` reached it before the
+        reboot did): the instance powers off."""
+        return self.rootfs is not None and self.script_exited and self.process.returncode == 0
 
     def info(self) -> dict:
         return {
@@ -121,51 +209,107 @@ class InstanceProcess:
             "reachable": dict(self.reachability.to_dict()["reachable"]) if self.reachability else {},
             "unreachable": self.reachability.unreachable if self.reachability else {},
             "image": self.rootfs.info() if self.rootfs else None,
+            "boots": self.boots,
+            "rebooting": self.rebooting,
         }
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one poll decided: instances to start, groups to stop, instances to shut down or to reclaim."""
+    """What one poll decided: instances to start, groups to stop, instances to shut down or to reclaim,
+    instances to reboot (their processes end), to boot again (they have ended) or to hard-reboot (they
+    outlived the grace period: SIGKILL)."""
 
     start: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
     shut_down: tuple[str, ...] = ()
     kill: tuple[str, ...] = ()
     reclaim: tuple[str, ...] = ()  # spot notices whose period has ended: EC2 terminates the instance
+    reboot: tuple[str, ...] = ()
+    boot: tuple[str, ...] = ()
+    hard_reboot: tuple[str, ...] = ()
 
 
 def plan(
-    states: Mapping[str, str], processes: Mapping[str, InstanceProcess], now: float, grace_seconds: float
+    states: Mapping[str, str],
+    processes: Mapping[str, InstanceProcess],
+    now: float,
+    grace_seconds: float,
+    reboot_requests: Iterable[str] = (),
 ) -> Plan:
-    """Decide from instance states and process records (pure: no calls)."""
-    start, stop, shut_down, kill, reclaim = [], [], [], [], []
+    """Decide from instance states, process records and RebootInstances' requests (pure: no calls).
+
+    A reboot (requested, or asked for on the instance) goes to a running instance the runner is neither
+    stopping nor powering off, and that is not powering itself off; one already under way absorbs another
+    request. Its end is not a power-off (a ``shutdown`` its ending processes run is ignored): the instance
+    boots again once its processes are gone, unless an image-backed instance's init had begun a power-off.
+    """
+    requested = set(reboot_requests)
+    start, stop, shut_down, kill, reclaim, reboot, boot, hard = [], [], [], [], [], [], [], []
     for instance_id, state in sorted(states.items()):
         record = processes.get(instance_id)
         if record is None:
             if state in RUNNING_STATES:
                 start.append(instance_id)
             continue
-        if (
-            state in RUNNING_STATES
-            and record.reclaim_at is not None
-            and now >= record.reclaim_at
-            and not record.reclaimed
-        ):
+        running = state in RUNNING_STATES
+        ending = record.term_sent_at is not None or record.shutdown_requested
+        if running and record.reclaim_at is not None and now >= record.reclaim_at and not record.reclaimed:
             reclaim.append(instance_id)
-        if state not in RUNNING_STATES and record.alive and record.term_sent_at is None:
+        if not running and record.alive and record.term_sent_at is None:
             stop.append(instance_id)
-        elif (
-            state in RUNNING_STATES
-            and record.script_exited
-            and record.term_sent_at is None
-            and not record.shutdown_requested
-        ):
+        elif not running or ending:
+            continue
+        elif record.rebooting:
+            if not record.alive:
+                (shut_down if record.shut_down_while_rebooting else boot).append(instance_id)
+        elif record.reboot_requested or (instance_id in requested and not record.powering_off):
+            reboot.append(instance_id)
+        elif record.powered_off:
             shut_down.append(instance_id)
     for instance_id, record in sorted(processes.items()):
         if record.term_sent_at is not None and record.alive and now - record.term_sent_at >= grace_seconds:
             kill.append(instance_id)
-    return Plan(tuple(start), tuple(stop), tuple(shut_down), tuple(kill), tuple(reclaim))
+        elif (
+            record.term_sent_at is None
+            and record.rebooting
+            and record.alive
+            and now - record.reboot_sent_at >= grace_seconds
+        ):
+            hard.append(instance_id)
+    return Plan(
+        tuple(start),
+        tuple(stop),
+        tuple(shut_down),
+        tuple(kill),
+        tuple(reclaim),
+        tuple(reboot),
+        tuple(boot),
+        tuple(hard),
+    )
+
+
+def read_reboot_requests(path: Path, offset: int) -> tuple[list[str], int]:
+    """The instance ids appended to ``path`` (server.py's reboot requests) since ``offset``, and the
+    offset to read from next time: complete lines only (a line still being written waits)."""
+    try:
+        with open(path, "rb") as requests:
+            requests.seek(offset)
+            data = requests.read()
+    except FileNotFoundError:
+        return [], offset
+    complete = data[: data.rfind(b"\n") + 1]
+    ids = [line.strip() for line in complete.decode("utf-8", errors="replace").splitlines()]
+    return [instance_id for instance_id in ids if instance_id], offset + len(complete)
+
+
+def per_boot_scripts(directory: Path) -> list[Path]:
+    """What cloud-init runs at every boot: the executable files of ``directory``, in name order."""
+    try:
+        entries = sorted(directory.iterdir(), key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [entry for entry in entries if entry.is_file() and os.access(entry, os.X_OK)]
 
 
 def group_exists(pgid: int) -> bool:
@@ -214,6 +358,8 @@ class InstanceRunner:
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
         self._processes: dict[str, InstanceProcess] = {}
+        self.reboot_requests_file = self.work_dir / REBOOT_REQUESTS_FILE
+        self._reboot_requests_offset = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -283,10 +429,13 @@ class InstanceRunner:
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> Plan:
+        requests, self._reboot_requests_offset = read_reboot_requests(
+            self.reboot_requests_file, self._reboot_requests_offset
+        )
         instances = self.describe_instances()
         states = {instance_id: instance["State"]["Name"] for instance_id, instance in instances.items()}
         with self._lock:
-            decided = plan(states, self._processes, time.monotonic(), self.grace_seconds)
+            decided = plan(states, self._processes, time.monotonic(), self.grace_seconds, requests)
         network = self.describe_network() if decided.start else None
         for instance_id in decided.start:
             if self._stop.is_set():
@@ -307,6 +456,15 @@ class InstanceRunner:
             record.killed = True
         for instance_id in decided.shut_down:
             self._shut_down(self._processes[instance_id])
+        for instance_id in decided.reboot:
+            self._reboot(self._processes[instance_id])
+        for instance_id in decided.hard_reboot:
+            log.info("instance %s: its processes outlived the grace period: hard reboot", instance_id)
+            signal_group(self._processes[instance_id], signal.SIGKILL)
+        for instance_id in decided.boot:
+            if self._stop.is_set():
+                break
+            self._boot_again(self._processes[instance_id])
         with self._lock:
             records = list(self._processes.items())
         for instance_id, record in records:
@@ -353,12 +511,15 @@ class InstanceRunner:
     def inject_spot_interruption(self, instance_id: str, notice_seconds: float = SPOT_NOTICE_SECONDS) -> None:
         """Post a spot interruption notice; the instance is terminated when ``notice_seconds`` have passed."""
         record = self._record_with_metadata(instance_id)
-        record.metadata.inject_spot_interruption(time.time() + notice_seconds)
+        record.spot_action_time = time.time() + notice_seconds
+        record.metadata.inject_spot_interruption(record.spot_action_time)
         record.reclaim_at = time.monotonic() + notice_seconds
         log.info("instance %s: spot interruption notice, reclaimed in %.0f s", instance_id, notice_seconds)
 
     def inject_rebalance_recommendation(self, instance_id: str) -> None:
-        self._record_with_metadata(instance_id).metadata.inject_rebalance_recommendation()
+        record = self._record_with_metadata(instance_id)
+        record.metadata.inject_rebalance_recommendation()
+        record.rebalance_recommended = True
         log.info("instance %s: rebalance recommendation", instance_id)
 
     def _record_with_metadata(self, instance_id: str) -> InstanceProcess:
@@ -389,12 +550,20 @@ class InstanceRunner:
         flavour = self.image_flavour(instance["ImageId"])
         if flavour is not None:
             return self._boot_rootfs(instance, flavour, home, log_path, script, behavior, verdicts)
-        metadata = InstanceMetadataService(self.instance_facts(instance), self._issue_credentials)
+        facts = self.instance_facts(instance)
+        metadata = InstanceMetadataService(facts, self._issue_credentials)
         metadata.start()
         if not script.strip():
             log.info("instance %s has no user data: nothing to run", instance_id)
             return InstanceProcess(
-                instance_id, home, log_path, behavior, None, metadata=metadata, reachability=verdicts
+                instance_id,
+                home,
+                log_path,
+                behavior,
+                None,
+                metadata=metadata,
+                reachability=verdicts,
+                facts=facts,
             )
         script_path = home / "user-data.sh"
         script_path.write_text(script, encoding="utf-8")
@@ -410,7 +579,14 @@ class InstanceRunner:
             )
         log.info("instance %s: started pid %s, log %s", instance_id, process.pid, log_path)
         return InstanceProcess(
-            instance_id, home, log_path, behavior, process, metadata=metadata, reachability=verdicts
+            instance_id,
+            home,
+            log_path,
+            behavior,
+            process,
+            metadata=metadata,
+            reachability=verdicts,
+            facts=facts,
         )
 
     def image_flavour(self, image_id: str) -> str | None:
@@ -437,31 +613,40 @@ class InstanceRunner:
         """An image-backed instance: its own root and namespaces (ec2cluster_localcloud.rootfs_instance)."""
         instance_id = instance["InstanceId"]
         rootfs = RootfsInstance(instance_id, flavour, ensure_rootfs(flavour, self.image_cache), home, script)
-        metadata = InstanceMetadataService(self.instance_facts(instance), self._issue_credentials)
+        facts = self.instance_facts(instance)
+        record = InstanceProcess(
+            instance_id, home, log_path, behavior, None, reachability=verdicts, rootfs=rootfs, facts=facts
+        )
+        self._boot_rootfs_record(record)
+        return record
+
+    def _boot_rootfs_record(self, record: InstanceProcess, again: bool = False) -> None:
+        """Boot an image-backed instance's root (``again``, after a reboot: the same layer, a new metadata
+        service with the same facts and notices, new listeners). A failed boot powers it off."""
+        metadata = InstanceMetadataService(record.facts, self._issue_credentials)
+        if record.spot_action_time is not None:
+            metadata.inject_spot_interruption(record.spot_action_time)
+        if record.rebalance_recommended:
+            metadata.inject_rebalance_recommendation()
+        rootfs = record.rootfs
         try:
-            process = rootfs.boot(log_path, metadata, self.network_env(verdicts), self.blackhole.url)
-        except RootfsInstanceError as error:
-            # Like a failed boot: said on its console; its ended process powers it off (no retry).
-            log.error("instance %s: %s", instance_id, error)
-            with open(log_path, "a", encoding="utf-8") as console:
-                console.write(f"ec2cluster-localcloud: boot failed: {error}\n")
-            metadata.close()
-            return InstanceProcess(
-                instance_id, home, log_path, behavior, rootfs.process, reachability=verdicts, rootfs=rootfs
+            record.process = rootfs.boot(
+                record.log_path, metadata, self.network_env(record.reachability), self.blackhole.url
             )
+        except Exception as error:
+            if not again and not isinstance(error, RootfsInstanceError):
+                metadata.close()
+                raise  # the next poll launches it again
+            # Like a failed boot: said on its console; it powers off once its processes are gone (no retry).
+            log.error("instance %s: %s", record.instance_id, error)
+            self._console(record, f"ec2cluster-localcloud: boot failed: {error}")
+            metadata.close()
+            record.process, record.metadata, record.boot_failed = rootfs.process, None, True
+            return
         except BaseException:
             metadata.close()
             raise
-        return InstanceProcess(
-            instance_id,
-            home,
-            log_path,
-            behavior,
-            process,
-            metadata=metadata,
-            reachability=verdicts,
-            rootfs=rootfs,
-        )
+        record.metadata = metadata
 
     def instance_facts(self, instance: dict) -> InstanceFacts:
         """What the instance's metadata says: from DescribeInstances and its instance profile's role."""
@@ -499,25 +684,23 @@ class InstanceRunner:
     def instance_env(
         self, home: Path, metadata_url: str, verdicts: Reachability | None = None
     ) -> dict[str, str]:
-        """An instance's environment: the metadata service's address, its network's endpoints, the host.
+        """A process-backed instance's environment: its metadata service, its network's endpoints, the
+        host's basics, and its own disk (``EC2CLUSTER_HOME``, ``EC2CLUSTER_CLOUD_DIR``: it shares the
+        host's filesystem) and power commands (``shutdown``, ``poweroff``, ``halt`` first on PATH: they
+        power the instance off, not the host). Nothing of the host's Python environment: the bootstrap
+        installs the worker and the user's code from the cluster's bundle, as on EC2.
 
         ``verdicts`` None: the instance reaches everything (no network model).
-
-        The EC2CLUSTER_* knobs are the local cloud's remaining stand-ins for what its instances cannot do yet
-        (an image of their own to install into, powering off): see DESIGN.md, "User data".
         """
         env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-        # The project's own modules (user handlers) stay importable, as they are in this process.
-        python_path = [p for p in (env.get("PYTHONPATH", ""), os.getcwd()) if p]
+        power_dir = install_power_commands(home)
         env.update(
             {
                 "HOME": str(home),  # no shared AWS config or credentials files of the host's user
+                "PATH": os.pathsep.join([str(power_dir), env.get("PATH", os.defpath)]),
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata_url,
-                "EC2CLUSTER_HOME": str(home),
-                "EC2CLUSTER_PYTHON": sys.executable,
-                "EC2CLUSTER_SKIP_INSTALL": "1",
-                "EC2CLUSTER_NO_SHUTDOWN": "1",
-                "PYTHONPATH": os.pathsep.join(python_path),
+                "EC2CLUSTER_HOME": str(home / "ec2cluster"),
+                "EC2CLUSTER_CLOUD_DIR": str(home / "cloud"),
                 "PYTHONUNBUFFERED": "1",
                 **self.network_env(verdicts),
             }
@@ -544,17 +727,97 @@ class InstanceRunner:
         record.term_sent_at = time.monotonic()
         signal_group(record, signal.SIGTERM)
 
+    def _console(self, record: InstanceProcess, line: str) -> None:
+        with open(record.log_path, "a", encoding="utf-8") as console:
+            console.write(line + "\n")
+
+    def _reboot(self, record: InstanceProcess) -> None:
+        """Begin a reboot: its processes end (an image-backed instance's init stops them all); the
+        instance boots again once they are gone (``_boot_again``), never powers off."""
+        inside = record.reboot_requested
+        log.info("instance %s: reboot (%s)", record.instance_id, "on the instance" if inside else "requested")
+        self._console(record, CONSOLE_REBOOT_LINE)
+        record.reboot_sent_at = time.monotonic()
+        (record.home / REBOOT_MARKER).unlink(missing_ok=True)
+        if record.rootfs is not None and record.rootfs.request_reboot():
+            return
+        if record.alive:  # (an init that cannot be asked: its group, as for a process-backed instance)
+            signal_group(record, signal.SIGTERM)
+
+    def _boot_again(self, record: InstanceProcess) -> None:
+        """Its processes are gone: boot it again (per-boot scripts; never the user data again)."""
+        if record.process is not None:
+            record.process.wait()  # reaped already, or about to be: its group is gone
+        record.boots += 1
+        record.reboot_sent_at = None
+        record.started_at = time.monotonic()
+        (record.home / REBOOT_MARKER).unlink(missing_ok=True)
+        if record.rootfs is not None:
+            if record.metadata is not None:
+                record.metadata.close()
+                record.metadata = None
+            record.rootfs.close()
+            self._boot_rootfs_record(record, again=True)
+        else:
+            self._run_per_boot(record)
+        if record.boot_failed:
+            return
+        log.info(
+            "instance %s: booted again (boot %d, pid %s)",
+            record.instance_id,
+            record.boots,
+            record.process.pid if record.process else None,
+        )
+
+    def _run_per_boot(self, record: InstanceProcess) -> None:
+        """A process-backed instance's later boot: a new process group running its per-boot scripts, in its
+        environment, on its console; none: it idles (no process), running, as on EC2."""
+        (record.home / POWER_OFF_MARKER).unlink(missing_ok=True)  # a shutdown while it rebooted: ignored
+        env = self.instance_env(record.home, record.metadata.url, record.reachability)
+        scripts = per_boot_scripts(Path(env["EC2CLUSTER_CLOUD_DIR"]) / "scripts" / "per-boot")
+        if not scripts:
+            log.info("instance %s: no per-boot scripts: it idles", record.instance_id)
+            record.process = None
+            return
+        with open(record.log_path, "ab") as log_file:
+            record.process = subprocess.Popen(
+                ["bash", "-c", PER_BOOT_COMMAND, "ec2cluster-per-boot", *map(str, scripts)],
+                cwd=record.home,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
     def _shut_down(self, record: InstanceProcess) -> None:
         """The script exited: power off, as EC2 does on `shutdown -h now`."""
         record.shutdown_requested = True
+        record.reboot_sent_at = None  # a power-off that came first ends a reboot, too
         signal_group(record, signal.SIGKILL)  # whatever the script left running
-        returncode = record.process.returncode
+        returncode = record.process.returncode if record.process is not None else None
         if record.shutdown_behavior == "terminate":
             log.info("instance %s: exited (%s), terminating it", record.instance_id, returncode)
             self._ec2.terminate_instances(InstanceIds=[record.instance_id])
         else:
             log.info("instance %s: exited (%s), stopping it", record.instance_id, returncode)
             self._ec2.stop_instances(InstanceIds=[record.instance_id])
+
+
+def install_power_commands(home: Path) -> Path:
+    """The instance's shutdown, poweroff, halt and reboot (a directory put first on its PATH)."""
+    power_dir = home / "sbin"
+    power_dir.mkdir(parents=True, exist_ok=True)
+    commands = {
+        name: POWER_COMMAND.format(marker=home / POWER_OFF_MARKER)
+        for name in ("shutdown", "poweroff", "halt")
+    }
+    commands["reboot"] = REBOOT_COMMAND.format(marker=home / REBOOT_MARKER)
+    for name, text in commands.items():
+        command = power_dir / name
+        command.write_text(text, encoding="utf-8")
+        command.chmod(0o755)
+    return power_dir
 
 
 def cloud_init_text(data: bytes) -> str:

@@ -7,7 +7,8 @@ or SIGINT. It exits by itself when the process that started it goes away, so it 
 ``--work-dir`` names the local cloud's work dir, where the instance runner writes each instance's console
 (``logs/<instance id>.log``: GetConsoleOutput answers from it); ``--reachability-file``, the runner's network
 verdicts (``ec2cluster_localcloud.blackhole``): with ``--enforce-iam``, a request an instance's network does
-not carry is held unanswered, then dropped.
+not carry is held unanswered, then dropped. RebootInstances reaches the runner through the work dir too
+(``reboot-requests``: one instance id a line, appended; ``make_reboot_reach_the_instance``).
 """
 
 from __future__ import annotations
@@ -341,6 +342,49 @@ def make_console_output_the_instance_log(work_dir: Path) -> None:
     General.get_console_output = get_console_output
 
 
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append ``lines`` to ``path`` in one write (O_APPEND): a reader never sees a request half written."""
+    if not lines:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, "".join(f"{line}\n" for line in lines).encode())
+    finally:
+        os.close(fd)
+
+
+def make_reboot_reach_the_instance(work_dir: Path) -> None:
+    """RebootInstances reboots the instance's OS, as on AWS: the instance runner does it.
+
+    moto only sets the state to running: it does nothing to the instance, and it even "revives" a stopped or
+    terminated instance. Here a running (or pending) instance stays running and its id is appended to
+    ``<work dir>/reboot-requests`` (one line per instance, one write per request), which the runner reads
+    on each poll (``ec2cluster_localcloud.runner.read_reboot_requests``) to reboot the instances it runs.
+    Requests to reboot a terminated instance are ignored, as AWS documents, and so are requests for an
+    instance that is stopped or on its way there. An unknown id is still InvalidInstanceID.NotFound.
+    """
+    from moto.ec2.models.instances import InstanceBackend
+
+    from ec2cluster_localcloud.runner import REBOOT_REQUESTS_FILE, RUNNING_STATES
+
+    original = InstanceBackend.reboot_instances
+    if already_patched(original, "ec2cluster_reboot"):
+        return
+    requests = Path(work_dir) / REBOOT_REQUESTS_FILE
+
+    def reboot_instances(self, instance_ids):
+        instances = self.get_multi_instances_by_id(instance_ids)  # unknown ids: NotFound, as moto answers
+        rebooted = [instance for instance in instances if instance._state.name in RUNNING_STATES]
+        for instance in rebooted:
+            instance.reboot()
+        append_lines(requests, [instance.id for instance in rebooted])
+        return rebooted
+
+    reboot_instances.ec2cluster_reboot = True
+    reboot_instances.__wrapped__ = original
+    InstanceBackend.reboot_instances = reboot_instances
+
+
 def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
@@ -351,6 +395,7 @@ def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     make_default_security_groups_admit_their_members()
     if work_dir is not None:
         make_console_output_the_instance_log(work_dir)
+        make_reboot_reach_the_instance(work_dir)
 
 
 def serve(

@@ -26,6 +26,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local-cloud"), pytest.ma
 TWEETS = 100  # ten messages of ten: several batches for each of the two workers
 WORKERS = 2
 RUNS = {"sync": False, "deferrable": True}  # run name -> the DAG's deferrable param
+# The deferrable run's workers boot the Debian 12 minimal image (the real bootstrap, its own python3);
+# the sync run's are process-backed.
+ON_DEBIAN = "deferrable"
 RUNS_TIMEOUT_SECONDS = 420.0
 
 
@@ -69,8 +72,10 @@ def runs(cloud, deployment) -> dict[str, Run]:
     started = time.monotonic()
     deployment.unpause(demo.DAG_ID)
     runs = {}
+    debian_12 = cloud.register_rootfs_image("debian-12")
     for name, deferrable in RUNS.items():
-        conf = demo.run_conf(cloud, workers=WORKERS, tweets=TWEETS, deferrable=deferrable)
+        image = debian_12 if name == ON_DEBIAN else None
+        conf = demo.run_conf(cloud, workers=WORKERS, tweets=TWEETS, deferrable=deferrable, ami_id=image)
         runs[name] = Run(name, deployment.trigger(demo.DAG_ID, conf), conf)
 
     def poll(run: Run) -> bool:
@@ -109,7 +114,7 @@ def runs(cloud, deployment) -> dict[str, Run]:
 
 
 @pytest.mark.parametrize("name", RUNS)
-def test_a_ui_triggered_run_succeeds_with_one_result_per_tweet(runs, name):
+def test_a_ui_triggered_run_succeeds_with_one_result_per_tweet(cloud, runs, name):
     run = runs[name]
     assert run.state == "success", f"{name} run {run.run_id}: {run.state}; tasks seen {run.seen}"
     assert run.report["cluster_id"] == run.cluster_id
@@ -119,6 +124,11 @@ def test_a_ui_triggered_run_succeeds_with_one_result_per_tweet(runs, name):
     assert run.summary["task_ids"] == sorted(tweet_ids())
     assert run.summary["results_match_tasks"]
     assert run.summary["workers_used"] == WORKERS
+    images = {
+        (cloud.worker_processes()[i["InstanceId"]]["image"] or {}).get("flavour")
+        for i in demo.cluster_instances(cloud, cluster_id=run.cluster_id)
+    }
+    assert images == ({"debian-12"} if name == ON_DEBIAN else {None})
 
 
 def test_the_deferrable_run_waited_for_the_drain_in_the_triggerer(runs):

@@ -73,3 +73,32 @@ def launch_instance(cloud, user_data: bytes | str, image_id: str | None = None, 
         **params,
     )
     return answer["Instances"][0]["InstanceId"]
+
+
+BUNDLE_BUCKET = "ec2cluster-localcloud-tests"  # within the project policies' default pattern (ec2cluster-*)
+
+
+def stored_bundle(
+    cloud, cluster_id: str, code=(), requirements=(), *, python_version=None, bucket=BUNDLE_BUCKET
+):
+    """Build the cluster's bundle as the launch does, store it in the local cloud's S3; boot.json's entry."""
+    from airflow_ec2cluster.aws.s3 import bundle_object_key
+    from airflow_ec2cluster.bundle import Target, build_bundle
+    from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX
+
+    bundle = build_bundle(list(code), list(requirements), Target(python_version=python_version))
+    s3 = cloud.client("s3")
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        s3.create_bucket(Bucket=bucket)
+    key = bundle_object_key(DEFAULT_BUNDLE_PREFIX, cluster_id, bundle.sha256)
+    s3.upload_file(str(bundle.path), bucket, key)
+    return {"sha256": bundle.sha256, "size": bundle.size, "s3": {"bucket": bucket, "key": key}}
+
+
+def worker_user_data(cloud, config: dict, code=(), requirements=(), **render_options) -> bytes:
+    """User data of a worker running ``config``, with its bundle stored, as the launch renders it."""
+    from airflow_ec2cluster.userdata import render_user_data
+
+    bundle = stored_bundle(cloud, config["cluster_id"], code, requirements)
+    return render_user_data(config, bundle=bundle, **render_options)

@@ -14,7 +14,7 @@ from .helpers import launch_instance, wait_for
 
 # About 100 KB of numbered lines, then a last line: only the end fits in the 64 KB EC2 gives.
 NOISY = 'for i in $(seq 1 2000); do printf "line %05d %s\\n" "$i" "$(printf x%.0s $(seq 1 40))"; done\n'
-NOISY += 'echo "boot failed: no route to the queue" >&2\nexit 3\n'
+NOISY += 'echo "boot failed: no route to the queue" >&2\nshutdown -h now\n'
 
 
 def test_console_output_is_the_tail_of_a_file(tmp_path: Path):
@@ -39,7 +39,7 @@ def test_get_console_output_reads_the_instance_log(tmp_path: Path):
             answer = ec2.describe_instances(InstanceIds=[instance_id])
             return answer["Reservations"][0]["Instances"][0]["State"]["Name"]
 
-        wait_for(lambda: state(noisy) == "terminated", 30, "the noisy instance to exit and terminate")
+        wait_for(lambda: state(noisy) == "terminated", 30, "the noisy instance to shut down and terminate")
         answer = ec2.get_console_output(InstanceId=noisy)
         assert answer["InstanceId"] == noisy and answer["Timestamp"]
         text = answer["Output"]

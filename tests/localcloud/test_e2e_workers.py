@@ -1,6 +1,6 @@
 """End to end on the local cloud: three instances run the real worker from rendered user data.
 
-The user data is the launch's default: a loader that fetches the worker bundle from the state table.
+The user data is the launch's: a boot loader that fetches the cluster's bundle from S3 into a venv of its own.
 Terminating the instances while their workers sit in 20 s long polls stops each worker cleanly (status
 'stopped') well within the runner's grace period: none is killed.
 """
@@ -18,10 +18,8 @@ from ec2cluster_worker import records
 from ec2cluster_worker.config import WorkerConfig
 
 from airflow_ec2cluster.cluster import task_queue_name
-from airflow_ec2cluster.userdata import render_user_data
-from airflow_ec2cluster.workerbundle import BUNDLE_ATTRIBUTE, build_worker_bundle, bundle_key
 
-from .helpers import processes_in_groups, wait_for
+from .helpers import processes_in_groups, wait_for, worker_user_data
 
 TASKS = 200
 WORKERS = 3
@@ -87,15 +85,12 @@ def test_three_workers_run_two_hundred_tasks(tmp_path: Path):
             "idle_shutdown_seconds": 120,
         }
         WorkerConfig.from_dict(config)
-        bundle = build_worker_bundle()
-        key = {name: {"S": value} for name, value in bundle_key(cluster_id).items()}
-        dynamodb.put_item(TableName=table, Item={**key, BUNDLE_ATTRIBUTE: {"B": bundle.data}})
         enqueue(sqs, queue_url, TASKS)
         launched = ec2.run_instances(
             ImageId=cloud.ami_id,
             MinCount=WORKERS,
             MaxCount=WORKERS,
-            UserData=render_user_data(config, bundle_sha256=bundle.sha256),
+            UserData=worker_user_data(cloud, config),
             InstanceInitiatedShutdownBehavior="terminate",
             IamInstanceProfile={"Name": cloud.instance_profile_name},
             TagSpecifications=[

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from ec2cluster_localcloud import LocalCloud, cli
-from ec2cluster_localcloud.runner import InstanceProcess, plan
+from ec2cluster_localcloud.runner import POWER_OFF_MARKER, InstanceProcess, plan
 
 from .helpers import pid_alive, processes_in_groups, wait_for
 
-SLEEPER = "trap 'echo term > \"$EC2CLUSTER_HOME/got-term\"; exit 0' TERM\nwhile true; do sleep 0.1; done\n"
+SLEEPER = "trap 'echo term > \"$HOME/got-term\"; exit 0' TERM\nwhile true; do sleep 0.1; done\n"
 STUBBORN = "trap '' TERM\nwhile true; do sleep 0.1; done\n"
 
 
@@ -52,23 +52,28 @@ def test_local_cloud_lifecycle(tmp_path: Path):
 
         sleeper = launch(ec2, cloud.ami_id, SLEEPER)
         stubborn = launch(ec2, cloud.ami_id, STUBBORN)
-        exits_terminate = launch(ec2, cloud.ami_id, "echo bye; exit 0\n")
-        exits_stop = launch(ec2, cloud.ami_id, "exit 4\n", behavior=None)  # EC2's default: stop
+        exits_terminate = launch(ec2, cloud.ami_id, "echo bye; shutdown -h now\n")
+        exits_stop = launch(ec2, cloud.ami_id, "poweroff\n", behavior=None)  # EC2's default: stop
+        exits_only = launch(ec2, cloud.ami_id, "echo done; exit 0\n")
         left_running = launch(ec2, cloud.ami_id, SLEEPER)
 
-        # A process that exits by itself shuts its instance down the way EC2 would.
-        wait_for(lambda: state(ec2, exits_terminate) == "terminated", 15, "the exited instance to terminate")
-        wait_for(lambda: state(ec2, exits_stop) in ("stopping", "stopped"), 15, "the exited instance to stop")
-        processes = cloud.worker_processes()
-        assert processes[exits_stop]["returncode"] == 4
+        # An instance that shuts itself down ends the way EC2 says (InstanceInitiatedShutdownBehavior).
+        wait_for(
+            lambda: state(ec2, exits_terminate) == "terminated", 15, "the shut down instance to terminate"
+        )
+        wait_for(lambda: state(ec2, exits_stop) in ("stopping", "stopped"), 15, "the powered off one to stop")
         assert (tmp_path / "logs" / f"{exits_terminate}.log").read_text().strip() == "bye"
+        # One whose script merely exits keeps running (and billing), as on EC2.
+        wait_for(lambda: cloud.worker_processes()[exits_only]["returncode"] == 0, 15, "the script to exit")
+        cloud._runner.poll_once()  # a poll that sees the exited script
+        assert state(ec2, exits_only) == "running"
 
         # Each instance runs in its own process group, with its own identity and home.
         for instance_id in (sleeper, stubborn, left_running):
             wait_for(lambda i=instance_id: cloud.worker_processes().get(i, {}).get("alive"), 15, "a process")
         processes = cloud.worker_processes()
         groups = {info["pgid"] for info in processes.values() if info["pgid"]}
-        assert len(groups) == 5
+        assert len(groups) == 6
 
         # Terminating an instance sends SIGTERM to its group, then SIGKILL after the grace period.
         ec2.terminate_instances(InstanceIds=[sleeper, stubborn])
@@ -97,14 +102,23 @@ def test_plan_is_a_pure_decision(tmp_path: Path):
         def poll(self):
             return None
 
-    def record(process, term_sent_at=None):
-        return InstanceProcess(
-            "i", tmp_path, tmp_path / "log", "terminate", process, term_sent_at=term_sent_at
-        )
+    def record(process, term_sent_at=None, powered_off=False):
+        home = tmp_path / str(id(process))
+        home.mkdir()
+        if powered_off:  # what its shutdown command leaves
+            (home / POWER_OFF_MARKER).touch()
+        return InstanceProcess("i", home, tmp_path / "log", "terminate", process, term_sent_at=term_sent_at)
 
-    states = {"i-new": "pending", "i-old": "terminated", "i-exited": "running", "i-gone": "stopped"}
+    states = {
+        "i-new": "pending",
+        "i-old": "terminated",
+        "i-exited": "running",
+        "i-script-ended": "running",
+        "i-gone": "stopped",
+    }
     processes = {
-        "i-exited": record(Exited()),
+        "i-exited": record(Exited(), powered_off=True),
+        "i-script-ended": record(Exited()),  # exited without shutting down: keeps running, as on EC2
         "i-gone": record(Running()),
         "i-old": record(Running(), term_sent_at=100.0),
     }

@@ -13,7 +13,9 @@ the package index (the internet), printing one line per destination:
 
 from __future__ import annotations
 
+import shlex
 import socket
+import sys
 from pathlib import Path
 
 import boto3
@@ -27,8 +29,9 @@ from .helpers import launch_instance, wait_for, wait_for_log_line
 
 ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 # Every destination at once (threads), so that an instance that reaches nothing is done in about 2 s.
+# Run by this interpreter (the host is a process-backed instance's image; one with boto3, like a DLAMI's).
 PROBE = r"""
-"$EC2CLUSTER_PYTHON" - <<'PY'
+@PYTHON@ - <<'PY'
 import os, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -78,7 +81,7 @@ if held:
     print(f"DIRECT {held}", flush=True)
 print("REACH done", flush=True)
 PY
-"""
+""".replace("@PYTHON@", shlex.quote(sys.executable))
 
 
 def results(log: str) -> dict[str, str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shlex
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -127,13 +129,13 @@ def test_a_missing_project_is_fetched_once_from_upstream(tmp_path: Path):
 
 
 PIP_SCRIPT = f"""
-if "$EC2CLUSTER_PYTHON" -m pip install --no-deps --no-cache-dir --disable-pip-version-check --quiet \\
+if @PYTHON@ -m pip install --no-deps --no-cache-dir --disable-pip-version-check --quiet \\
     --timeout 2 --retries 0 --index-url "$PIP_INDEX_URL" --target "$HOME/site" {MODULE}; then
-  echo "PIP ok $(PYTHONPATH="$HOME/site" "$EC2CLUSTER_PYTHON" -c 'import {MODULE}; print({MODULE}.VALUE)')"
+  echo "PIP ok $(PYTHONPATH="$HOME/site" @PYTHON@ -c 'import {MODULE}; print({MODULE}.VALUE)')"
 else
   echo "PIP failed $?"
 fi
-"""
+""".replace("@PYTHON@", shlex.quote(sys.executable))
 
 
 @pytest.mark.timeout(120)

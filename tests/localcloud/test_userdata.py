@@ -1,4 +1,9 @@
-"""The instance bootstrap script: size, no credentials, round trip, valid bash, and a worker that imports."""
+"""The instance bootstrap script: size, no credentials, round trip, valid bash, and what it runs, in order.
+
+The script's logic is run here with stand-ins for the image's commands (interpreters that report a version,
+a ``shutdown`` that records it); the real boot loader and worker run on the local cloud's instances (tests in
+tests/reliability and tests/localcloud/test_image_bootstrap.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import gzip
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from airflow_ec2cluster.userdata import (
     USER_DATA_LIMIT_BYTES,
     CredentialsInUserData,
     UserDataTooLarge,
+    boot_loader_source,
     config_from_script,
     parse_user_data,
     render_user_data,
@@ -30,19 +35,17 @@ CONFIG = {
 }
 EXAMPLE_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example
 ACCESS_KEY_PATTERN = re.compile(r"(AKIA|ASIA)[A-Z0-9]{16}")
-BUNDLE_SHA256 = "ab" * 32
-PIP_WORKER = "pip:ec2cluster-worker==0.1.0"
+BUNDLE = {"sha256": "ab" * 32, "size": 1234, "s3": {"bucket": "b", "key": "ec2cluster/bundles/c/x.zip"}}
 
 
-def render(config: dict, **kwargs) -> bytes:
-    """User data in the launch's default mode: a loader for the worker bundle in the state table."""
-    return render_user_data(config, bundle_sha256=BUNDLE_SHA256, **kwargs)
+def render(config: dict = CONFIG, **kwargs) -> bytes:
+    return render_user_data(config, bundle=BUNDLE, **kwargs)
 
 
-def test_user_data_is_gzip_and_small():
-    data = render(CONFIG)
+def test_user_data_is_gzip_and_fits_with_room_to_spare():
+    data = render()
     assert data[:2] == b"\x1f\x8b"
-    assert len(data) <= USER_DATA_LIMIT_BYTES // 4
+    assert len(data) <= USER_DATA_LIMIT_BYTES - 6_000  # room for a handler's options
     assert gzip.decompress(data).decode() == parse_user_data(data)
 
 
@@ -50,42 +53,45 @@ def test_rendering_is_deterministic():
     assert render(CONFIG) == render(dict(reversed(list(CONFIG.items()))))
 
 
-def test_round_trip_gives_back_the_config():
-    script = parse_user_data(render(CONFIG, requirements=["requests==2.32.3"]))
+def test_round_trip_gives_back_the_config_and_carries_the_boot_loader():
+    script = parse_user_data(render())
     assert config_from_script(script) == CONFIG
+    assert boot_loader_source() in script
 
 
 def test_parse_accepts_plain_text():
     assert parse_user_data(b"#!/bin/bash\necho hi\n") == "#!/bin/bash\necho hi\n"
 
 
-def test_too_large_user_data_names_size_limit_and_fix():
-    requirements = [f"package-{i:05d}-{os.urandom(8).hex()}==1.0" for i in range(2000)]
+def test_too_large_user_data_names_the_limit_and_the_fix():
+    big = {
+        **CONFIG,
+        "output": {"type": "custom", "target": "m:C", "options": {"blob": os.urandom(20_000).hex()}},
+    }
     with pytest.raises(UserDataTooLarge) as raised:
-        render(CONFIG, requirements=requirements)
+        render(big)
     message = str(raised.value)
-    assert "16,384" in message and "fewer requirements" in message and 'worker_source="pip:' in message
+    assert "16,384" in message and "worker_options" in message
     assert re.search(r"user data is [\d,]+ bytes", message)
-    assert isinstance(raised.value, ValueError)
 
 
-def test_pip_worker_source_installs_the_worker():
-    data = render_user_data(CONFIG, worker_source=PIP_WORKER)
-    script = parse_user_data(data)
-    assert "pip install --quiet --timeout 10 --retries 2 ec2cluster-worker==0.1.0" in script
-    assert "src/ec2cluster_worker" not in script
-    assert len(data) < 2_000
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"python": ["python3; rm -rf /"]}, "python"),
+        ({"python": []}, "python"),
+        ({"python_version": "3"}, "python_version"),
+        ({"python_version": "3.11; true"}, "python_version"),
+    ],
+)
+def test_bad_python_choices_are_refused_naming_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        render(**change)
 
 
-@pytest.mark.parametrize("worker_source", ["pip:", "wheel.whl", "pip:\n"])
-def test_bad_worker_source_is_refused(worker_source):
-    with pytest.raises(ValueError, match="worker_source"):
-        render_user_data(CONFIG, worker_source=worker_source)
-
-
-def test_the_removed_embedded_mode_says_what_to_use_instead():
-    with pytest.raises(ValueError, match=r'"embedded" is no longer offered.*16 KB.*use "table"'):
-        render_user_data(CONFIG, worker_source="embedded")
+def test_a_bundle_needs_its_sha256():
+    with pytest.raises(ValueError, match="SHA-256"):
+        render_user_data(CONFIG, bundle={**BUNDLE, "sha256": "nope"})
 
 
 @pytest.mark.parametrize(
@@ -103,62 +109,136 @@ def test_credentials_in_config_are_refused(config_change):
 
 
 def test_script_carries_no_credential_looking_string():
-    script = parse_user_data(render(CONFIG))
+    script = parse_user_data(render())
     assert not ACCESS_KEY_PATTERN.search(script)
     assert "aws_secret_access_key" not in script.lower()
 
 
 def test_script_is_valid_bash():
-    for data in (render(CONFIG), render_user_data(CONFIG, worker_source="pip:ec2cluster-worker")):
-        result = subprocess.run(["bash", "-n"], input=parse_user_data(data), text=True, capture_output=True)
-        assert result.returncode == 0, result.stderr
-
-
-def test_running_the_script_writes_the_config_and_runs_the_worker(tmp_path: Path):
-    # pip mode with installs skipped: the worker comes from PYTHONPATH (the table mode's loader has its own
-    # tests in tests/test_workerbundle.py).
-    script_path = tmp_path / "user-data.sh"
-    script_path.write_text(parse_user_data(render_user_data(CONFIG, worker_source=PIP_WORKER)))
-    home = tmp_path / "home"
-    # A fake interpreter on PATH stands in for "python3": it records the worker's command line and checks
-    # that the written configuration validates.
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import json, sys, ec2cluster_worker.config as c\n"
-        "args = sys.argv[1:]\n"
-        "assert args[:3] == ['-m', 'ec2cluster_worker', '--config'], args\n"
-        "c.WorkerConfig.from_dict(json.load(open(args[3])))\n"
-        "print('worker-config', args[3])\n"
-    )
-    fake_python = tmp_path / "fakepython"
-    fake_python.write_text(f'#!/bin/bash\nexec {sys.executable} {probe} "$@"\n')
-    fake_python.chmod(0o755)
-    env = {
-        **os.environ,
-        "EC2CLUSTER_HOME": str(home),
-        "EC2CLUSTER_SKIP_INSTALL": "1",
-        "EC2CLUSTER_NO_SHUTDOWN": "1",
-        "EC2CLUSTER_PYTHON": str(fake_python),
-    }
-    result = subprocess.run(["bash", str(script_path)], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", "-n"], input=parse_user_data(render()), text=True, capture_output=True)
     assert result.returncode == 0, result.stderr
-    assert f"worker-config {home}/config.json" in result.stdout
-    assert config_from_script(script_path.read_text()) == CONFIG
 
 
-def test_worker_exit_status_is_the_script_status_and_no_shutdown_is_honoured(tmp_path: Path):
-    script_path = tmp_path / "user-data.sh"
-    script_path.write_text(parse_user_data(render_user_data(CONFIG, worker_source=PIP_WORKER)))
-    fake_python = tmp_path / "fakepython"
-    fake_python.write_text("#!/bin/bash\nexit 7\n")
-    fake_python.chmod(0o755)
+# Running the script with stand-ins for the image's commands.
+
+FAKE_PYTHON = """#!/bin/bash
+# A stand-in interpreter of version {version}: answers the bootstrap's version checks; "runs" boot.py by
+# recording it and making the venv's python (which records the worker's command line).
+log={log}
+case "$1" in
+  -c)
+    case "$2" in
+      *print*) echo {version} ;;
+      *sys.exit*) [ "{old}" = 1 ] && exit 1; exit 0 ;;
+    esac ;;
+  *boot.py)
+    echo "boot {name} $*" >> "$log"
+    [ -e {fail_venv} ] && {{ rm {fail_venv}; exit 4; }}
+    mkdir -p "$EC2CLUSTER_HOME/venv/bin"
+    venv_python="$EC2CLUSTER_HOME/venv/bin/python"
+    printf '#!/bin/bash\\necho "worker $*" >> %s\\nexit {worker_status}\\n' "$log" > "$venv_python"
+    chmod 755 "$venv_python"
+    exit {boot_status} ;;
+esac
+"""
+
+
+def fake_image(tmp_path: Path, pythons: dict[str, str], *, boot_status=0, worker_status=0, fail_venv=False):
+    """A PATH of stand-ins: interpreters named like ``pythons`` (name -> version), shutdown, apt-get."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "log"
+    flag = tmp_path / "fail-venv"
+    if fail_venv:
+        flag.touch()
+    for name, version in pythons.items():
+        path = bin_dir / name
+        path.write_text(
+            FAKE_PYTHON.format(
+                version=version,
+                old=int(tuple(map(int, version.split("."))) < (3, 9)),
+                log=log,
+                name=name,
+                fail_venv=flag,
+                boot_status=boot_status,
+                worker_status=worker_status,
+            )
+        )
+        path.chmod(0o755)
+    for name, body in {
+        "shutdown": 'echo "shutdown $*" >> {log}',
+        "apt-get": 'echo "apt-get $*" >> {log}',
+    }.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body.format(log=log) + "\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, log
+
+
+def run_script(tmp_path: Path, bin_dir: Path, **render_options) -> subprocess.CompletedProcess:
+    script = tmp_path / "user-data.sh"
+    script.write_text(parse_user_data(render(**render_options)))
     env = {
-        **os.environ,
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
         "EC2CLUSTER_HOME": str(tmp_path / "home"),
-        "EC2CLUSTER_SKIP_INSTALL": "1",
-        "EC2CLUSTER_NO_SHUTDOWN": "1",
-        "EC2CLUSTER_PYTHON": str(fake_python),
+        "EC2CLUSTER_CLOUD_DIR": str(tmp_path / "cloud"),
     }
-    result = subprocess.run(["bash", str(script_path)], env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 7
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_script_picks_the_first_interpreter_of_the_bundles_version_then_runs_the_worker(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"python3": "3.9", "py311": "3.11", "py312": "3.12"})
+    result = run_script(tmp_path, bin_dir, python=["python3", "py311", "py312"], python_version="3.11")
+    lines = log.read_text().splitlines()
+    home = tmp_path / "home"
+    assert lines[0] == f"boot py311 {home}/boot.py {home}/boot.json", result.stderr
+    assert lines[1] == f"worker -m ec2cluster_worker --config {home}/config.json"
+    assert lines[2] == "shutdown -h now"  # the worker exited: the instance powers off
+    assert config_from_script((tmp_path / "user-data.sh").read_text()) == CONFIG
+    assert (home / "worker-started").exists()
+    # Registered for every later boot (cloud-init's per-boot scripts).
+    per_boot = tmp_path / "cloud" / "scripts" / "per-boot" / "ec2cluster.sh"
+    assert str(home / "start.sh") in per_boot.read_text() and os.access(per_boot, os.X_OK)
+
+
+def test_without_a_version_any_python_from_3_9_will_do_in_the_given_order(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"old": "3.8", "python3": "3.12"})
+    run_script(tmp_path, bin_dir, python=["missing", "old", "python3"])
+    assert log.read_text().splitlines()[0].startswith("boot python3 ")
+
+
+def test_no_suitable_interpreter_is_said_on_the_console_and_the_instance_powers_off(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"python3": "3.11"})
+    result = run_script(tmp_path, bin_dir, python=["python3", "/opt/conda/bin/python"], python_version="3.12")
+    assert "bootstrap finished with status 1" in result.stderr
+    assert (
+        "ec2cluster: startup-failed: no Python 3.12 among: python3 /opt/conda/bin/python "
+        "(found: python3=3.11)" in result.stderr
+    )
+    assert log.read_text().splitlines() == ["shutdown -h now"]
+
+
+def test_a_boot_loader_failure_powers_the_instance_off_without_running_the_worker(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"python3": "3.11"}, boot_status=1)
+    result = run_script(tmp_path, bin_dir)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("boot python3") and lines[-1] == "shutdown -h now"
+    assert not any(line.startswith("worker") for line in lines)
+    assert "bootstrap finished with status 1" in result.stderr
+
+
+def test_an_image_without_venv_support_gets_the_distributions_package_then_boots(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"python3": "3.11"}, fail_venv=True)
+    run_script(tmp_path, bin_dir)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("boot python3")
+    assert lines[1].startswith("apt-get") and "update" in lines[1]
+    assert lines[2].startswith("apt-get") and "install -y --no-install-recommends python3.11-venv" in lines[2]
+    assert "DPkg::Lock::Timeout=120" in lines[2]
+    assert lines[3].startswith("boot python3") and lines[4].startswith("worker")
+
+
+def test_the_worker_exit_status_is_said_on_the_console_then_the_power_goes(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"python3": "3.11"}, worker_status=7)
+    result = run_script(tmp_path, bin_dir)
     assert "bootstrap finished with status 7" in result.stderr
+    assert log.read_text().splitlines()[-1] == "shutdown -h now"

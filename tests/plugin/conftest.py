@@ -84,7 +84,6 @@ def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks:
         image_id=ami_id,
         instance_type="t3.micro",
         handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
-        worker_source="pip:ec2cluster-worker==0.1.0",
         **common,
     ).execute(context)
     return {**enqueued, **descriptor}

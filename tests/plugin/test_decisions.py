@@ -107,6 +107,37 @@ def test_never_reported_only_after_boot_timeout():
     assert "1 booting" in decision.progress
 
 
+def booting_item(wid: str, step: str, last_sign_ago: float) -> WorkerStatus:
+    """The boot loader's item (ec2cluster_worker.boot): state booting, its step, no counts."""
+    return WorkerStatus(
+        worker_id=wid,
+        state="booting",
+        started_at=NOW - 5000,
+        heartbeat_at=NOW - last_sign_ago,
+        busy=False,
+        tasks_done=0,
+        tasks_failed=0,
+        step=step,
+    )
+
+
+def test_a_long_install_is_kept_while_it_shows_signs_of_life_and_reaped_once_silent():
+    # Both launched long ago (past boot_timeout): one still writes its booting item, one stopped writing.
+    moving = booting_item("i-1", "fetching bundle (900 of 2100 MB)", last_sign_ago=20)
+    stalled = booting_item("i-2", "unpacking bundle", last_sign_ago=601)
+    decision = decide(
+        snapshot(
+            [instance("i-1", launched_ago=5000), instance("i-2", launched_ago=5000), instance("i-3")],
+            [moving, stalled, worker("i-3")],
+        )
+    )
+    assert reasons(decision) == {"i-2": REASON_NEVER_REPORTED}
+    assert "booting (unpacking bundle), no sign of life for 601s" in decision.reap[0].detail
+    # A booting instance is capacity, not a worker: counted as booting, never as idle or busy.
+    assert "1 busy/0 idle/1 booting" in decision.progress, decision.progress
+    assert decision.launch == 1  # the reaped one is replaced
+
+
 def test_stopped_worker_on_running_instance_and_stopped_instance_are_reaped():
     exited = worker("i-1", state="stopped", stop_reason="idle", busy=False)
     decision = decide(snapshot([instance("i-1"), instance("i-2", state="stopped")], [exited, worker("i-2")]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import boto3
 import pytest
@@ -32,8 +33,6 @@ def launch(cluster_id: str, ami_id: str, **kwargs) -> EC2ClusterLaunchOperator:
         "instance_type": "t3.micro",
         "handler": HANDLER,
         "worker_options": {"idle_shutdown_seconds": 60},
-        # pip: keeps these tests independent of the worker bundle (table mode has its own tests).
-        "worker_source": "pip:ec2cluster-worker==0.1.0",
     }
     params.update(kwargs)
     return EC2ClusterLaunchOperator(**params)
@@ -92,8 +91,12 @@ def test_validation_errors_launch_nothing_and_name_every_field(queues, context, 
 
 
 def test_user_data_too_large_is_a_validation_error(queues, context, cluster_id, ami_id, instance_profile):
-    requirements = [f"package-{i}=={i}.0.{i}" for i in range(3000)]
-    operator = launch(cluster_id, ami_id, requirements=requirements)
+    sink = {
+        "type": "custom",
+        "target": "ec2cluster_worker.sinks:NoSuchSink",
+        "options": {"blob": os.urandom(20_000).hex()},
+    }
+    operator = launch(cluster_id, ami_id, worker_options={"output": sink})
     with pytest.raises(AirflowException, match="user data: .*16,384"):
         operator.execute(context)
     assert cluster_instances(cluster_id) == []

@@ -26,6 +26,17 @@ def plan_of(plan) -> tuple:
     return (plan.action, plan.generation, plan.count, plan.token)
 
 
+@pytest.fixture
+def jobs_code(tmp_path) -> list[str]:
+    """A package ``jobs`` of the user's (shipped in the bundle), with a broken and a fixed handler."""
+    package = tmp_path / "jobs"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "broken.py").write_text("import no_such_dependency\n")
+    (package / "fixed.py").write_text("def run(payload, context):\n    return payload\n")
+    return [str(package)]
+
+
 # -- the decision ------------------------------------------------------------------------------------------
 
 
@@ -82,16 +93,18 @@ def user_data_of(spec: LaunchSpec) -> str:
 
 @pytest.mark.usefixtures("queues")
 def test_a_re_run_after_every_worker_is_gone_launches_from_the_current_arguments(
-    context, cluster_id, ami_id, instance_profile
+    context, cluster_id, ami_id, instance_profile, jobs_code
 ):
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
-    first = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.broken:run"})
+    first = launch(
+        cluster_id, ami_id, handler={"type": "python", "target": "jobs.broken:run"}, code=jobs_code
+    )
     first_ids = first.execute(context)["instance_ids"]
     # The drain used the whole budget and every worker stopped (their instances terminated themselves).
     hook.update_meta(TABLE, cluster_id, MetaUpdate(replacements_launched=4, consecutive_empty=1))
     boto3.client("ec2", region_name=REGION).terminate_instances(InstanceIds=first_ids)
 
-    fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"})
+    fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"}, code=jobs_code)
     runs = record_calls(fixed, "RunInstances")
     second = fixed.execute(context)
 
@@ -109,14 +122,14 @@ def test_a_re_run_after_every_worker_is_gone_launches_from_the_current_arguments
 
 @pytest.mark.usefixtures("queues")
 def test_a_fix_while_old_workers_still_run_launches_nothing_and_renews_the_budget(
-    context, cluster_id, ami_id, instance_profile
+    context, cluster_id, ami_id, instance_profile, jobs_code
 ):
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
-    ids = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.broken:run"}).execute(
-        context
-    )["instance_ids"]
+    ids = launch(
+        cluster_id, ami_id, handler={"type": "python", "target": "jobs.broken:run"}, code=jobs_code
+    ).execute(context)["instance_ids"]
     hook.update_meta(TABLE, cluster_id, MetaUpdate(replacements_launched=4))
-    fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"})
+    fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"}, code=jobs_code)
     runs = record_calls(fixed, "RunInstances")
     assert sorted(fixed.execute(context)["instance_ids"]) == sorted(ids) and runs == []
     meta = hook.get_meta(TABLE, cluster_id)

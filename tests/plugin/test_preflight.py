@@ -26,8 +26,6 @@ from tests.plugin.conftest import REGION
 from tests.plugin.test_launch import TABLE, cluster_instances, launch, record_calls
 from tests.plugin.test_launch import queues as queues  # noqa: F401  (the fixture)
 
-TABLE_MODE = {"worker_source": "table"}  # the worker from the state table: nothing to install
-
 
 @pytest.fixture
 def ec2(aws):
@@ -50,7 +48,7 @@ def refused(operator, context) -> str:
 def test_the_default_vpc_works_in_public_mode_and_teardown_deletes_the_clusters_group(
     queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
-    descriptor = launch(cluster_id, ami_id, **TABLE_MODE).execute(context)
+    descriptor = launch(cluster_id, ami_id).execute(context)
     (group,) = cluster_groups(ec2, cluster_id)
     assert descriptor["launch_spec"]["security_group_ids"] == [group]
     assert descriptor["launch_spec"]["associate_public_ip"] is True
@@ -71,7 +69,7 @@ def test_a_private_subnet_with_neither_nat_nor_endpoints_launches_nothing(
 ):
     layout = private_vpc(ec2)
     message = refused(
-        launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet], **TABLE_MODE),
+        launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet]),
         context,
     )
     assert f"subnet {layout.private_subnet} (us-east-1a) of {layout.vpc_id}" in message
@@ -87,42 +85,31 @@ def test_public_mode_in_a_private_subnet_says_what_would_work(
     queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
-    message = refused(launch(cluster_id, ami_id, subnet_id=layout.private_subnet, **TABLE_MODE), context)
+    message = refused(launch(cluster_id, ami_id, subnet_id=layout.private_subnet), context)
     assert f"route table {layout.private_table} has no route for 0.0.0.0/0" in message
     assert "a subnet whose route table sends 0.0.0.0/0 to an internet gateway" in message
     # With a NAT gateway the same subnet works in either mode (a public IP would only be billed).
     add_nat_gateway(ec2, layout)
-    launch(cluster_id, ami_id, subnet_id=layout.private_subnet, network="private", **TABLE_MODE).execute(
-        context
-    )
+    launch(cluster_id, ami_id, subnet_id=layout.private_subnet, network="private").execute(context)
 
 
-def test_endpoints_without_a_nat_refuse_a_bootstrap_that_needs_the_package_index(
+def test_endpoints_without_s3_refuse_the_launch_the_bundle_could_not_reach_the_instances(
     queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
-    add_endpoints(ec2, layout, REGION)
-    operator = launch(
-        cluster_id,
-        ami_id,
-        network="private",
-        subnet_ids=[layout.private_subnet],
-        requirements=["pandas==2.2.3"],
-        **TABLE_MODE,
-    )
+    add_endpoints(ec2, layout, REGION, services=("dynamodb", "sqs"))
+    operator = launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet])
     message = refused(operator, context)
-    assert "cannot reach a package index (the internet)" in message
-    assert "requirements ['pandas==2.2.3'] need a package index" in message
-    assert "no VPC endpoint reaches the internet" in message and "NAT gateway" in message
+    assert "cannot reach s3" in message and "gateway endpoint" in message
     assert "dynamodb" not in message.split("Fix:")[0]  # the endpoints carry those
 
 
-def test_endpoints_and_nothing_to_install_launch_in_a_private_subnet(
+def test_endpoints_launch_in_a_private_subnet_without_internet(
     queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     layout = private_vpc(ec2)
     add_endpoints(ec2, layout, REGION)
-    operator = launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet], **TABLE_MODE)
+    operator = launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet])
     runs = record_calls(operator, "RunInstances")
     operator.execute(context)
     (params,) = runs
@@ -143,7 +130,7 @@ def test_an_interface_endpoint_in_the_default_group_does_not_admit_the_cluster(
         PrivateDnsEnabled=True,
     )
     message = refused(
-        launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet], **TABLE_MODE),
+        launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet]),
         context,
     )
     assert "for sqs does not admit the instances on TCP 443" in message and "default group" in message
@@ -153,7 +140,7 @@ def test_a_security_group_without_egress_launches_nothing(
     queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
     group = group_without_egress(ec2, default_vpc(ec2))
-    message = refused(launch(cluster_id, ami_id, security_group_ids=[group], **TABLE_MODE), context)
+    message = refused(launch(cluster_id, ami_id, security_group_ids=[group]), context)
     assert f"security groups {group} allow no HTTPS egress (TCP 443) towards dynamodb, sqs" in message
     assert "leave security_group_ids out" in message
 
@@ -161,7 +148,7 @@ def test_a_security_group_without_egress_launches_nothing(
 def test_an_image_of_another_architecture_than_the_instance_type(
     queues, context, cluster_id, ami_id, instance_profile, ec2
 ):
-    message = refused(launch(cluster_id, ami_id, instance_type="c7g.large", **TABLE_MODE), context)
+    message = refused(launch(cluster_id, ami_id, instance_type="c7g.large"), context)
     assert "is x86_64 but instance_type c7g.large runs arm64" in message
 
 
@@ -170,11 +157,11 @@ def test_subnets_of_two_vpcs_and_an_unknown_network_mode(
 ):
     first, second = private_vpc(ec2), private_vpc(ec2)
     message = refused(
-        launch(cluster_id, ami_id, subnet_ids=[first.public_subnet, second.public_subnet], **TABLE_MODE),
+        launch(cluster_id, ami_id, subnet_ids=[first.public_subnet, second.public_subnet]),
         context,
     )
     assert "the subnets are in several VPCs" in message
-    message = refused(launch(cluster_id, ami_id, network="internet", **TABLE_MODE), context)
+    message = refused(launch(cluster_id, ami_id, network="internet"), context)
     assert "network: 'internet' is not a network mode" in message
 
 
@@ -195,10 +182,14 @@ def test_doctor_prints_each_subnets_paths_and_the_problems(aws, ec2, capsys):
     assert f"ok   {layout.private_subnet} (us-east-1a): dynamodb via gateway endpoint vpce-" in out
     assert "sqs via interface endpoint vpce-" in out and "No problem found" in out
 
-    assert run_doctor(*args, "--requirements", "torch") == 1
+    assert "s3 via gateway endpoint vpce-" in out
+
+    without_s3 = private_vpc(ec2)
+    add_endpoints(ec2, without_s3, REGION, services=("dynamodb", "sqs"))
+    assert run_doctor("--network", "private", "--subnet-ids", without_s3.private_subnet) == 1
     out = capsys.readouterr().out
-    assert f"FAIL {layout.private_subnet} (us-east-1a)" in out and "internet: NO PATH" in out
-    assert "1 problem(s); the launch would launch nothing" in out and "package index" in out
+    assert f"FAIL {without_s3.private_subnet} (us-east-1a)" in out and "s3: NO PATH" in out
+    assert "1 problem(s); the launch would launch nothing" in out
 
     assert run_doctor() == 0  # the default VPC, public
     out = capsys.readouterr().out

@@ -46,7 +46,6 @@ def cluster(aws_endpoint):
         instance_type="t3.micro",
         instance_profile=None,
         handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
-        worker_source="pip:ec2cluster-worker==0.1.0",
         **COMMON,
     ).execute(context)
     return {**enqueued, **descriptor}

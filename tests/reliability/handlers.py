@@ -1,4 +1,4 @@
-"""Task handlers for the reliability tests (imported by worker processes from the repository root)."""
+"""Task handlers for the reliability tests, shipped to the workers in the bundle (``handlers:<name>``)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def tamper(payload: Any, context: Any) -> dict[str, Any]:
             ExpressionAttributeValues={":n": {"N": "500"}},
         ),
         "delete META": lambda: dynamodb.delete_item(TableName=table, Key=meta_key),
-        "overwrite the worker bundle": lambda: dynamodb.put_item(
-            TableName=table, Item={"pk": meta_key["pk"], "sk": {"S": "WORKER"}, "bundle": {"B": b"evil"}}
+        "overwrite the cluster's bundle": lambda: boto3.client("s3", region_name=region).put_object(
+            Bucket=payload["bundle_bucket"], Key=payload["bundle_key"], Body=b"evil"
         ),
         "receive from an unrelated queue": lambda: sqs.receive_message(
             QueueUrl=payload["unrelated_queue_url"]

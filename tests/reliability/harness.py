@@ -38,6 +38,8 @@ from tests.localcloud.helpers import wait_for
 # Every state in which an instance still costs something or could come back.
 NOT_GONE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 INSTANCE_TYPE = "t3.micro"
+# The tests' handlers, shipped to the workers in the cluster's bundle (targets "handlers:<function>").
+HANDLERS_MODULE = Path(__file__).resolve().parent / "handlers.py"
 # Short worker timings: a killed worker's messages come back within seconds, idle workers leave soon.
 FAST_WORKER = {
     "wait_time_seconds": 1,
@@ -122,17 +124,18 @@ class Job:
         launch_options: dict[str, Any] | None = None,
         **worker_options: Any,
     ) -> dict[str, Any]:
-        operator = EC2ClusterLaunchOperator(
-            task_id="launch",
-            num_workers=num_workers,
-            image_id=self.cloud.ami_id,
-            instance_type=INSTANCE_TYPE,
-            instance_profile=self.cloud.instance_profile_name,
-            handler={"type": "python", "target": handler},
-            worker_options={**FAST_WORKER, **worker_options},
+        params: dict[str, Any] = {
+            "task_id": "launch",
+            "num_workers": num_workers,
+            "image_id": self.cloud.ami_id,
+            "instance_type": INSTANCE_TYPE,
+            "instance_profile": self.cloud.instance_profile_name,
+            "handler": {"type": "python", "target": handler},
+            "worker_options": {**FAST_WORKER, **worker_options},
+            "code": [str(HANDLERS_MODULE)],
             **self.common,
-            **(launch_options or {}),
-        )
+        }
+        operator = EC2ClusterLaunchOperator(**{**params, **(launch_options or {})})
         self.xcom["launch"] = operator.execute(self.context)
         return self.xcom["launch"]
 

@@ -18,11 +18,11 @@ from airflow_ec2cluster.hooks.sqs_send import MessageTooLarge
 from airflow_ec2cluster.operators import EC2ClusterEnqueueOperator, EC2ClusterLaunchOperator
 from airflow_ec2cluster.packing import MAX_MESSAGE_BYTES
 
-from .harness import TaskInstance
+from .harness import HANDLERS_MODULE, TaskInstance
 
 REGION = "us-east-1"
 MOTO_AMI_ID = "ami-03cf127a"
-HANDLER = {"type": "python", "target": "tests.reliability.handlers:double"}
+HANDLER = {"type": "python", "target": "handlers:double"}
 
 
 @pytest.fixture
@@ -59,6 +59,7 @@ def launch(job, **overrides):
         "image_id": MOTO_AMI_ID,
         "instance_type": "t3.micro",
         "handler": HANDLER,
+        "code": [str(HANDLERS_MODULE)],
         **job["common"],
         **overrides,
     }
@@ -79,7 +80,16 @@ def instances() -> list:
         ({"num_workers": -3}, "num_workers", "positive integer"),
         ({"num_workers": 2, "min_workers": 3}, "min_workers", "more than num_workers"),
         ({"min_workers": 0}, "min_workers", "below 1"),
-        ({"requirements": [f"package-{uuid.uuid4().hex}=={i}" for i in range(800)]}, "user data", "fewer"),
+        ({"requirements": [f"package-{uuid.uuid4().hex}==1"]}, "requirements: no wheel of 'package-", "AMI"),
+        ({"requirements": ["s3://bucket/wheel.whl"]}, "requirements", "pip cannot install s3://"),
+        ({"code": ["/no/such/module.py"]}, "code", "not found"),
+        (
+            {"handler": {"type": "python", "target": "mytasks:run"}},
+            "handler.target: module 'mytasks'",
+            "code=",
+        ),
+        ({"python_version": "3.x"}, "python_version", ""),
+        ({"boot_timeout": 1}, "boot_timeout", "at least 10"),
         ({"handler": {"type": "python", "target": "not an import path"}}, "handler.target", ""),
         ({"worker_options": {"max_messages": 0}}, "max_messages", ""),
         ({"worker_options": {"visibility_timeout_seconds": -1}}, "visibility_timeout_seconds", ""),

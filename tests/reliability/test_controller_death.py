@@ -31,7 +31,7 @@ def test_workers_stop_by_themselves_when_the_controller_dies(cloud_env, tmp_path
     tasks[-1]["gate"] = str(gate)
     job.enqueue(tasks)
     # The gated task waits for the sensor's start-up (Airflow's imports) and two pokes: a long task timeout.
-    job.launch(WORKERS, "tests.reliability.handlers:double", task_timeout_seconds=300)
+    job.launch(WORKERS, "handlers:double", task_timeout_seconds=300)
     output = (tmp_path / "sensor.out").open("w")
     sensor = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.sensor_process", job.cluster_id, job.state_table],

@@ -27,7 +27,7 @@ def test_sigterm_to_every_worker_hands_back_its_messages(cloud_env):
     job = Job(cloud_env, "sigterm")
     tasks = [{"n": n, "sleep": TASK_SECONDS} for n in range(TASKS)]
     job.enqueue(tasks, visibility_timeout=VISIBILITY_SECONDS)
-    job.launch(WORKERS, "tests.reliability.handlers:double", visibility_timeout_seconds=VISIBILITY_SECONDS)
+    job.launch(WORKERS, "handlers:double", visibility_timeout_seconds=VISIBILITY_SECONDS)
     observed: dict[str, object] = {}
 
     def queue_counts():

@@ -14,13 +14,14 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import boto3
 import botocore
 import pytest
 from ec2cluster_localcloud import LocalCloud
 from ec2cluster_localcloud.project import CONTROLLER_USER, apply_project_policies, iam_policy_documents
-from ec2cluster_worker import records
+from ec2cluster_worker import boot, records
 from ec2cluster_worker.aws import AwsClients
 from ec2cluster_worker.config import S3OutputSpec
 from ec2cluster_worker.logs import EventLog
@@ -30,8 +31,11 @@ from ec2cluster_worker.status import StatusWriter, WorkerStatus
 from ec2cluster_worker.tasklog import TaskLog
 from ec2cluster_worker.taskqueue import TaskQueue
 
+from airflow_ec2cluster.aws.s3 import bundle_object_key, cluster_bundles_prefix
 from airflow_ec2cluster.cluster import LaunchSpec, cluster_tags
+from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+from airflow_ec2cluster.meta import MetaUpdate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -39,8 +43,11 @@ OUTPUT_TABLE = "ec2cluster-necessity-out"
 BUCKET = "ec2cluster-necessity"
 MANIFEST = f"s3://{BUCKET}/in/tasks.jsonl"
 STATE_TABLE = "ec2cluster-state"
-ACCESS_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"}
+# HeadBucket and HeadObject answer a bare HTTP status: 403 is their AccessDenied.
+ACCESS_ERRORS = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "403"}
 SPOT_ROLE = "AWSServiceRoleForEC2Spot"
+HEAD_ACTIONS = {"HeadBucket": "s3:ListBucket", "HeadObject": "s3:GetObject"}
+BUNDLE_FILE = Path(__file__)  # any file will do as a bundle's bytes
 
 
 class Denied(Exception):
@@ -50,6 +57,8 @@ class Denied(Exception):
 def refused(error: Exception) -> bool:
     if isinstance(error, botocore.exceptions.ClientError):
         return error.response["Error"]["Code"] in ACCESS_ERRORS
+    if isinstance(error, boto3.exceptions.S3UploadFailedError):  # boto3's transfer wraps the ClientError
+        return "(AccessDenied)" in str(error)
     return isinstance(error, Denied)
 
 
@@ -139,12 +148,20 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
     def check_output_table() -> None:
         assert hook.table_exists(OUTPUT_TABLE)
 
+    def store_and_delete_bundle() -> None:
+        # What the launch and the teardown do with the cluster's bundle (the bucket exists already).
+        key = bundle_object_key(DEFAULT_BUNDLE_PREFIX, cluster, "0" * 64)
+        hook.put_bundle(BUNDLE_FILE, BUCKET, key, "0" * 64)
+        assert hook.delete_objects_under(BUCKET, cluster_bundles_prefix(DEFAULT_BUNDLE_PREFIX, cluster)) == 1
+
     def check_profile() -> None:
         assert hook.instance_profile_exists(cloud.instance_profile_name)
 
     return {
         "ClusterQueues": lambda: hook.ensure_queues(cluster),
-        "StateTable": lambda: hook.put_worker_bundle(STATE_TABLE, cluster, b"zip", "0" * 64),
+        "StateTable": lambda: hook.update_meta(STATE_TABLE, cluster, MetaUpdate(num_workers=1)),
+        "BundleBucket": lambda: hook.ensure_bundle_bucket(f"ec2cluster-nec-{uuid.uuid4().hex[:8]}"),
+        "ClusterBundles": store_and_delete_bundle,
         "CheckOutputTable": check_output_table,
         "DescribeEC2": lambda: hook.network_facts(hook.default_subnet_ids(), []),
         "LaunchTaggedWorkers": launch,
@@ -208,7 +225,35 @@ def worker_probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable
         "WriteStatusAndTaskLog": status,
         "OutputTable": sink(lambda: DynamoDBTableSink(OUTPUT_TABLE, context)),
         "S3Output": sink(lambda: S3Sink(S3OutputSpec(bucket=BUCKET, prefix="out"), context)),
+        "ReadClusterBundle": lambda: fetch_bundle_as_the_boot_loader(cloud, cluster),
+        # A task's attempt to rewrite its cluster's bundle (S3Output's default allows any bucket).
+        "ProtectClusterBundles": lambda: clients.client("s3").put_object(
+            Bucket=BUCKET, Key=bundle_object_key(DEFAULT_BUNDLE_PREFIX, cluster, "0" * 64), Body=b"evil"
+        ),
     }
+
+
+def fetch_bundle_as_the_boot_loader(cloud: LocalCloud, cluster: str) -> None:
+    """The boot loader's signed S3 GetObject of the cluster's bundle, with the worker role's credentials."""
+    key = bundle_object_key(DEFAULT_BUNDLE_PREFIX, cluster, "0" * 64)
+    cloud.client("s3").put_object(Bucket=BUCKET, Key=key, Body=b"zip")  # as the launch stored it
+    role = cloud.client("iam").get_role(RoleName=cloud.instance_profile_name)["Role"]["Arn"]
+    issued = cloud.client("sts").assume_role(RoleArn=role, RoleSessionName="i-necessity")["Credentials"]
+    # As instance metadata gives them.
+    credentials = {"AccessKeyId": issued["AccessKeyId"], "SecretAccessKey": issued["SecretAccessKey"]}
+    credentials["Token"] = issued["SessionToken"]
+    try:
+        boot.aws_request(
+            "s3",
+            "GET",
+            boot.s3_object_url(BUCKET, key, cloud.region),
+            region=cloud.region,
+            credentials=credentials,
+        ).read()
+    except boot.BootError as error:
+        if error.status == 403:
+            raise Denied(str(error)) from error
+        raise
 
 
 def status_writer(clients: AwsClients, cluster: str) -> StatusWriter:
@@ -249,10 +294,22 @@ def test_each_statement_is_needed_by_a_documented_path(world, monkeypatch, side)
         else cloud.set_worker_policy
     )
     make = probes if side == "controller" else worker_probes
-    sids = [s["Sid"] for s in document["Statement"]]
-    assert sorted(make(cloud, hook)) == sorted(sids), "every statement needs a probe, and only statements do"
+    sids = [s["Sid"] for s in document["Statement"] if s["Effect"] == "Allow"]
+    denials = [s["Sid"] for s in document["Statement"] if s["Effect"] == "Deny"]
+    assert sorted(make(cloud, hook)) == sorted(sids + denials), (
+        "every statement needs a probe, and only those"
+    )
     outcome = {}
     try:
+        for sid in denials:
+            # A Deny is needed when, without it, what it refuses would be allowed.
+            apply(document)
+            with pytest.raises(Exception) as caught:
+                make(cloud, hook)[sid]()
+            assert refused(caught.value), f"{sid}: {caught.value!r}"
+            apply(without(document, sid))
+            make(cloud, hook)[sid]()
+            outcome[sid] = "allowed without it"
         for sid in sids:
             apply(document)
             make(cloud, hook)[sid]()  # passes with the whole policy
@@ -262,7 +319,12 @@ def test_each_statement_is_needed_by_a_documented_path(world, monkeypatch, side)
             assert refused(caught.value), f"{sid}: removed, its path failed otherwise: {caught.value!r}"
             # The refusal names an action of the removed statement: it is that statement the path needed.
             actions = next(s["Action"] for s in document["Statement"] if s["Sid"] == sid)
-            assert any(f"perform: {action} " in str(caught.value) for action in actions), (sid, caught.value)
+            # (HEAD requests get a bare 403, without a message: their action is the operation's.)
+            head = HEAD_ACTIONS.get(getattr(caught.value, "operation_name", ""))
+            assert head in actions or any(f"perform: {action} " in str(caught.value) for action in actions), (
+                sid,
+                caught.value,
+            )
             outcome[sid] = getattr(caught.value, "response", {}).get("Error", {}).get("Code", "Denied")
     finally:
         apply(document)

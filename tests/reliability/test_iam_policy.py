@@ -12,7 +12,6 @@ from botocore import xform_name
 
 from airflow_ec2cluster.commands.iam_policy import register
 from airflow_ec2cluster.iam import PolicyScope, controller_policy, policy_actions, worker_policy
-from airflow_ec2cluster.userdata import parse_user_data, render_user_data
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("sqs", "ec2", "dynamodb", "s3", "iam")
@@ -22,7 +21,12 @@ ACTION_NAMES = {
     "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility",
     "s3:HeadObject": "s3:GetObject",
+    "s3:HeadBucket": "s3:ListBucket",
+    "s3:ListObjectsV2": "s3:ListBucket",
+    "s3:PutPublicAccessBlock": "s3:PutBucketPublicAccessBlock",
 }
+# boto3's managed transfers: a multipart upload is authorised as PutObject, and aborted on failure.
+TRANSFERS = {"upload_file": {"s3:PutObject", "s3:AbortMultipartUpload"}}
 # Further actions a call needs, from the arguments the code passes.
 IMPLIED = {
     "sqs:CreateQueue": {"sqs:TagQueue"},  # tags=
@@ -78,6 +82,8 @@ def calls_in(source: Path | str) -> set[str]:
         argument = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
         if method == "batch_writer":
             found.add("dynamodb:BatchWriteItem")
+        elif method in TRANSFERS:
+            found |= TRANSFERS[method]
         elif method == "get_paginator" and isinstance(argument, str):
             service = service_of(receiver, argument)
             if service:
@@ -109,15 +115,28 @@ def controller_files() -> list[Path]:
     ]
 
 
-def boot_loader_source() -> str:
-    """The Python the user data runs on the instance to fetch the worker bundle (instance profile)."""
-    config = {"cluster_id": "c", "region": "us-east-1", "queue_url": "q", "state_table": "t"}
-    script = parse_user_data(render_user_data(config, worker_source="table", bundle_sha256="0" * 64))
-    return script.split("<<'EC2CLUSTER_EOF'\n", 1)[1].split("\nEC2CLUSTER_EOF", 1)[0]
+def boot_loader_calls(path: Path) -> set[str]:
+    """The boot loader's AWS calls: it signs its own HTTP requests (no botocore on the image), as
+    ``self.dynamodb("<Operation>", ...)`` and ``self.call("s3", "GET", <object URL>)`` (GetObject)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
+            continue
+        values = [a.value for a in node.args if isinstance(a, ast.Constant)]
+        if node.func.attr == "dynamodb" and values:
+            found.add(f"dynamodb:{values[0]}")
+        elif node.func.attr == "call" and values[:2] == ["s3", "GET"]:
+            found.add("s3:GetObject")
+    return found
 
 
-def worker_files() -> list[Path | str]:
-    return [*sorted((REPO_ROOT / "worker" / "ec2cluster_worker").rglob("*.py")), boot_loader_source()]
+BOOT_LOADER = REPO_ROOT / "worker" / "ec2cluster_worker" / "boot.py"
+
+
+def worker_actions() -> set[str]:
+    return actions_called(
+        sorted((REPO_ROOT / "worker" / "ec2cluster_worker").rglob("*.py"))
+    ) | boot_loader_calls(BOOT_LOADER)
 
 
 def test_the_analysis_finds_known_calls():
@@ -127,7 +146,8 @@ def test_the_analysis_finds_known_calls():
         "dynamodb:Query",
         "ec2:DescribeInstances",
     } <= actions_called(controller_files())
-    assert {"sqs:ReceiveMessage", "dynamodb:BatchWriteItem"} <= actions_called(worker_files())
+    assert {"sqs:ReceiveMessage", "dynamodb:BatchWriteItem"} <= worker_actions()
+    assert boot_loader_calls(BOOT_LOADER) >= {"dynamodb:PutItem", "s3:GetObject"}
     assert calls_in("from boto3.dynamodb.table import BatchWriter\nBatchWriter('t', client)") == {
         "dynamodb:BatchWriteItem"
     }
@@ -138,7 +158,7 @@ def test_controller_policy_is_exactly_what_the_airflow_side_calls():
 
 
 def test_worker_policy_is_exactly_what_the_worker_calls():
-    assert policy_actions(worker_policy(PolicyScope())) == actions_called(worker_files())
+    assert policy_actions(worker_policy(PolicyScope())) == worker_actions()
 
 
 def test_policies_are_scoped_to_the_clusters_names_and_tag():

@@ -1,10 +1,10 @@
 """Networking on the local cloud, whose instances reach what their VPC lets them reach (as on AWS).
 
 - The default VPC (public mode: a public IP, the cluster's own security group) runs jobs: every other
-  reliability test does; here a private subnet with VPC endpoints and nothing to install runs one too.
+  reliability test does; here a private subnet with VPC endpoints and no internet runs one too.
 - Broken layouts launch nothing and name the subnet, the missing path and the fix: a private subnet with
-  neither NAT nor endpoints; endpoints but a bootstrap that needs the package index; a security group with
-  no egress.
+  neither NAT nor endpoints; endpoints but none for S3 (where the bundle is); a security group with no
+  egress.
 - A network that breaks after the preflight (an endpoint deleted between the preflight and RunInstances):
   the workers fail fast, saying which service they cannot reach, on their status item when DynamoDB is
   reachable and on their console when it is not; the drain stops after a few boot failures with that cause
@@ -24,7 +24,7 @@ from .harness import Job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-HANDLER = "tests.reliability.handlers:double"
+HANDLER = "handlers:double"
 TASKS = 40
 WORKERS = 2
 BUDGET = 2 * WORKERS  # the sensor's default max_replacements
@@ -38,7 +38,7 @@ def cluster_groups(cloud, cluster_id: str) -> list[str]:
     return [g["GroupId"] for g in found["SecurityGroups"]]
 
 
-def test_a_private_subnet_with_endpoints_and_nothing_to_install_runs_the_job(cloud_env):
+def test_a_private_subnet_with_endpoints_and_no_internet_runs_the_job(cloud_env):
     layout = private_vpc(cloud_env.client("ec2"))
     add_endpoints(cloud_env.client("ec2"), layout, cloud_env.region)
     job = Job(cloud_env, "net-private")
@@ -53,7 +53,8 @@ def test_a_private_subnet_with_endpoints_and_nothing_to_install_runs_the_job(clo
         network = processes[instance_id]
         assert "gateway endpoint" in network["reachable"]["dynamodb"], network
         assert "interface endpoint" in network["reachable"]["sqs"], network
-        assert "internet" in network["unreachable"] and "s3" in network["unreachable"], network
+        assert "gateway endpoint" in network["reachable"]["s3"], network  # the bundle's way in
+        assert "internet" in network["unreachable"], network
     (group,) = cluster_groups(cloud_env, job.cluster_id)
     torn = job.teardown(delete_queues=True)
     job.assert_nothing_left()
@@ -62,18 +63,15 @@ def test_a_private_subnet_with_endpoints_and_nothing_to_install_runs_the_job(clo
     assert sorted(r["task_id"] for r in job.results()) == [f"t{n:09d}" for n in range(TASKS)]
 
 
-@pytest.mark.parametrize(
-    "layout_kind", ["neither-nat-nor-endpoints", "endpoints-but-requirements", "no-egress"]
-)
+@pytest.mark.parametrize("layout_kind", ["neither-nat-nor-endpoints", "endpoints-but-no-s3", "no-egress"])
 def test_a_broken_layout_launches_nothing_and_names_the_fix(cloud_env, layout_kind):
     ec2 = cloud_env.client("ec2")
     job = Job(cloud_env, "net-broken")
     job.enqueue([{"n": n} for n in range(4)])
     layout = private_vpc(ec2)
     options = {"network": "private", "subnet_ids": [layout.private_subnet]}
-    if layout_kind == "endpoints-but-requirements":
-        add_endpoints(ec2, layout, cloud_env.region)
-        options["requirements"] = ["numpy==2.1.3"]
+    if layout_kind == "endpoints-but-no-s3":
+        add_endpoints(ec2, layout, cloud_env.region, services=("dynamodb", "sqs"))
     if layout_kind == "no-egress":
         options = {"security_group_ids": [group_without_egress(ec2, default_vpc(ec2))]}
     with pytest.raises(AirflowException) as refused:
@@ -81,10 +79,10 @@ def test_a_broken_layout_launches_nothing_and_names_the_fix(cloud_env, layout_ki
     message = str(refused.value)
     assert "nothing was launched" in message
     expected = {
-        "neither-nat-nor-endpoints": ["cannot reach dynamodb, sqs", "VPC endpoints:", "NAT gateway"],
-        "endpoints-but-requirements": ["cannot reach a package index (the internet)", "numpy==2.1.3"],
+        "neither-nat-nor-endpoints": ["cannot reach dynamodb, sqs, s3", "VPC endpoints:", "NAT gateway"],
+        "endpoints-but-no-s3": ["cannot reach s3", "gateway endpoint"],
         "no-egress": [
-            "allow no HTTPS egress (TCP 443) towards dynamodb, sqs",
+            "allow no HTTPS egress (TCP 443) towards dynamodb, sqs, s3",
             "leave security_group_ids out",
         ],
     }[layout_kind]
@@ -98,7 +96,8 @@ def test_a_broken_layout_launches_nothing_and_names_the_fix(cloud_env, layout_ki
 def test_a_network_broken_after_the_preflight_fails_fast_with_its_cause(cloud_env, monkeypatch, capsys, lost):
     ec2 = cloud_env.client("ec2")
     layout = private_vpc(ec2)
-    endpoints = dict(zip(("dynamodb", "sqs"), add_endpoints(ec2, layout, cloud_env.region), strict=True))
+    services = ("dynamodb", "sqs", "s3")
+    endpoints = dict(zip(services, add_endpoints(ec2, layout, cloud_env.region, services), strict=True))
     original = EC2ClusterHook.run_instances
 
     def drift_then_run(self, **kwargs):

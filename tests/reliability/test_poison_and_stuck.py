@@ -25,7 +25,7 @@ def poison_ids() -> set[str]:
 def test_poison_messages_are_dead_lettered_and_reported(cloud_env):
     job = Job(cloud_env, "poison")
     job.enqueue(poison_tasks(), max_receive_count=MAX_RECEIVE_COUNT)
-    job.launch(2, "tests.reliability.handlers:poison_if_asked")
+    job.launch(2, "handlers:poison_if_asked")
     summary = job.drain(timeout=90)
     job.teardown()
     job.assert_nothing_left()
@@ -54,7 +54,7 @@ def test_a_dag_option_fails_the_run_on_dead_letters(cloud_env):
     job.enqueue(poison_tasks()[:20], max_receive_count=MAX_RECEIVE_COUNT)
     try:
         job.sensor(fail_on_dead_letters=True)  # the option must exist
-        job.launch(1, "tests.reliability.handlers:poison_if_asked")
+        job.launch(1, "handlers:poison_if_asked")
         with pytest.raises(AirflowFailException, match="t000000007"):
             job.drain(timeout=90, fail_on_dead_letters=True)
     finally:
@@ -68,7 +68,7 @@ def test_a_hung_task_is_killed_counted_failed_and_the_worker_goes_on(cloud_env):
     job = Job(cloud_env, "stuck")
     tasks = [{"n": n, "hang": n == 3} for n in range(40)]
     job.enqueue(tasks, max_receive_count=MAX_RECEIVE_COUNT)
-    job.launch(1, "tests.reliability.handlers:hang_if_asked", task_timeout_seconds=2)
+    job.launch(1, "handlers:hang_if_asked", task_timeout_seconds=2)
     summary = job.drain(timeout=90)
     job.teardown()
     job.assert_nothing_left()

@@ -32,7 +32,7 @@ def test_spot_workers_write_s3_output_and_the_controller_redrives_dead_letters(c
     job.enqueue([{"n": n, "poison": n in POISON} for n in range(TASKS)], max_receive_count=1)
     job.launch(
         2,
-        "tests.reliability.handlers:poison_if_asked",
+        "handlers:poison_if_asked",
         launch_options={"spot": True},
         output={"type": "s3", "bucket": BUCKET, "prefix": "results"},
     )
@@ -63,7 +63,7 @@ def test_workers_write_an_output_table(cloud_env):
         dynamodb.create_table(TableName=OUTPUT_TABLE, **records.STATE_TABLE_SCHEMA)
     job = Job(cloud_env, "outtable")
     job.enqueue([{"n": n} for n in range(20)])
-    job.launch(2, "tests.reliability.handlers:double", output={"type": "dynamodb", "table": OUTPUT_TABLE})
+    job.launch(2, "handlers:double", output={"type": "dynamodb", "table": OUTPUT_TABLE})
     summary = job.drain(timeout=120)
     job.teardown()
     job.assert_nothing_left()

@@ -10,6 +10,8 @@ new launch generation from the current arguments, and every task is done exactly
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from ec2cluster_worker import records
@@ -18,8 +20,10 @@ from .harness import Job
 
 TASKS = 60  # 6 messages of 10
 WORKERS = 4
-BROKEN = "tests.reliability.no_such_handlers:double"
-FIXED = "tests.reliability.handlers:double"
+# In the bundle, but it imports a module nothing provides: every worker fails at start the same way.
+BROKEN = "broken_handlers:double"
+BROKEN_CODE = str(Path(__file__).resolve().parent / "broken_handlers.py")
+FIXED = "handlers:double"
 LIMIT = 3
 BUDGET = 2 * WORKERS  # the sensor's default max_replacements
 
@@ -29,13 +33,13 @@ BUDGET = 2 * WORKERS  # the sensor's default max_replacements
 def test_a_handler_that_does_not_import_stops_early_and_a_re_run_after_the_fix_finishes(cloud_env, capsys):
     job = Job(cloud_env, "rerun")
     job.enqueue([{"n": n} for n in range(TASKS)])
-    job.launch(WORKERS, BROKEN)
+    job.launch(WORKERS, BROKEN, launch_options={"code": [BROKEN_CODE]})
 
     with pytest.raises(AirflowFailException) as failed:
         job.drain(timeout=120, repeated_failure_limit=LIMIT)
     message = str(failed.value)
     assert f"{LIMIT} workers in a row failed at start with the same error" in message, message
-    assert "No module named 'tests.reliability.no_such_handlers'" in message, message
+    assert "No module named 'no_such_module_of_the_tests'" in message, message
     assert "clear the launch and drain tasks" in message
     first_generation = job.instance_ids()
     assert len(first_generation) < WORKERS + BUDGET, f"{len(first_generation)} instances launched"

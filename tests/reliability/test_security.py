@@ -15,7 +15,7 @@ from ec2cluster_worker.handlers import CommandHandler, TaskContext
 
 from airflow_ec2cluster.userdata import ACCESS_KEY_RE, parse_user_data
 
-from .harness import Job
+from .harness import HANDLERS_MODULE, Job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def test_no_credential_in_user_data_logs_xcom_or_task_log(cloud_env, caplog):
     caplog.set_level("DEBUG", logger="airflow")
     job = Job(cloud_env, "secret")
     job.enqueue([{"n": n} for n in range(50)])
-    job.launch(2, "tests.reliability.handlers:double")
+    job.launch(2, "handlers:double")
     job.drain(timeout=60)
     job.teardown()
     job.assert_nothing_left()
@@ -112,7 +112,8 @@ def aws_job(monkeypatch):
             num_workers=2,
             image_id="ami-03cf127a",
             instance_type="t3.micro",
-            handler={"type": "python", "target": "tests.reliability.handlers:double"},
+            handler={"type": "python", "target": "handlers:double"},
+            code=[str(HANDLERS_MODULE)],
             **common,
         ).execute(context)
         yield

@@ -21,7 +21,7 @@ NOTICE_SECONDS = 30.0
 def test_a_spot_notice_stops_its_worker_and_loses_nothing(cloud_env):
     job = Job(cloud_env, "spot")
     job.enqueue([{"n": n, "sleep": 0.3} for n in range(TASKS)], tasks_per_message=1)
-    job.launch(2, "tests.reliability.handlers:double")
+    job.launch(2, "handlers:double")
     interrupted: list[str] = []
 
     def interrupt_when_under_way() -> None:

@@ -49,7 +49,7 @@ def test_status_tells_the_truth_after_the_job_and_after_the_teardown(cloud_env):
     poison_ids = {f"t{n:09d}" for n in POISON}
     tasks = [{"n": n, "poison": n in POISON} for n in range(TASKS)]
     job.enqueue(tasks, tasks_per_message=1, max_receive_count=MAX_RECEIVE_COUNT)
-    job.launch(2, "tests.reliability.handlers:poison_if_asked")
+    job.launch(2, "handlers:poison_if_asked")
     summary = job.drain(timeout=240)
     # The drain's summary lists every dead-lettered task (its limit is 100), not 10.
     assert set(summary["dead_lettered_task_ids"]) == poison_ids
@@ -83,7 +83,7 @@ def test_the_eta_is_unknown_while_killed_workers_hold_messages(cloud_env):
     job = Job(cloud_env, "statuseta")
     job.enqueue([{"n": n, "sleep": 0.2} for n in range(200)], tasks_per_message=1)
     try:
-        job.launch(2, "tests.reliability.handlers:double", visibility_timeout_seconds=300)
+        job.launch(2, "handlers:double", visibility_timeout_seconds=300)
         wait_for(
             lambda: len(job.running_worker_pids()) == 2 and job.messages_done() >= 10,
             120,

@@ -7,7 +7,7 @@ import pytest
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import EC2ClusterLaunchOperator
 
-from .harness import INSTANCE_TYPE, Job
+from .harness import HANDLERS_MODULE, INSTANCE_TYPE, Job
 
 
 class SensorTimedOut(Exception):
@@ -19,7 +19,7 @@ class SensorTimedOut(Exception):
 def test_teardown_after_a_sensor_timeout_terminates_running_and_stopped_instances(cloud_env):
     job = Job(cloud_env, "timeout")
     job.enqueue([{"n": n, "sleep": 1} for n in range(200)])  # about 67 s of work for three workers
-    job.launch(3, "tests.reliability.handlers:double", idle_shutdown_seconds=120)
+    job.launch(3, "handlers:double", idle_shutdown_seconds=120)
     ids = sorted(job.instance_ids())
 
     def time_out_once_every_worker_runs() -> None:
@@ -56,7 +56,8 @@ def test_teardown_after_a_half_failed_launch_terminates_what_it_started(cloud_en
         num_workers=2,
         image_id=cloud_env.ami_id,
         instance_type=INSTANCE_TYPE,
-        handler={"type": "python", "target": "tests.reliability.handlers:double"},
+        handler={"type": "python", "target": "handlers:double"},
+        code=[str(HANDLERS_MODULE)],
         worker_options={"idle_shutdown_seconds": 120, "wait_time_seconds": 1},
         terminate_on_failure=False,  # the worst case: the launch task left its instances behind
         **job.common,

@@ -25,7 +25,7 @@ KILL_AT = (0.2, 0.4, 0.6)  # shares of the job's messages done
 def test_kill_dash_nine_workers_loses_nothing(cloud_env):
     job = Job(cloud_env, "crash")
     job.enqueue([{"n": n, "sleep": TASK_SECONDS} for n in range(TASKS)])
-    job.launch(WORKERS, "tests.reliability.handlers:double")
+    job.launch(WORKERS, "handlers:double")
     messages = int(job.xcom["enqueue"]["enqueued_messages"])
     kills: list[tuple[str, int]] = []  # (instance id, messages done when it was killed)
     rng = random.Random(4)

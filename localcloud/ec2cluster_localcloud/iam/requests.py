@@ -442,7 +442,9 @@ def s3_operation(
         verb = {"GET": "Get", "HEAD": "Get", "PUT": "Put", "DELETE": "Delete", "POST": "Put"}.get(
             method, method
         )
-        return f"s3:{verb}Bucket{sub.title().replace('-', '')}", bucket, None
+        # publicAccessBlock -> PutBucketPublicAccessBlock (IAM's spelling keeps the subresource's case)
+        name = "".join(part[:1].upper() + part[1:] for part in sub.split("-"))
+        return f"s3:{verb}Bucket{name}", bucket, None
     if method in ("GET", "HEAD"):
         return ("s3:GetObjectTagging" if "tagging" in query else "s3:GetObject"), bucket, key
     if method in ("PUT", "POST"):
