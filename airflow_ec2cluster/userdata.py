@@ -38,6 +38,7 @@ WORKER_PACKAGE = "ec2cluster_worker"
 CONFIG_FILE = "config.json"
 GZIP_MAGIC = b"\x1f\x8b"
 HEREDOC_DELIMITER = "EC2CLUSTER_EOF"
+BOOT_LOADER_MIN_PYTHON = "3.9"  # the oldest Python boot.py runs on (the bundle may need a newer one)
 
 ACCESS_KEY_RE = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])")
 # An AWS secret key is 40 characters of base64; require mixed case and a digit so that ordinary
@@ -60,15 +61,17 @@ def render_user_data(
     bundle: dict,
     python: Sequence[str] = DEFAULT_PYTHONS,
     python_version: str | None = None,
+    min_python_version: str = BOOT_LOADER_MIN_PYTHON,
     boot_timeout: int = DEFAULT_BOOT_TIMEOUT,
     max_lifetime: int | None = None,
 ) -> bytes:
     """The gzip-compressed bootstrap script for an instance running the worker with ``config``.
 
     ``bundle``: where the cluster's bundle is and its SHA-256 (``{"sha256", "size", "s3": {"bucket",
-    "key"}}`` or ``{..., "table": {"pk", "sk", "attribute"}}``; boot.json's ``bundle``). ``python``: the
-    interpreters to try, in order (the first of ``python_version`` when one is given). ``boot_timeout``
-    and ``max_lifetime`` (seconds) arm the instance's own watchdog.
+    "key"}}``; boot.json's ``bundle``). ``python``: the interpreters to try, in order: the first of
+    ``python_version`` when one is given, else the first of ``min_python_version`` or newer (the bundle
+    manifest's: what its worker dependencies need). ``boot_timeout`` and ``max_lifetime`` (seconds) arm the
+    instance's own watchdog.
     """
     refuse_credentials(config)
     script = render_script(
@@ -76,6 +79,7 @@ def render_user_data(
         bundle=bundle,
         python=python,
         python_version=python_version,
+        min_python_version=min_python_version,
         boot_timeout=boot_timeout,
         max_lifetime=max_lifetime,
     )
@@ -145,6 +149,7 @@ def render_script(
     bundle: dict,
     python: Sequence[str] = DEFAULT_PYTHONS,
     python_version: str | None = None,
+    min_python_version: str = BOOT_LOADER_MIN_PYTHON,
     boot_timeout: int = DEFAULT_BOOT_TIMEOUT,
     max_lifetime: int | None = None,
 ) -> str:
@@ -159,6 +164,8 @@ def render_script(
         raise ValueError("python: name at least one interpreter (e.g. 'python3' or '/opt/conda/bin/python')")
     if python_version is not None and not re.fullmatch(r"3\.\d+", python_version):
         raise ValueError(f"python_version: {python_version!r} is not a version like '3.11'")
+    if not re.fullmatch(r"3\.\d+", min_python_version):
+        raise ValueError(f"min_python_version: {min_python_version!r} is not a version like '3.10'")
     boot = {
         "region": config["region"],
         "cluster_id": config["cluster_id"],
@@ -169,6 +176,7 @@ def render_script(
     settings = {
         "PYTHONS": " ".join(pythons),
         "PYTHON_VERSION": python_version or "",
+        "MIN_PYTHON": min_python_version,
         "BOOT_TIMEOUT": str(int(boot_timeout)),
         "MAX_LIFETIME": "" if max_lifetime is None else str(int(max_lifetime)),
     }
@@ -295,20 +303,24 @@ rm -f "$H/worker-started"
 bash "$H/watchdog.sh" </dev/null &
 watchdog=$!
 
-# The image's interpreter: the first of PYTHONS that runs, is 3.9 or newer and, when the bundle was built
-# for one Python version (binary wheels), is that version.
+# "3.11" at least "3.10"? (major.minor, compared as numbers)
+at_least() {
+  [ "${1%%.*}" -gt "${2%%.*}" ] || { [ "${1%%.*}" -eq "${2%%.*}" ] && [ "${1#*.}" -ge "${2#*.}" ]; }
+}
+# The image's interpreter: the first of PYTHONS that runs and is MIN_PYTHON or newer (what the bundle's
+# worker dependencies need) and, when the bundle was built for one Python version (binary wheels), that one.
 PY="" found=""
 for candidate in $PYTHONS; do
   path=$(command -v "$candidate" 2>/dev/null) || continue
   version=$("$path" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || continue
   found="$found $candidate=$version"
-  "$path" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null || continue
+  at_least "$version" "$MIN_PYTHON" 2>/dev/null || continue
   if [ -n "$PYTHON_VERSION" ] && [ "$version" != "$PYTHON_VERSION" ]; then continue; fi
   PY="$path"
   break
 done
 if [ -z "$PY" ]; then
-  fail "no Python ${PYTHON_VERSION:-3.9+} among: $PYTHONS (found:${found:- none}); pass the image's \\
+  fail "no Python ${PYTHON_VERSION:-$MIN_PYTHON+} among: $PYTHONS (found:${found:- none}); pass the image's \\
 interpreter as python=[...] at launch, or build the bundle for its version (python_version)"
 fi
 echo "ec2cluster: python $PY" >&2

@@ -393,6 +393,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
                     },
                     python=[self.python] if isinstance(self.python, str) else list(self.python),
                     python_version=self.python_version or None,
+                    min_python_version=self._bundle.manifest["min_python_version"],
                     boot_timeout=int(self.boot_timeout),
                     max_lifetime=None if self.max_lifetime in (None, "") else int(self.max_lifetime),
                 )

@@ -82,6 +82,7 @@ def test_too_large_user_data_names_the_limit_and_the_fix():
         ({"python": []}, "python"),
         ({"python_version": "3"}, "python_version"),
         ({"python_version": "3.11; true"}, "python_version"),
+        ({"min_python_version": "3.10 && true"}, "min_python_version"),
     ],
 )
 def test_bad_python_choices_are_refused_naming_the_field(change, field):
@@ -129,7 +130,6 @@ case "$1" in
   -c)
     case "$2" in
       *print*) echo {version} ;;
-      *sys.exit*) [ "{old}" = 1 ] && exit 1; exit 0 ;;
     esac ;;
   *boot.py)
     echo "boot {name} $*" >> "$log"
@@ -156,7 +156,6 @@ def fake_image(tmp_path: Path, pythons: dict[str, str], *, boot_status=0, worker
         path.write_text(
             FAKE_PYTHON.format(
                 version=version,
-                old=int(tuple(map(int, version.split("."))) < (3, 9)),
                 log=log,
                 name=name,
                 fail_venv=flag,
@@ -200,10 +199,25 @@ def test_the_script_picks_the_first_interpreter_of_the_bundles_version_then_runs
     assert str(home / "start.sh") in per_boot.read_text() and os.access(per_boot, os.X_OK)
 
 
-def test_without_a_version_any_python_from_3_9_will_do_in_the_given_order(tmp_path):
-    bin_dir, log = fake_image(tmp_path, {"old": "3.8", "python3": "3.12"})
-    run_script(tmp_path, bin_dir, python=["missing", "old", "python3"])
-    assert log.read_text().splitlines()[0].startswith("boot python3 ")
+def test_without_a_version_the_first_python_the_bundle_can_run_on_will_do_in_the_given_order(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"old": "3.8", "py39": "3.9", "python3": "3.12"})
+    run_script(tmp_path, bin_dir, python=["missing", "old", "py39", "python3"])
+    assert log.read_text().splitlines()[0].startswith("boot py39 ")  # the boot loader's own floor: 3.9
+
+
+def test_the_bundles_minimum_python_passes_over_older_interpreters(tmp_path):
+    # Today's boto3 needs 3.10: the manifest's min_python_version keeps a 3.9 image Python from being
+    # chosen (it would fail at the worker's first import, with a traceback rather than a cause).
+    bin_dir, log = fake_image(tmp_path, {"py39": "3.9", "py310": "3.10"})
+    run_script(tmp_path, bin_dir, python=["py39", "py310"], min_python_version="3.10")
+    assert log.read_text().splitlines()[0].startswith("boot py310 ")
+
+
+def test_an_image_with_only_an_older_python_than_the_bundle_needs_says_so(tmp_path):
+    bin_dir, log = fake_image(tmp_path, {"python3": "3.9"})
+    result = run_script(tmp_path, bin_dir, python=["python3"], min_python_version="3.10")
+    assert "ec2cluster: startup-failed: no Python 3.10+ among: python3 (found: python3=3.9)" in result.stderr
+    assert log.read_text().splitlines() == ["shutdown -h now"]
 
 
 def test_no_suitable_interpreter_is_said_on_the_console_and_the_instance_powers_off(tmp_path):
