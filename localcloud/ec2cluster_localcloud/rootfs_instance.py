@@ -83,14 +83,23 @@ INIT_SCRIPT = f"""#!/bin/bash
 stop_all() {{  # $1: what the console says, $2: the exit status that tells the runner what to do
   trap '' TERM INT PWR USR1 USR2  # one ending at a time: a shutdown during a reboot changes nothing
   kill -TERM -1 2>/dev/null
-  for _ in $(seq {STOP_WAIT_SECONDS * 10}); do
-    others=0
+  # Wait for them by the clock (SECONDS), with builtins only: no forks to slow a busy machine's loop.
+  deadline=$((SECONDS + {STOP_WAIT_SECONDS}))
+  while :; do
+    left=""
     for p in /proc/[0-9]*; do
       [ "${{p#/proc/}}" = 1 ] && continue
-      state=$(cut -d')' -f2 "$p/stat" 2>/dev/null | cut -d' ' -f2)
-      [ -n "$state" ] && [ "$state" != Z ] && others=1 && break
+      read -r stat 2>/dev/null < "$p/stat" || continue
+      rest=${{stat##*) }}
+      [ "${{rest%% *}}" = Z ] && continue
+      name=${{stat#*(}}
+      left="$left ${{p#/proc/}}:${{name%%)*}}"
     done
-    [ "$others" = 0 ] && break
+    [ -z "$left" ] && break
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "ec2cluster-localcloud: still running after {STOP_WAIT_SECONDS} s (the kernel kills them):$left"
+      break
+    fi
     sleep 0.1 & wait $!
   done
   echo "ec2cluster-localcloud: $1"
