@@ -67,9 +67,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
     :func:`plan_launch`): while the cluster has live instances it launches nothing (a retry never launches
     twice: RunInstances carries a ClientToken of the launch generation, and an unrecorded launch is found
     by it); once none is left it starts a new launch generation from its current arguments (the launch spec
-    and the stored worker code are replaced, so replacements use them too), with as many workers as the
+    and the cluster's bundle are replaced, so replacements use them too), with as many workers as the
     work still queued needs and a fresh replacement budget for the drain. Tasks already done are not run
     again: the workers skip tasks the task log holds as done.
+
+    The workers run only the cluster's bundle, built here before anything is created (see
+    :mod:`airflow_ec2cluster.bundle`): ``code`` (module files or package folders; by default the handler's
+    and a custom output's modules when they sit beside the DAG file) and ``requirements`` (wheels for
+    ``python_version`` and the AMI's architecture), stored in ``bundle_bucket`` and checked by SHA-256 at
+    boot; ``python`` names the image's interpreters to try, ``boot_timeout`` and ``max_lifetime`` arm each
+    instance's own watchdog.
 
     ``worker_options`` holds any other worker configuration field (``output``, ``task_timeout_seconds``,
     ``idle_shutdown_seconds``...; see DESIGN.md). Returns the :class:`ClusterDescriptor` as a dict.
@@ -454,7 +461,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             [str(path) for path in code] or "none",
             list(self.requirements) or "none",
         )
-        problems = handler_module_problems(config, bundle)
+        problems = user_module_problems(config, bundle)
         bucket = self.bundle_bucket or DEFAULT_BUNDLE_BUCKET_FORMAT.format(
             account=hook.account_id(), region=hook.region
         )
@@ -469,12 +476,12 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         return problems
 
     def code_paths(self, config: dict[str, Any], code_dirs: Sequence[Path]) -> list[Path]:
-        """``code`` as given, else the handler's module when it sits beside the DAG file."""
+        """``code`` as given, else the modules of the handler and of a custom output that sit beside the
+        DAG file."""
         if self.code:
             return [Path(p) for p in ([self.code] if isinstance(self.code, (str, Path)) else self.code)]
-        module = handler_module(config)
-        found = module_code_path(module, list(code_dirs)) if module else None
-        return [found] if found else []
+        found = (module_code_path(module, list(code_dirs)) for module in user_modules(config).values())
+        return list(dict.fromkeys(path for path in found if path))
 
     def store_bundle(self, hook: EC2ClusterHook, cluster_id: str) -> None:
         """Create the bucket when needed and upload the bundle (once every check has passed)."""
@@ -684,22 +691,29 @@ def code_search_dirs(context: Context) -> list[Path]:
     return [Path(fileloc).resolve().parent] if fileloc else []
 
 
-def handler_module(config: dict[str, Any]) -> str | None:
-    """The top-level module of the handler's ``module:attribute`` target."""
-    target = str((config.get("handler") or {}).get("target") or "")
-    module = target.split(":", 1)[0].strip()
-    return module.split(".", 1)[0] or None
+def user_modules(config: dict[str, Any]) -> dict[str, str]:
+    """The top-level modules the workers import for the user, by field: ``handler.target`` (a Python
+    handler's ``module:attribute``) and ``output.target`` (a custom output's)."""
+    modules = {}
+    for field, section in (("handler.target", "handler"), ("output.target", "output")):
+        spec = config.get(section) or {}
+        if not isinstance(spec, dict) or spec.get("type") not in ("python", "custom"):
+            continue
+        module = str(spec.get("target") or "").split(":", 1)[0].strip().split(".", 1)[0]
+        if module:
+            modules[field] = module
+    return modules
 
 
-def handler_module_problems(config: dict[str, Any], bundle: Bundle) -> list[str]:
-    """The handler's module must be in the bundle: the workers import nothing from Airflow's environment."""
-    module = handler_module(config)
-    if module is None or module == WORKER_PACKAGE or module in bundle_top_level_names(bundle.path):
-        return []
+def user_module_problems(config: dict[str, Any], bundle: Bundle) -> list[str]:
+    """The user's modules must be in the bundle: the workers import nothing from Airflow's environment."""
+    names = bundle_top_level_names(bundle.path) | {WORKER_PACKAGE}
     return [
-        f"handler.target: module {module!r} is not in the cluster's bundle (the workers run only what it "
-        f"holds, never Airflow's environment): pass code=['path/to/{module}.py' or its package folder], put "
-        f"it beside the DAG file, or list the distribution that provides it in requirements"
+        f"{field}: module {module!r} is not in the cluster's bundle (the workers run only what it holds, "
+        f"never Airflow's environment): pass code=['path/to/{module}.py' or its package folder], put it "
+        f"beside the DAG file, or list the distribution that provides it in requirements"
+        for field, module in user_modules(config).items()
+        if module not in names
     ]
 
 

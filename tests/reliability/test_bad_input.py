@@ -88,6 +88,11 @@ def instances() -> list:
             "handler.target: module 'mytasks'",
             "code=",
         ),
+        (
+            {"worker_options": {"output": {"type": "custom", "target": "mysinks:Sink"}}},
+            "output.target: module 'mysinks'",
+            "code=",
+        ),
         ({"python_version": "3.x"}, "python_version", ""),
         ({"boot_timeout": 1}, "boot_timeout", "at least 10"),
         ({"handler": {"type": "python", "target": "not an import path"}}, "handler.target", ""),
