@@ -61,6 +61,8 @@ MAX_GLIBC_MINOR = 28
 # The oldest Python a bundle supports when no python_version is given, unless the worker's pins need newer.
 MIN_PYTHON_MINOR = 9
 PIP_TIMEOUT_SECONDS = 1800
+# Cached zips and site trees that no build used for this long are removed after the next new build.
+CACHE_UNUSED_SECONDS = 30 * 86400
 
 # A fixed timestamp and fixed modes make the zip (and so its SHA-256) depend on the content alone.
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)
@@ -252,9 +254,13 @@ def build_bundle(
             }
             entries = [*code_files, *worker_files, *_site_files(tree)]
             _write_zip(zip_path, entries, manifest)
+        else:
+            os.utime(zip_path)  # used: kept by prune_cache
     data_sha256, size = _sha256_file(zip_path)
     with zipfile.ZipFile(zip_path) as archive:
         manifest = json.loads(archive.read(MANIFEST_NAME))
+    if not cached:
+        prune_cache(cache)
     return Bundle(
         path=zip_path,
         sha256=data_sha256,
@@ -263,6 +269,40 @@ def build_bundle(
         build_seconds=time.monotonic() - started,
         cached=cached,
     )
+
+
+def prune_cache(
+    cache: Path, unused_seconds: float = CACHE_UNUSED_SECONDS, now: float | None = None
+) -> list[Path]:
+    """Remove the cached zips and site trees that no build has used for ``unused_seconds`` (each use
+    touches them), skipping any a builder holds; the removed paths. Run after each new build, so that the
+    cache keeps what recent launches use and no more."""
+    cutoff = (time.time() if now is None else now) - unused_seconds
+    removed = []
+    for path in sorted((cache / "zips").glob("*.zip")):
+        if _remove_unused(cache, f"zip-{path.stem}", path, path, cutoff):
+            removed.append(path)
+    for tree in sorted((cache / "site").iterdir()):
+        if _remove_unused(cache, f"site-{tree.name}", tree / "site.json", tree, cutoff):
+            removed.append(tree)
+    return removed
+
+
+def _remove_unused(cache: Path, lock: str, stamp: Path, path: Path, cutoff: float) -> bool:
+    with _locked(cache, lock, wait=False) as held:
+        if not held:  # a builder is using it
+            return False
+        try:
+            used = (stamp if stamp.exists() else path).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if used >= cutoff:
+            return False
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return True
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -443,6 +483,7 @@ def _ensure_site(
     with _locked(cache, f"site-{key}"):
         record = final / "site.json"
         if record.is_file():
+            os.utime(record)  # used: kept by prune_cache
             return final / "tree", json.loads(record.read_text())["distributions"]
         staging = Path(tempfile.mkdtemp(prefix=f"site-{key[:12]}-", dir=cache / "tmp"))
         try:
@@ -696,12 +737,17 @@ def _write_zip(path: Path, entries: list[tuple[str, Path]], manifest: dict) -> N
 
 
 @contextlib.contextmanager
-def _locked(cache: Path, name: str) -> Iterator[None]:
-    """An exclusive lock shared by every builder of ``name`` on this machine (released on exit or death)."""
+def _locked(cache: Path, name: str, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock shared by every builder of ``name`` on this machine (released on exit or death);
+    yields whether it is held (always, unless ``wait`` is False and another process holds it)."""
     with open(cache / "locks" / f"{name}.lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 

@@ -11,9 +11,11 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from airflow_ec2cluster.bundle import (
     build_bundle,
     default_cache_dir,
     module_code_path,
+    prune_cache,
 )
 from tests.wheels import write_wheel
 
@@ -196,6 +199,32 @@ def test_a_cached_build_runs_no_pip(code_dir, wheels, shared_cache, monkeypatch)
     changed = pure_bundle(code_dir, wheels, shared_cache)
     assert not changed.cached and changed.sha256 != first.sha256
     assert changed.manifest["distributions"] == first.manifest["distributions"]
+
+
+def test_the_cache_forgets_what_no_build_used_for_a_month(code_dir, wheels, shared_cache, tmp_path):
+    pure_bundle(code_dir, wheels, shared_cache)  # the site tree, installed once per session
+    cache = tmp_path / "cache"
+    shutil.copytree(shared_cache, cache)
+    month_ago = time.time() - 31 * 86400
+    for stale in [*(cache / "zips").glob("*.zip"), *(cache / "site").glob("*/site.json")]:
+        os.utime(stale, (month_ago, month_ago))
+    old_zips = set((cache / "zips").glob("*.zip"))
+
+    # A new build (new code) reuses its site tree, which that use keeps; every other unused tree and zip goes.
+    (code_dir / "mytasks.py").write_text("def handle(message):\n    return {'new': message}\n")
+    new = pure_bundle(code_dir, wheels, cache)
+    assert not new.cached and new.path not in old_zips
+    assert set((cache / "zips").glob("*.zip")) == {new.path}
+    [site] = (cache / "site").iterdir()
+    assert (site / "site.json").stat().st_mtime > month_ago + 86400
+
+    # What a builder holds is never removed; once it lets go, what is unused goes.
+    a_year_on = time.time() + 365 * 86400
+    with bundle_module._locked(cache, f"site-{site.name}"):
+        assert prune_cache(cache, now=a_year_on) == [new.path]
+    assert site.is_dir()
+    assert prune_cache(cache, now=a_year_on) == [site]
+    assert prune_cache(cache) == []
 
 
 def run_in_bare_venv(bundle: Bundle, tmp_path: Path, script: str) -> subprocess.CompletedProcess:
