@@ -49,7 +49,7 @@ class LoopbackServer:
         threading.Thread(target=self._server.serve_forever, name=name, daemon=True).start()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        server, self._server = self._server, None  # closed once, whichever thread gets here first
+        if server is not None:
+            server.shutdown()
+            server.server_close()

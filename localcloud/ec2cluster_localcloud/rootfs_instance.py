@@ -74,6 +74,10 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PER_BOOT_DIR = "var/lib/cloud/scripts/per-boot"
 USER_DATA_SEMAPHORE = "var/lib/cloud/instance/sem/config_scripts_user"
 REBOOT_EXIT_STATUS = 82  # the init's exit status when the instance reboots (0: it powers off)
+# An instance's first process starts as a booted system's does: every signal at its default. A local cloud
+# started in the background (`&`, nohup) passes SIGINT, SIGQUIT or SIGHUP on ignored, and a shell cannot trap
+# a signal ignored on entry (POSIX): an image's init would never see its reboot signal.
+DEFAULT_SIGNALS = ("env", "--default-signal")  # GNU coreutils 8.31+
 REBOOT_SIGNAL = signal.SIGINT  # to PID 1: reboot (ctrl-alt-del, for systemd and sysvinit); SIGTERM: power off
 
 INIT_SCRIPT = f"""#!/bin/bash
@@ -345,7 +349,10 @@ class RootfsInstance:
         self._prepare_root()
         ready = self.home / "namespaces-ready"
         ready.unlink(missing_ok=True)
-        command = ["unshare", "--mount", "--pid", "--net", "--fork", "bash", "-c", self._launcher(ready)]
+        command = [
+            *DEFAULT_SIGNALS,
+            *("unshare", "--mount", "--pid", "--net", "--fork", "bash", "-c", self._launcher(ready)),
+        ]
         path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(
@@ -430,7 +437,7 @@ class RootfsInstance:
             f"echo $$ > {q(str(ready))}.tmp && mv {q(str(ready))}.tmp {q(str(ready))}",
             # The runner answers with the init's environment once the listeners are in the namespace.
             "IFS= read -r environment",
-            f'eval "exec env -i $environment chroot {root} /{INIT_PATH}"',
+            f'eval "exec {" ".join(DEFAULT_SIGNALS)} -i $environment chroot {root} /{INIT_PATH}"',
         ]
         return "\n".join(lines) + "\n"
 

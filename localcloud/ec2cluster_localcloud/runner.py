@@ -60,6 +60,7 @@ from ec2cluster_localcloud.images import ensure_rootfs
 from ec2cluster_localcloud.metadata import CREDENTIAL_SECONDS, InstanceFacts, InstanceMetadataService
 from ec2cluster_localcloud.network import INTERNET, Network, Reachability, reachability
 from ec2cluster_localcloud.rootfs_instance import (
+    DEFAULT_SIGNALS,
     REBOOT_EXIT_STATUS,
     ROOTFS_TAG,
     RootfsInstance,
@@ -361,6 +362,7 @@ class InstanceRunner:
         self.reboot_requests_file = self.work_dir / REBOOT_REQUESTS_FILE
         self._reboot_requests_offset = 0
         self._lock = threading.Lock()
+        self._poll_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ec2, self._iam, self._sts = (
@@ -378,6 +380,12 @@ class InstanceRunner:
     # Lifecycle
 
     def start(self) -> None:
+        check = subprocess.run([*DEFAULT_SIGNALS, "true"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(
+                f"the instance runner starts instances with `{' '.join(DEFAULT_SIGNALS)}` (GNU coreutils "
+                f"8.31 or newer), which this machine's env refuses: {check.stderr.strip()}"
+            )
         self._thread = threading.Thread(target=self._run, name="ec2cluster-instance-runner", daemon=True)
         self._thread.start()
 
@@ -429,53 +437,57 @@ class InstanceRunner:
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> Plan:
-        requests, self._reboot_requests_offset = read_reboot_requests(
-            self.reboot_requests_file, self._reboot_requests_offset
-        )
-        instances = self.describe_instances()
-        states = {instance_id: instance["State"]["Name"] for instance_id, instance in instances.items()}
-        with self._lock:
-            decided = plan(states, self._processes, time.monotonic(), self.grace_seconds, requests)
-        network = self.describe_network() if decided.start else None
-        for instance_id in decided.start:
-            if self._stop.is_set():
-                break
-            record = self._launch(instances[instance_id], network)
+        with self._poll_lock:  # one poll at a time, whichever thread asks (tests poll too)
+            requests, self._reboot_requests_offset = read_reboot_requests(
+                self.reboot_requests_file, self._reboot_requests_offset
+            )
+            instances = self.describe_instances()
+            states = {instance_id: instance["State"]["Name"] for instance_id, instance in instances.items()}
             with self._lock:
-                self._processes[instance_id] = record
-        if decided.reclaim:
-            log.info("spot instances reclaimed at the end of their notice: %s", ", ".join(decided.reclaim))
-            self._ec2.terminate_instances(InstanceIds=list(decided.reclaim))
-            for instance_id in decided.reclaim:
-                self._processes[instance_id].reclaimed = True
-        for instance_id in decided.stop:
-            self._terminate(self._processes[instance_id])
-        for instance_id in decided.kill:
-            record = self._processes[instance_id]
-            signal_group(record, signal.SIGKILL)
-            record.killed = True
-        for instance_id in decided.shut_down:
-            self._shut_down(self._processes[instance_id])
-        for instance_id in decided.reboot:
-            self._reboot(self._processes[instance_id])
-        for instance_id in decided.hard_reboot:
-            log.info("instance %s: its processes outlived the grace period: hard reboot", instance_id)
-            signal_group(self._processes[instance_id], signal.SIGKILL)
-        for instance_id in decided.boot:
-            if self._stop.is_set():
-                break
-            self._boot_again(self._processes[instance_id])
-        with self._lock:
-            records = list(self._processes.items())
-        for instance_id, record in records:
-            # Its metadata answers until its processes are gone (a stopping worker still writes its status).
-            gone = states.get(instance_id) not in RUNNING_STATES and not record.alive
-            if record.metadata is not None and gone:
-                record.metadata.close()
-                record.metadata = None
-            if record.rootfs is not None and gone:
-                record.rootfs.close()
-        return decided
+                decided = plan(states, self._processes, time.monotonic(), self.grace_seconds, requests)
+            network = self.describe_network() if decided.start else None
+            for instance_id in decided.start:
+                if self._stop.is_set():
+                    break
+                record = self._launch(instances[instance_id], network)
+                with self._lock:
+                    self._processes[instance_id] = record
+            if decided.reclaim:
+                log.info(
+                    "spot instances reclaimed at the end of their notice: %s", ", ".join(decided.reclaim)
+                )
+                self._ec2.terminate_instances(InstanceIds=list(decided.reclaim))
+                for instance_id in decided.reclaim:
+                    self._processes[instance_id].reclaimed = True
+            for instance_id in decided.stop:
+                self._terminate(self._processes[instance_id])
+            for instance_id in decided.kill:
+                record = self._processes[instance_id]
+                signal_group(record, signal.SIGKILL)
+                record.killed = True
+            for instance_id in decided.shut_down:
+                self._shut_down(self._processes[instance_id])
+            for instance_id in decided.reboot:
+                self._reboot(self._processes[instance_id])
+            for instance_id in decided.hard_reboot:
+                log.info("instance %s: its processes outlived the grace period: hard reboot", instance_id)
+                signal_group(self._processes[instance_id], signal.SIGKILL)
+            for instance_id in decided.boot:
+                if self._stop.is_set():
+                    break
+                self._boot_again(self._processes[instance_id])
+            with self._lock:
+                records = list(self._processes.items())
+            for instance_id, record in records:
+                # Its metadata answers until its processes are gone (a stopping worker still writes its
+                # status).
+                gone = states.get(instance_id) not in RUNNING_STATES and not record.alive
+                if record.metadata is not None and gone:
+                    record.metadata.close()
+                    record.metadata = None
+                if record.rootfs is not None and gone:
+                    record.rootfs.close()
+            return decided
 
     def describe_instances(self) -> dict[str, dict]:
         paginator = self._ec2.get_paginator("describe_instances")
@@ -569,7 +581,7 @@ class InstanceRunner:
         script_path.write_text(script, encoding="utf-8")
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
-                ["bash", str(script_path)],
+                [*DEFAULT_SIGNALS, "bash", str(script_path)],
                 cwd=home,
                 env=self.instance_env(home, metadata.url, verdicts),
                 stdin=subprocess.DEVNULL,
@@ -781,7 +793,7 @@ class InstanceRunner:
             return
         with open(record.log_path, "ab") as log_file:
             record.process = subprocess.Popen(
-                ["bash", "-c", PER_BOOT_COMMAND, "ec2cluster-per-boot", *map(str, scripts)],
+                [*DEFAULT_SIGNALS, "bash", "-c", PER_BOOT_COMMAND, "ec2cluster-per-boot", *map(str, scripts)],
                 cwd=record.home,
                 env=env,
                 stdin=subprocess.DEVNULL,

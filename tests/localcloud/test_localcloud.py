@@ -182,3 +182,24 @@ def test_cli_parser_takes_port_and_region():
     assert (args.port, args.region) == (4599, "eu-west-1")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--port", "not-a-port"])
+
+
+def test_instances_start_with_every_signal_at_its_default_whatever_the_local_cloud_inherited(tmp_path: Path):
+    # A local cloud started in the background (`&`, nohup) inherits SIGINT, SIGQUIT and SIGHUP ignored; an
+    # instance is a booted machine: nothing ignored (a shell cannot trap a signal ignored on entry, so an
+    # image's init would miss its reboot signal, as a CI run did).
+    ignored = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
+    try:
+        with LocalCloud(work_dir=tmp_path, grace_seconds=2) as cloud:
+            ec2 = cloud.client("ec2")
+            instance_id = launch(ec2, cloud.ami_id, 'grep SigIgn /proc/self/status > "$HOME/ignored"\n')
+            home = wait_for(
+                lambda: cloud.worker_processes().get(instance_id, {}).get("home"), 30, "the instance"
+            )
+            ignored_file = Path(home) / "ignored"
+            wait_for(lambda: ignored_file.exists() and ignored_file.read_text().strip(), 30, "its user data")
+            assert ignored_file.read_text().split() == ["SigIgn:", "0" * 16]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
