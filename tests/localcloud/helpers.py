@@ -102,3 +102,33 @@ def worker_user_data(cloud, config: dict, code=(), requirements=(), **render_opt
 
     bundle = stored_bundle(cloud, config["cluster_id"], code, requirements)
     return render_user_data(config, bundle=bundle, **render_options)
+
+
+def instance_left_behind(image: dict) -> list[str]:
+    """What of an image-backed instance (``worker_processes()[id]["image"]``) is still there.
+
+    A namespace's id alone cannot tell: the kernel gives a freed namespace's id to the next one created
+    (another test's instance, on the other xdist worker, within the same second). So: its init (the kernel
+    ends every other process of a PID namespace before its init is gone), this process's threads or open
+    descriptors in its mount or network namespace (the runner's listener threads join the latter), and its
+    overlay in the host's mount table.
+    """
+    left = []
+    init = image["init_pid"]
+    if init is not None and _readlink(f"/proc/{init}/ns/pid") == image["pid_namespace"]:
+        left.append(f"its init (pid {init})")
+    for kind, ns in (("mnt", image["mount_namespace"]), ("net", image["net_namespace"])):
+        links = [f"/proc/self/task/{tid}/ns/{kind}" for tid in os.listdir("/proc/self/task")]
+        links += [f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd")]
+        if any(_readlink(link) == ns for link in links):
+            left.append(f"this process in or holding its {kind} namespace {ns}")
+    if any(image["root"] in line for line in Path("/proc/self/mountinfo").read_text().splitlines()):
+        left.append(f"its root {image['root']} mounted on the host")
+    return left
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None

@@ -29,7 +29,7 @@ from ec2cluster_localcloud import LocalCloud, images
 from ec2cluster_localcloud.rootfs_instance import RootfsInstance, pids_in_namespace
 from ec2cluster_localcloud.runner import SERVICE_ENDPOINT_VARIABLES
 
-from .helpers import instance_log, launch_instance, wait_for, wait_for_log_line
+from .helpers import instance_left_behind, instance_log, launch_instance, wait_for, wait_for_log_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -143,15 +143,8 @@ def closed_group(ec2) -> str:
 
 
 def nothing_left(image: dict) -> bool:
-    """No process in the instance's PID or mount namespace (so its overlay is unmounted), none on the host."""
-    root = image["root"]
-    mounted = any(root in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
-    return (
-        not pids_in_namespace(image["pid_namespace"], "pid")
-        and not pids_in_namespace(image["mount_namespace"], "mnt")
-        and not pids_in_namespace(image["net_namespace"], "net")
-        and not mounted
-    )
+    """No process of the instance, none of this process in its namespaces, its overlay not on the host."""
+    return not instance_left_behind(image)
 
 
 def test_debian_12_instance_boots_isolated_and_powers_off(tmp_path: Path):
@@ -218,6 +211,7 @@ def test_debian_12_instance_boots_isolated_and_powers_off(tmp_path: Path):
             wait_for_log_line(cloud, sleeper, "sleeper: up", timeout=60)
             sleeper_image = cloud.worker_processes()[sleeper]["image"]
             assert pids_in_namespace(sleeper_image["pid_namespace"], "pid")
+            assert instance_left_behind(sleeper_image)  # its init, its overlay: the check sees a live one
             ec2.terminate_instances(InstanceIds=[sleeper])
             wait_for(lambda: not cloud.worker_processes()[sleeper]["alive"], 30, "the sleeper to end")
             wait_for(lambda: nothing_left(sleeper_image), 10, "nothing left of the sleeper")

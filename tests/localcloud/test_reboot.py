@@ -28,6 +28,7 @@ from ec2cluster_localcloud.runner import (
 )
 
 from .helpers import (
+    instance_left_behind,
     instance_log,
     launch_instance,
     pid_alive,
@@ -296,10 +297,7 @@ def test_a_rebooted_instance_without_per_boot_scripts_idles_running(tmp_path: Pa
 
 
 def nothing_left(image: dict) -> bool:
-    root = image["root"]
-    mounted = any(root in line for line in Path("/proc/self/mountinfo").read_text().splitlines())
-    namespaces = (("pid_namespace", "pid"), ("mount_namespace", "mnt"), ("net_namespace", "net"))
-    return not mounted and not any(pids_in_namespace(image[key], kind) for key, kind in namespaces)
+    return not instance_left_behind(image)
 
 
 def boot_processes(image: dict) -> set[int]:
