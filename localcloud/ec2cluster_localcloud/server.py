@@ -385,6 +385,23 @@ def make_reboot_reach_the_instance(work_dir: Path) -> None:
     InstanceBackend.reboot_instances = reboot_instances
 
 
+def make_capacity_like_aws(work_dir: Path | None = None) -> None:
+    """RunInstances and CreateFleet within the capacity and vCPU quotas of ``<work dir>/capacity.json``
+    (``ec2cluster_localcloud.capacity``; unlimited without it), and CreateFleet Type=instant as EC2 does it,
+    each pool launched through RunInstances (``ec2cluster_localcloud.fleet``)."""
+    from ec2cluster_localcloud import capacity
+    from ec2cluster_localcloud.fleet import make_create_fleet_instant
+
+    source = capacity.CapacityFile(Path(work_dir) / capacity.CAPACITY_FILE) if work_dir is not None else None
+
+    def document() -> dict:
+        return source.read() if source is not None else capacity.normalise({})
+
+    # Outermost RunInstances patch: a replayed ClientToken answers before any capacity check.
+    capacity.make_run_instances_respect_capacity(document)
+    make_create_fleet_instant(lambda backend: capacity.headroom_of(backend, document()))
+
+
 def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
@@ -393,6 +410,7 @@ def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     make_spot_launches_create_the_service_linked_role()
     make_default_vpcs_like_aws()
     make_default_security_groups_admit_their_members()
+    make_capacity_like_aws(work_dir)
     if work_dir is not None:
         make_console_output_the_instance_log(work_dir)
         make_reboot_reach_the_instance(work_dir)

@@ -1,0 +1,269 @@
+"""CreateFleet Type=instant on the local cloud: pools, allocation strategies, partial fulfilment, MinTarget,
+ClientToken, and instances that really boot through RunInstances (user data, profile, spot lifecycle)."""
+
+from __future__ import annotations
+
+import base64
+import math
+import shlex
+import sys
+
+import pytest
+from ec2cluster_localcloud import LocalCloud
+from ec2cluster_localcloud.fleet import MarketOptions, Pool, Unlimited, allocate, target_units
+
+from .helpers import wait_for, wait_for_log_line
+
+# What a fleet's instance prints: its id, type and role from its metadata (IMDSv2), as a worker finds them.
+REPORT = r"""
+import os, urllib.request
+base = os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"].rstrip("/")
+token = urllib.request.urlopen(urllib.request.Request(base + "/latest/api/token", method="PUT",
+    headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})).read().decode()
+def get(path):
+    request = urllib.request.Request(base + "/latest/meta-data/" + path,
+        headers={"X-aws-ec2-metadata-token": token})
+    return urllib.request.urlopen(request).read().decode()
+role = get("iam/security-credentials/").strip()
+print("fleet-instance", get("instance-id"), get("instance-type"), role, flush=True)
+"""
+USER_DATA = f"#!/bin/bash\n{shlex.quote(sys.executable)} - <<'EOF'\n{REPORT}\nEOF\nexec sleep 600\n"
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    with LocalCloud(work_dir=tmp_path_factory.mktemp("fleet-cloud"), grace_seconds=5) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def subnets(cloud) -> dict[str, str]:
+    """zone -> default subnet."""
+    found = cloud.client("ec2").describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
+    return {subnet["AvailabilityZone"]: subnet["SubnetId"] for subnet in found["Subnets"]}
+
+
+def template(cloud, name: str, **data) -> str:
+    """A launch template as the controller writes one: user data, profile, IMDSv2, a public IP, gp3."""
+    launch_data = {
+        "ImageId": cloud.ami_id,
+        "InstanceType": "t3.micro",
+        "UserData": base64.b64encode(USER_DATA.encode()).decode(),
+        "IamInstanceProfile": {"Name": cloud.instance_profile_name},
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        "NetworkInterfaces": [
+            {"DeviceIndex": 0, "AssociatePublicIpAddress": True, "DeleteOnTermination": True}
+        ],
+        "BlockDeviceMappings": [
+            {"DeviceName": "/dev/xvda", "Ebs": {"Encrypted": True, "VolumeType": "gp3", "VolumeSize": 8}}
+        ],
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": [{"Key": "from-template", "Value": "yes"}]}
+        ],
+        **data,
+    }
+    answer = cloud.client("ec2").create_launch_template(
+        LaunchTemplateName=name, LaunchTemplateData=launch_data
+    )
+    return answer["LaunchTemplate"]["LaunchTemplateId"]
+
+
+def instances_of(answer: dict) -> list[str]:
+    return [instance_id for item in answer.get("Instances", []) for instance_id in item["InstanceIds"]]
+
+
+def described(cloud, ids: list[str]) -> dict[str, dict]:
+    reservations = cloud.client("ec2").describe_instances(InstanceIds=ids)["Reservations"]
+    return {i["InstanceId"]: i for r in reservations for i in r["Instances"]}
+
+
+def terminate(cloud, answer: dict) -> None:
+    ids = instances_of(answer)
+    if ids:
+        cloud.client("ec2").terminate_instances(InstanceIds=ids)
+
+
+def test_an_instant_fleet_launches_from_its_template_through_run_instances(cloud, subnets):
+    """Several types x subnets, spot: every instance boots with the template's user data, profile, metadata
+    options, network interface and volume, tagged by the template and the fleet, spot lifecycle; a repeated
+    ClientToken answers with the same fleet and launches nothing."""
+    template_id = template(cloud, "fleet-boots")
+    zones = sorted(subnets)[:2]
+    request = {
+        "Type": "instant",
+        "ClientToken": "fleet-boots-1",
+        "LaunchTemplateConfigs": [
+            {
+                "LaunchTemplateSpecification": {"LaunchTemplateId": template_id, "Version": "$Latest"},
+                "Overrides": [
+                    {"InstanceType": instance_type, "SubnetId": subnets[zone]}
+                    for instance_type in ("c5.large", "m5.large")
+                    for zone in zones
+                ],
+            }
+        ],
+        "TargetCapacitySpecification": {"TotalTargetCapacity": 3, "DefaultTargetCapacityType": "spot"},
+        "SpotOptions": {"AllocationStrategy": "price-capacity-optimized"},
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": [{"Key": "ec2cluster:cluster-id", "Value": "fleet-boots"}]},
+            {"ResourceType": "fleet", "Tags": [{"Key": "purpose", "Value": "test"}]},
+        ],
+    }
+    ec2 = cloud.client("ec2")
+    answer = ec2.create_fleet(**request)
+    try:
+        assert answer["Errors"] == []
+        ids = instances_of(answer)
+        assert len(ids) == 3
+        # Unlimited pools: price-capacity-optimized takes the cheapest spot pool (c5.large: 0.0306 an hour).
+        (item,) = answer["Instances"]
+        assert item["Lifecycle"] == "spot" and item["InstanceType"] == "c5.large"
+        assert (
+            item["LaunchTemplateAndOverrides"]["LaunchTemplateSpecification"]["LaunchTemplateId"]
+            == template_id
+        )
+        assert item["LaunchTemplateAndOverrides"]["Overrides"] == {
+            "InstanceType": "c5.large",
+            "SubnetId": subnets[zones[0]],
+        }
+        instances = described(cloud, ids)
+        role_arn = cloud.client("iam").get_role(RoleName=cloud.instance_profile_name)["Role"]["Arn"]
+        for instance_id, instance in instances.items():
+            assert instance["InstanceLifecycle"] == "spot"
+            assert instance["IamInstanceProfile"]["Arn"].endswith(
+                f"instance-profile/{cloud.instance_profile_name}"
+            )
+            assert instance["MetadataOptions"]["HttpTokens"] == "required"
+            assert instance["Placement"]["AvailabilityZone"] == zones[0]
+            assert instance["SubnetId"] == subnets[zones[0]]
+            assert instance.get("PublicIpAddress")
+            tags = {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+            assert tags["from-template"] == "yes" and tags["ec2cluster:cluster-id"] == "fleet-boots"
+            assert tags["aws:ec2:fleet-id"] == answer["FleetId"]
+            attribute = ec2.describe_instance_attribute(
+                InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
+            )
+            assert attribute["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+            volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+            volume = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+            assert volume["Encrypted"] and volume["VolumeType"] == "gp3"
+            # The runner started it: its user data ran, and its metadata gives the role.
+            log = wait_for_log_line(cloud, instance_id, "fleet-instance", timeout=60)
+            line = next(line for line in log.splitlines() if line.startswith("fleet-instance"))
+            assert line.split() == ["fleet-instance", instance_id, "c5.large", cloud.instance_profile_name]
+        assert role_arn
+        # The account's first spot launch made the spot service-linked role, as RunInstances does.
+        cloud.client("iam").get_role(RoleName="AWSServiceRoleForEC2Spot")
+        # The same ClientToken: the same fleet and instances, nothing launched.
+        before = len(cloud.worker_processes())
+        again = ec2.create_fleet(**request)
+        assert again["FleetId"] == answer["FleetId"] and instances_of(again) == ids
+        assert len(cloud.worker_processes()) == before
+        fleets = ec2.describe_fleets(FleetIds=[answer["FleetId"]])["Fleets"]
+        assert fleets[0]["Type"] == "instant" and fleets[0]["FulfilledCapacity"] == 3.0
+        assert {"Key": "purpose", "Value": "test"} in fleets[0]["Tags"]
+    finally:
+        terminate(cloud, answer)
+
+
+def test_template_by_name_and_version_on_demand(cloud, subnets):
+    """A template named by its name and version number; on-demand by default; no overrides: its own type,
+    over the default subnets."""
+    template(cloud, "fleet-by-name", InstanceType="t3.small")
+    ec2 = cloud.client("ec2")
+    answer = ec2.create_fleet(
+        Type="instant",
+        LaunchTemplateConfigs=[
+            {"LaunchTemplateSpecification": {"LaunchTemplateName": "fleet-by-name", "Version": "1"}}
+        ],
+        TargetCapacitySpecification={"TotalTargetCapacity": 2},
+    )
+    try:
+        assert answer["Errors"] == []
+        ids = instances_of(answer)
+        assert len(ids) == 2 and {item["Lifecycle"] for item in answer["Instances"]} == {"on-demand"}
+        for instance in described(cloud, ids).values():
+            assert instance["InstanceType"] == "t3.small" and "InstanceLifecycle" not in instance
+            assert instance["SubnetId"] in subnets.values()
+        wait_for(
+            lambda: all(cloud.worker_processes().get(i, {}).get("alive") for i in ids), 60, "both to run"
+        )
+    finally:
+        terminate(cloud, answer)
+
+
+# -- Allocation, pure -----------------------------------------------------------------------------------
+
+
+def pools(*specs) -> list[Pool]:
+    return [
+        Pool(
+            order=n,
+            template_specification={},
+            overrides=None,
+            params={},
+            instance_type=t,
+            availability_zone=z,
+            priority=p,
+        )
+        for n, (t, z, p) in enumerate(specs)
+    ]
+
+
+class Rooms(Unlimited):
+    def __init__(self, rooms: dict[tuple[str, str], float]):
+        self.rooms = dict(rooms)
+
+    def fits(self, instance_type, availability_zone, market):
+        return self.rooms.get((instance_type, availability_zone), math.inf)
+
+    def take(self, instance_type, availability_zone, market, count):
+        self.rooms[(instance_type, availability_zone)] = (
+            self.fits(instance_type, availability_zone, market) - count
+        )
+
+    def copy(self):
+        return Rooms(self.rooms)
+
+
+def test_target_units_split_by_market():
+    assert target_units({"TotalTargetCapacity": 5}) == (5, 0)
+    assert target_units({"TotalTargetCapacity": 5, "SpotTargetCapacity": 2}) == (3, 2)
+    assert target_units(
+        {"TotalTargetCapacity": 5, "OnDemandTargetCapacity": 1, "DefaultTargetCapacityType": "spot"}
+    ) == (1, 4)
+
+
+def test_allocation_strategies():
+    three = pools(("m5.large", "a", 2.0), ("c5.large", "a", 1.0), ("r5.large", "b", math.inf))
+    spot = "spot"
+    # lowest-price: c5.large is the cheapest spot pool (0.085 x 0.36).
+    found = allocate(three, 4, spot, MarketOptions("lowest-price"), Unlimited())
+    assert found.counts == {1: 4}
+    # ... with two pools to use: spread over the two cheapest (c5.large, r5.large at 0.126 x 0.28).
+    found = allocate(three, 4, spot, MarketOptions("lowest-price", pools_to_use=2), Unlimited())
+    assert found.counts == {1: 2, 2: 2}
+    # price-capacity-optimized: the cheapest of the pools that can take it all; c5 has room for 1 only.
+    found = allocate(three, 3, spot, MarketOptions("price-capacity-optimized"), Rooms({("c5.large", "a"): 1}))
+    assert found.counts == {2: 3}
+    # diversified: evenly.
+    assert allocate(three, 3, spot, MarketOptions("diversified"), Unlimited()).counts == {0: 1, 1: 1, 2: 1}
+    # On-demand prioritized: lowest Priority first; when it runs dry, the next.
+    found = allocate(three, 3, "on-demand", MarketOptions("prioritized"), Rooms({("c5.large", "a"): 2}))
+    assert found.counts == {1: 2, 0: 1}
+    # On-demand lowest-price: c5.large (0.085).
+    assert allocate(three, 2, "on-demand", MarketOptions("lowest-price"), Unlimited()).counts == {1: 2}
+    # Short: the pools without room say why.
+    found = allocate(
+        three,
+        5,
+        spot,
+        MarketOptions("capacity-optimized"),
+        Rooms({k: 1 for k in [("m5.large", "a"), ("c5.large", "a"), ("r5.large", "b")]}),
+    )
+    assert found.units == 3 and sorted(found.errors) == [0, 1, 2]
+    # SingleInstanceType: one type only, the first that gives everything.
+    single = MarketOptions("lowest-price", single_instance_type=True)
+    found = allocate(three, 2, spot, single, Rooms({("c5.large", "a"): 1}))
+    assert found.counts == {2: 2} and found.errors == {}
