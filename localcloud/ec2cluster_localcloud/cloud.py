@@ -12,6 +12,12 @@ route table), so an instance launched in it with a public IP reaches AWS's servi
 an instance reaches follows the VPC's state (``ec2cluster_localcloud.network``); the internet is a local
 package index (``package_index_url``) over a wheel cache (``wheel_cache``).
 
+Capacity (``ec2cluster_localcloud.capacity``): each (instance type, zone, market) pool and each vCPU quota
+is unlimited unless set (``capacity=`` a document or its file, ``set_capacity``, ``set_vcpu_quota``, the
+work dir's ``capacity.json``, or the control server); RunInstances and CreateFleet answer as EC2 does when
+a pool is dry or a quota is reached. Spot instances can be interrupted one by one, the oldest N of a
+cluster, or at random (``set_spot_interruptions``).
+
 Its default AMI (``ami_id``) runs an instance's user data as a process on the host. An image-backed AMI
 (``register_rootfs_image``: a real Debian root filesystem, built once with debootstrap and cached in
 ``image_cache``) boots each instance as an isolated root of its own
@@ -29,20 +35,26 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
 
+from ec2cluster_localcloud import capacity as capacity_model
 from ec2cluster_localcloud.account import ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY
 from ec2cluster_localcloud.blackhole import REACHABILITY_FILE
 from ec2cluster_localcloud.control import (
+    CAPACITY,
     CONTROL_URL_ENV,
+    INTERRUPT_OLDEST_SPOT,
     REBALANCE_RECOMMENDATION,
     SPOT_INTERRUPTION,
+    SPOT_INTERRUPTIONS,
     ControlServer,
 )
 from ec2cluster_localcloud.images import ensure_rootfs
@@ -58,6 +70,7 @@ from ec2cluster_localcloud.runner import (
 log = logging.getLogger(__name__)
 
 INSTANCE_PROFILE_NAME = "ec2cluster-worker"
+CLUSTER_TAG = "ec2cluster:cluster-id"
 AMI_NAME = "ec2cluster-local-worker"
 SERVER_START_TIMEOUT_SECONDS = 60.0
 SERVER_STOP_TIMEOUT_SECONDS = 10.0
@@ -89,8 +102,11 @@ class LocalCloud:
         wheel_cache: str | Path | None = None,
         package_upstream: str | None = PYPI_SIMPLE,
         image_cache: str | Path | None = None,
+        capacity: str | Path | Mapping | None = None,
     ):
-        """``wheel_cache``: the package index's directory of wheels (default
+        """``capacity``: the capacity document (a dict or a JSON file's path; see
+        ``ec2cluster_localcloud.capacity``; default: everything unlimited). ``wheel_cache``: the package
+        index's directory of wheels (default
         ``~/.cache/ec2cluster-localcloud/wheels``, shared across runs); ``package_upstream``: the index a
         project missing from it is fetched from once (None: serve the cache only, never leave loopback);
         ``image_cache``: where image-backed AMIs' root filesystems are cached (default
@@ -115,6 +131,9 @@ class LocalCloud:
         self._package_index: PackageIndex | None = None
         self.package_index_url: str | None = None
         self.image_cache = Path(image_cache) if image_cache is not None else None
+        self._initial_capacity = capacity_model.load(capacity)  # checked now: a bad one never starts
+        self._capacity_lock = threading.Lock()
+        self.capacity_file: Path | None = None
 
     # Context manager
 
@@ -128,6 +147,8 @@ class LocalCloud:
     def start(self) -> None:
         self.work_dir = self._given_work_dir or Path(tempfile.mkdtemp(prefix="ec2cluster-localcloud-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.capacity_file = self.work_dir / capacity_model.CAPACITY_FILE
+        capacity_model.write(self.capacity_file, self._initial_capacity)
         try:
             self._package_index = PackageIndex(self.wheel_cache, upstream=self.package_upstream)
             self.package_index_url = self._package_index.start()
@@ -153,6 +174,20 @@ class LocalCloud:
                     REBALANCE_RECOMMENDATION: lambda body: self.inject_rebalance_recommendation(
                         str(body["instance_id"])
                     ),
+                    CAPACITY: self._control_capacity,
+                    SPOT_INTERRUPTIONS: lambda body: self.set_spot_interruptions(
+                        float(body.get("rate_per_hour", 0)),
+                        float(body.get("notice_seconds", SPOT_NOTICE_SECONDS)),
+                        seed=body.get("seed"),
+                    ),
+                    INTERRUPT_OLDEST_SPOT: lambda body: {
+                        "instance_ids": self.interrupt_oldest_spot_instances(
+                            int(body.get("count", 1)),
+                            float(body.get("notice_seconds", SPOT_NOTICE_SECONDS)),
+                            cluster_id=body.get("cluster_id"),
+                            tags=body.get("tags"),
+                        )
+                    },
                 }
             )
             self.control_url = self._control.start()
@@ -259,6 +294,112 @@ class LocalCloud:
         """Post an EC2 rebalance recommendation in the instance's metadata (nothing is terminated)."""
         self._require_started()
         self._runner.inject_rebalance_recommendation(instance_id)
+
+    # Capacity and spot interruptions
+
+    def capacity(self) -> dict:
+        """The capacity document now (what the work dir's ``capacity.json`` says)."""
+        self._require_started()
+        return capacity_model.load(self.capacity_file)
+
+    def set_capacity_document(self, document: Mapping | str | Path | None) -> dict:
+        """Replace the whole document (None: everything unlimited); the next launch obeys it."""
+        self._require_started()
+        with self._capacity_lock:
+            new = capacity_model.load(document)
+            capacity_model.write(self.capacity_file, new)
+        return new
+
+    def set_capacity(
+        self, instance_type: str, availability_zone: str, market: str, count: int | None
+    ) -> dict:
+        """How many instances of the pool may be live at once (None: unlimited); market ``on-demand`` or
+        ``spot``. Takes effect at the next launch; returns the document."""
+        self._require_started()
+        with self._capacity_lock:
+            new = capacity_model.with_pool(
+                capacity_model.load(self.capacity_file), instance_type, availability_zone, market, count
+            )
+            capacity_model.write(self.capacity_file, new)
+        return new
+
+    def set_vcpu_quota(self, market: str, group: str, vcpus: int | None) -> dict:
+        """The vCPU quota of an instance-family group (``standard``, ``g``, ``p``...) on a market (None:
+        unlimited). Takes effect at the next launch; returns the document."""
+        self._require_started()
+        with self._capacity_lock:
+            new = capacity_model.with_quota(capacity_model.load(self.capacity_file), market, group, vcpus)
+            capacity_model.write(self.capacity_file, new)
+        return new
+
+    def _control_capacity(self, body: dict) -> dict:
+        if "document" in body:
+            self.set_capacity_document(body["document"])
+        pool = body.get("pool")
+        if pool is not None:
+            self.set_capacity(
+                str(pool["instance_type"]),
+                str(pool["availability_zone"]),
+                str(pool["market"]),
+                pool.get("capacity"),
+            )
+        quota = body.get("vcpu_quota")
+        if quota is not None:
+            self.set_vcpu_quota(str(quota["market"]), str(quota["group"]), quota.get("vcpus"))
+        return {"capacity": self.capacity()}
+
+    def set_spot_interruptions(
+        self, rate_per_hour: float, notice_seconds: float = SPOT_NOTICE_SECONDS, seed: int | None = None
+    ) -> None:
+        """Interrupt running spot instances at random, as EC2 reclaims capacity: ``rate_per_hour``
+        interruptions per instance-hour (0: none; ``math.inf``: every one at the runner's next poll), each
+        through the notice path (metadata ``spot/instance-action``, then terminated after
+        ``notice_seconds``); ``seed`` makes the draws repeatable."""
+        self._require_started()
+        self._runner.set_spot_interruptions(rate_per_hour, notice_seconds, seed)
+
+    def interrupt_oldest_spot_instances(
+        self,
+        count: int = 1,
+        notice_seconds: float = SPOT_NOTICE_SECONDS,
+        *,
+        cluster_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """A notice now to the ``count`` oldest running spot instances (of ``cluster_id``: its
+        ``ec2cluster:cluster-id`` tag; with ``tags``) that have none yet; their ids, oldest first."""
+        self._require_started()
+        if count < 0:
+            raise ValueError(f"count must be 0 or more, not {count}")
+        wanted = dict(tags or {})
+        if cluster_id is not None:
+            wanted[CLUSTER_TAG] = cluster_id
+        # (moto's DescribeInstances has no instance-lifecycle filter: the lifecycle is checked below)
+        filters = [{"Name": "instance-state-name", "Values": ["running"]}] + [
+            {"Name": f"tag:{key}", "Values": [value]} for key, value in wanted.items()
+        ]
+        found = [
+            instance
+            for page in self.client("ec2").get_paginator("describe_instances").paginate(Filters=filters)
+            for reservation in page["Reservations"]
+            for instance in reservation["Instances"]
+            if instance.get("InstanceLifecycle") == "spot"
+        ]
+        processes = self.worker_processes()
+        candidates = sorted(
+            (
+                i
+                for i in found
+                if i["InstanceId"] in processes
+                and processes[i["InstanceId"]]["metadata_url"]
+                and not processes[i["InstanceId"]]["spot_notice"]
+            ),
+            key=lambda i: (i["LaunchTime"], i.get("AmiLaunchIndex", 0), i["InstanceId"]),
+        )
+        chosen = [i["InstanceId"] for i in candidates[:count]]
+        for instance_id in chosen:
+            self.inject_spot_interruption(instance_id, notice_seconds)
+        return chosen
 
     def register_rootfs_image(self, flavour: str = "debian-12") -> str:
         """An AMI backed by a real root filesystem (``debian-12``: Debian 12 minimal, python3 without pip,

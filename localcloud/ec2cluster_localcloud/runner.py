@@ -17,7 +17,10 @@ terminates it (or stops it, as InstanceInitiatedShutdownBehavior says); a script
 shutting down leaves it running, billed, as on EC2. The instance gets its own home (``EC2CLUSTER_HOME``)
 and cloud-init directory (``EC2CLUSTER_CLOUD_DIR``) but shares the host's filesystem and interpreters:
 the host is its image. A spot interruption notice can be injected: the instance is
-reclaimed (terminated) when its notice period ends.
+reclaimed (terminated) when its notice period ends. Interruptions can also come at random
+(``set_spot_interruptions``: a rate per instance-hour; at each poll every running spot instance without a
+notice gets one with probability 1 - exp(-rate x the time since its last draw), through the same notice),
+as EC2 reclaims spot capacity.
 
 Like cloud-init, it runs an instance's user data once, at its first boot.
 
@@ -43,7 +46,9 @@ import base64
 import contextlib
 import gzip
 import logging
+import math
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -140,6 +145,8 @@ class InstanceProcess:
     spot_action_time: float | None = None  # wall clock: an injected spot notice's time (kept over reboots)
     rebalance_recommended: bool = False
     boot_failed: bool = False  # an image-backed instance's root did not boot: it powers off
+    spot: bool = False  # InstanceLifecycle spot: EC2 may reclaim it (random interruptions)
+    interruption_drawn_at: float | None = None  # monotonic: the last random interruption draw
 
     @property
     def alive(self) -> bool:
@@ -212,6 +219,8 @@ class InstanceProcess:
             "image": self.rootfs.info() if self.rootfs else None,
             "boots": self.boots,
             "rebooting": self.rebooting,
+            "spot": self.spot,
+            "spot_notice": self.reclaim_at is not None,
         }
 
 
@@ -363,6 +372,9 @@ class InstanceRunner:
         self._reboot_requests_offset = 0
         self._lock = threading.Lock()
         self._poll_lock = threading.RLock()
+        self._interruption_rate = 0.0  # per instance-hour
+        self._interruption_notice = SPOT_NOTICE_SECONDS
+        self._random = random.Random()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ec2, self._iam, self._sts = (
@@ -450,8 +462,10 @@ class InstanceRunner:
                 if self._stop.is_set():
                     break
                 record = self._launch(instances[instance_id], network)
+                record.spot = instances[instance_id].get("InstanceLifecycle") == "spot"
                 with self._lock:
                     self._processes[instance_id] = record
+            self._draw_interruptions(states)
             if decided.reclaim:
                 log.info(
                     "spot instances reclaimed at the end of their notice: %s", ", ".join(decided.reclaim)
@@ -527,6 +541,45 @@ class InstanceRunner:
         record.metadata.inject_spot_interruption(record.spot_action_time)
         record.reclaim_at = time.monotonic() + notice_seconds
         log.info("instance %s: spot interruption notice, reclaimed in %.0f s", instance_id, notice_seconds)
+
+    def set_spot_interruptions(
+        self, rate_per_hour: float, notice_seconds: float = SPOT_NOTICE_SECONDS, seed: int | None = None
+    ) -> None:
+        """Interrupt running spot instances at random: ``rate_per_hour`` per instance-hour (0: never;
+        math.inf: each at the next poll), each with a notice of ``notice_seconds``; ``seed``: repeatable."""
+        if rate_per_hour < 0 or notice_seconds < 0:
+            raise ValueError("rate_per_hour and notice_seconds must be 0 or more")
+        with self._lock:
+            self._interruption_rate = float(rate_per_hour)
+            self._interruption_notice = float(notice_seconds)
+            self._random = random.Random(seed)
+            now = time.monotonic()
+            for record in self._processes.values():
+                record.interruption_drawn_at = now  # the rate applies from now on
+
+    def spot_interruptions(self) -> dict[str, float]:
+        with self._lock:
+            return {"rate_per_hour": self._interruption_rate, "notice_seconds": self._interruption_notice}
+
+    def _draw_interruptions(self, states: Mapping[str, str]) -> None:
+        """At random, a notice to running spot instances (EC2 reclaiming capacity)."""
+        with self._lock:
+            rate, notice = self._interruption_rate, self._interruption_notice
+            records = [
+                r
+                for r in self._processes.values()
+                if r.spot and states.get(r.instance_id) == "running" and r.reclaim_at is None
+            ]
+        now = time.monotonic()
+        for record in records:
+            last, record.interruption_drawn_at = record.interruption_drawn_at, now
+            if rate <= 0 or record.metadata is None or record.rebooting:
+                continue
+            elapsed = now - (last if last is not None else record.started_at)
+            chance = 1.0 if math.isinf(rate) else 1.0 - math.exp(-rate * max(0.0, elapsed) / 3600.0)
+            if self._random.random() < chance:
+                log.info("instance %s: random spot interruption", record.instance_id)
+                self.inject_spot_interruption(record.instance_id, notice)
 
     def inject_rebalance_recommendation(self, instance_id: str) -> None:
         record = self._record_with_metadata(instance_id)

@@ -267,3 +267,134 @@ def test_allocation_strategies():
     single = MarketOptions("lowest-price", single_instance_type=True)
     found = allocate(three, 2, spot, single, Rooms({("c5.large", "a"): 1}))
     assert found.counts == {2: 2} and found.errors == {}
+
+
+# -- With capacity limits ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limits(cloud):
+    """Capacity for one test; everything unlimited again, and its instances gone, after it."""
+    yield cloud
+    cloud.set_capacity_document(None)
+    ec2 = cloud.client("ec2")
+    live = ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    ids = [i["InstanceId"] for r in live["Reservations"] for i in r["Instances"]]
+    if ids:
+        ec2.terminate_instances(InstanceIds=ids)
+
+
+def fleet(cloud, template_id: str, overrides: list[dict], capacity: dict, **options) -> dict:
+    answer = cloud.client("ec2").create_fleet(
+        Type="instant",
+        LaunchTemplateConfigs=[
+            {"LaunchTemplateSpecification": {"LaunchTemplateId": template_id}, "Overrides": overrides}
+        ],
+        TargetCapacitySpecification=capacity,
+        **options,
+    )
+    answer.pop("ResponseMetadata")
+    return answer
+
+
+def placed(cloud, answer: dict) -> list[tuple[str, str]]:
+    """(type, zone) of each instance the fleet launched, sorted."""
+    return sorted(
+        (i["InstanceType"], i["Placement"]["AvailabilityZone"])
+        for i in described(cloud, instances_of(answer)).values()
+    )
+
+
+def test_spot_price_capacity_optimized_skips_an_empty_pool(limits, subnets):
+    cloud = limits
+    template_id = template(cloud, "fleet-pco")
+    a, b = "us-east-1a", "us-east-1b"
+    cloud.set_capacity("c5.large", a, "spot", 0)  # the cheapest spot pool is dry in zone a
+    overrides = [
+        {"InstanceType": t, "SubnetId": subnets[z]} for t in ("c5.large", "m5.large") for z in (a, b)
+    ]
+    answer = fleet(
+        cloud,
+        template_id,
+        overrides,
+        {"TotalTargetCapacity": 2, "DefaultTargetCapacityType": "spot"},
+        SpotOptions={"AllocationStrategy": "price-capacity-optimized"},
+    )
+    assert answer["Errors"] == []
+    assert placed(cloud, answer) == [("c5.large", b), ("c5.large", b)]
+
+
+def test_on_demand_prioritized_fills_the_first_priority_then_the_next(limits, subnets):
+    cloud = limits
+    template_id = template(cloud, "fleet-prioritized")
+    a = "us-east-1a"
+    cloud.set_capacity("m5.large", a, "on-demand", 1)
+    overrides = [
+        {"InstanceType": "m5.large", "SubnetId": subnets[a], "Priority": 1.0},
+        {"InstanceType": "c5.large", "SubnetId": subnets[a], "Priority": 2.0},
+    ]
+    answer = fleet(
+        cloud,
+        template_id,
+        overrides,
+        {"TotalTargetCapacity": 3, "DefaultTargetCapacityType": "on-demand"},
+        OnDemandOptions={"AllocationStrategy": "prioritized"},
+    )
+    assert answer["Errors"] == []
+    assert placed(cloud, answer) == [("c5.large", a), ("c5.large", a), ("m5.large", a)]
+    assert {item["Lifecycle"] for item in answer["Instances"]} == {"on-demand"}
+
+
+def test_partial_fulfilment_lists_each_pools_error_and_min_target_launches_nothing(limits, subnets):
+    cloud = limits
+    template_id = template(cloud, "fleet-partial")
+    a = "us-east-1a"
+    cloud.set_capacity("c5.large", a, "spot", 1)
+    cloud.set_capacity("m5.large", a, "spot", 1)
+    overrides = [{"InstanceType": t, "SubnetId": subnets[a]} for t in ("c5.large", "m5.large")]
+    spot = {"TotalTargetCapacity": 4, "DefaultTargetCapacityType": "spot"}
+    answer = fleet(
+        cloud, template_id, overrides, spot, SpotOptions={"AllocationStrategy": "capacity-optimized"}
+    )
+    assert placed(cloud, answer) == [("c5.large", a), ("m5.large", a)]
+    assert sorted(
+        (
+            e["LaunchTemplateAndOverrides"]["Overrides"]["InstanceType"],
+            e["Lifecycle"],
+            e["ErrorCode"],
+            e["ErrorMessage"],
+        )
+        for e in answer["Errors"]
+    ) == [
+        (
+            "c5.large",
+            "spot",
+            "InsufficientInstanceCapacity",
+            "There is no Spot capacity available that matches your request.",
+        ),
+        (
+            "m5.large",
+            "spot",
+            "InsufficientInstanceCapacity",
+            "There is no Spot capacity available that matches your request.",
+        ),
+    ]
+    # MinTargetCapacity that cannot be met: nothing launched, the errors said.
+    before = set(cloud.worker_processes())
+    cloud.set_capacity("t3.micro", a, "spot", 2)
+    none = fleet(
+        cloud,
+        template_id,
+        [{"InstanceType": "t3.micro", "SubnetId": subnets[a]}],
+        {"TotalTargetCapacity": 3, "DefaultTargetCapacityType": "spot"},
+        SpotOptions={"MinTargetCapacity": 3, "SingleInstanceType": True},
+    )
+    assert none["Instances"] == [] and [e["ErrorCode"] for e in none["Errors"]] == [
+        "InsufficientInstanceCapacity"
+    ]
+    assert set(cloud.worker_processes()) == before
+    # An on-demand vCPU quota: what fits, and VcpuLimitExceeded for the rest.
+    cloud.set_vcpu_quota("on-demand", "standard", 2)
+    quota = fleet(cloud, template_id, overrides[:1], {"TotalTargetCapacity": 2})
+    assert len(instances_of(quota)) == 1
+    assert [e["ErrorCode"] for e in quota["Errors"]] == ["VcpuLimitExceeded"]
