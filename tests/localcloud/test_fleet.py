@@ -8,6 +8,7 @@ import math
 import shlex
 import sys
 
+import botocore.exceptions
 import pytest
 from ec2cluster_localcloud import LocalCloud
 from ec2cluster_localcloud.fleet import MarketOptions, Pool, Unlimited, allocate, target_units
@@ -398,3 +399,141 @@ def test_partial_fulfilment_lists_each_pools_error_and_min_target_launches_nothi
     quota = fleet(cloud, template_id, overrides[:1], {"TotalTargetCapacity": 2})
     assert len(instances_of(quota)) == 1
     assert [e["ErrorCode"] for e in quota["Errors"]] == ["VcpuLimitExceeded"]
+
+
+# -- IAM -------------------------------------------------------------------------------------------------
+
+
+def refused(call) -> str:
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        call()
+    assert caught.value.response["Error"]["Code"] == "UnauthorizedOperation"
+    return caught.value.response["Error"]["Message"]
+
+
+def test_iam_create_fleet_asks_for_the_fleet_the_launch_and_its_tags(cloud, subnets):
+    account = "123456789012"
+    ec2_arn = f"arn:aws:ec2:us-east-1:{account}"
+    role = cloud.client("iam").get_role(RoleName=cloud.instance_profile_name)["Role"]["Arn"]
+    template_id = template(cloud, "fleet-iam", InstanceType="t3.micro")
+    allow_all_ec2 = {
+        "Effect": "Allow",
+        "Action": ["ec2:CreateFleet", "ec2:RunInstances", "ec2:DescribeInstances"],
+        "Resource": "*",
+    }
+    tag_on_fleet = {
+        "Effect": "Allow",
+        "Action": "ec2:CreateTags",
+        "Resource": "*",
+        "Condition": {"StringEquals": {"ec2:CreateAction": "CreateFleet"}},
+    }
+    pass_role = {
+        "Effect": "Allow",
+        "Action": "iam:PassRole",
+        "Resource": role,
+        "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+    }
+
+    def policy(*statements):
+        return {"Version": "2012-10-17", "Statement": list(statements)}
+
+    keys = cloud.create_user("fleet-launcher", policy(allow_all_ec2, tag_on_fleet, pass_role))
+    ec2 = cloud.client("ec2", keys)
+    request = {
+        "Type": "instant",
+        "LaunchTemplateConfigs": [
+            {
+                "LaunchTemplateSpecification": {"LaunchTemplateId": template_id, "Version": "$Default"},
+                "Overrides": [{"InstanceType": "t3.micro", "SubnetId": subnets["us-east-1a"]}],
+            }
+        ],
+        "TargetCapacitySpecification": {"TotalTargetCapacity": 1},
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": [{"Key": "ec2cluster:cluster-id", "Value": "iam"}]}
+        ],
+    }
+    answer = ec2.create_fleet(**request)
+    assert len(instances_of(answer)) == 1 and answer["Errors"] == []
+    terminate(cloud, answer)
+    user = f"arn:aws:iam::{account}:user/fleet-launcher"
+    # No ec2:CreateFleet.
+    cloud.set_user_policy(
+        "fleet-launcher",
+        policy({**allow_all_ec2, "Action": ["ec2:RunInstances"]}, tag_on_fleet, pass_role),
+    )
+    message = refused(lambda: ec2.create_fleet(**request))
+    assert (
+        f"User: {user} is not authorized to perform: ec2:CreateFleet on resource: {ec2_arn}:fleet/*"
+        in message
+    )
+    # RunInstances refused on the launch template: an instant fleet launches as its caller.
+    deny_template = {
+        "Effect": "Deny",
+        "Action": "ec2:RunInstances",
+        "Resource": f"{ec2_arn}:launch-template/{template_id}",
+    }
+    cloud.set_user_policy("fleet-launcher", policy(allow_all_ec2, tag_on_fleet, pass_role, deny_template))
+    message = refused(lambda: ec2.create_fleet(**request))
+    assert f"ec2:RunInstances on resource: {ec2_arn}:launch-template/{template_id}" in message
+    # Tagging allowed only for RunInstances: CreateFleet's tags are refused.
+    run_tags = {**tag_on_fleet, "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}}}
+    cloud.set_user_policy("fleet-launcher", policy(allow_all_ec2, run_tags, pass_role))
+    assert "ec2:CreateTags" in refused(lambda: ec2.create_fleet(**request))
+    # No iam:PassRole for the template's instance profile.
+    cloud.set_user_policy("fleet-launcher", policy(allow_all_ec2, tag_on_fleet))
+    assert f"iam:PassRole on resource: {role}" in refused(lambda: ec2.create_fleet(**request))
+    assert (
+        cloud.client("ec2").describe_instances(
+            Filters=[
+                {"Name": "tag:ec2cluster:cluster-id", "Values": ["iam"]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+        )["Reservations"]
+        == []
+    )  # nothing was launched by a refused request
+
+
+def test_iam_launch_templates(cloud):
+    account = "123456789012"
+    ec2_arn = f"arn:aws:ec2:us-east-1:{account}"
+    statements = [
+        {
+            "Effect": "Allow",
+            "Action": ["ec2:CreateLaunchTemplate", "ec2:DescribeLaunchTemplates"],
+            "Resource": "*",
+        },
+        {
+            "Effect": "Allow",
+            "Action": "ec2:DeleteLaunchTemplate",
+            "Resource": f"{ec2_arn}:launch-template/*",
+            "Condition": {"StringEquals": {"aws:ResourceTag/owner": "me"}},
+        },
+    ]
+    keys = cloud.create_user("template-maker", {"Version": "2012-10-17", "Statement": statements})
+    ec2 = cloud.client("ec2", keys)
+    tagged = [{"ResourceType": "launch-template", "Tags": [{"Key": "owner", "Value": "me"}]}]
+    data = {"ImageId": cloud.ami_id, "InstanceType": "t3.micro"}
+    message = refused(
+        lambda: ec2.create_launch_template(
+            LaunchTemplateName="lt-tagged", LaunchTemplateData=data, TagSpecifications=tagged
+        )
+    )
+    assert f"ec2:CreateTags on resource: {ec2_arn}:launch-template/*" in message
+    statements.append(
+        {
+            "Effect": "Allow",
+            "Action": "ec2:CreateTags",
+            "Resource": f"{ec2_arn}:launch-template/*",
+            "Condition": {"StringEquals": {"ec2:CreateAction": "CreateLaunchTemplate"}},
+        }
+    )
+    cloud.set_user_policy("template-maker", {"Version": "2012-10-17", "Statement": statements})
+    mine = ec2.create_launch_template(
+        LaunchTemplateName="lt-tagged", LaunchTemplateData=data, TagSpecifications=tagged
+    )
+    other = ec2.create_launch_template(LaunchTemplateName="lt-untagged", LaunchTemplateData=data)
+    assert ec2.describe_launch_templates(LaunchTemplateNames=["lt-tagged"])["LaunchTemplates"]
+    other_id = other["LaunchTemplate"]["LaunchTemplateId"]
+    message = refused(lambda: ec2.delete_launch_template(LaunchTemplateId=other_id))
+    assert f"ec2:DeleteLaunchTemplate on resource: {ec2_arn}:launch-template/{other_id}" in message
+    ec2.delete_launch_template(LaunchTemplateId=mine["LaunchTemplate"]["LaunchTemplateId"])

@@ -32,7 +32,14 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from ec2cluster_localcloud.iam.evaluate import EXPLICIT_DENY, AuthorizationRequest, Decision, evaluate
-from ec2cluster_localcloud.iam.requests import ApiCall, Facts, authorizations, parse_query, partition_of
+from ec2cluster_localcloud.iam.requests import (
+    ApiCall,
+    Facts,
+    LaunchTemplateFacts,
+    authorizations,
+    parse_query,
+    partition_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +159,25 @@ class MotoFacts(Facts):
         from moto.iam.models import iam_backends
 
         return any(role.name == name for role in iam_backends[self.account_id]["aws"].get_roles())
+
+    def launch_template(
+        self, region: str, template_id: str | None, name: str | None, version: str | None
+    ) -> LaunchTemplateFacts | None:
+        backend = self._ec2(region)
+        try:
+            template = (
+                backend.get_launch_template(template_id)
+                if template_id
+                else backend.get_launch_template_by_name(name)
+            )
+            data = template.get_version(version or "$Default").data
+        except Exception:  # no such template or version: the call itself answers that
+            return None
+        return LaunchTemplateFacts(template.id, data, self.instance_tags(region, template.id))
+
+    def default_subnet_ids(self, region: str) -> list[str]:
+        subnets = self._ec2(region).get_default_subnets()
+        return [subnets[zone].id for zone in sorted(subnets)]
 
 
 def flatten(values: Mapping[str, list[str]]) -> dict[str, str]:

@@ -14,6 +14,15 @@ Notable rules that it models:
   interface, security group, key pair, spot request) with the request's tags, needs ec2:CreateTags with
   ``ec2:CreateAction=RunInstances`` when it tags, and iam:PassRole on the instance profile's role with
   ``iam:PassedToService=ec2.amazonaws.com``.
+- CreateFleet (instant) is authorised as ec2:CreateFleet on ``fleet/*`` (the fleet's request tags) and on its
+  launch templates, plus, since an instant fleet launches as its caller, RunInstances on what each pool
+  uses or creates (the launch template included), ec2:CreateTags with ``ec2:CreateAction=CreateFleet`` for
+  the fleet's and the instances' and volumes' tags, iam:PassRole on the template's instance profile role,
+  and the spot service-linked role when it asks for spot capacity in an account without it. RunInstances
+  with a launch template reads the template's resources too, and is authorised on its ARN.
+- CreateLaunchTemplate: on ``launch-template/*`` with its request tags (ec2:CreateTags with
+  ``ec2:CreateAction=CreateLaunchTemplate`` when tagged); DeleteLaunchTemplate, CreateLaunchTemplateVersion,
+  ModifyLaunchTemplate and DeleteFleets on the resource's ARN with its tags.
 - Calls on existing instances carry their tags as ``aws:ResourceTag/<key>``.
 - CreateQueue with tags also needs sqs:TagQueue; StartMessageMoveTask needs receive, delete and attribute
   reads on the source and SendMessage on the destination.
@@ -85,6 +94,22 @@ class Facts(Protocol):
     def default_security_group_id(self, region: str) -> str | None: ...
 
     def role_exists(self, name: str) -> bool: ...
+
+    def launch_template(
+        self, region: str, template_id: str | None, name: str | None, version: str | None
+    ) -> LaunchTemplateFacts | None: ...
+
+    def default_subnet_ids(self, region: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class LaunchTemplateFacts:
+    """A launch template's id, the data of the version a request names (RequestLaunchTemplateData's
+    shape), and its tags."""
+
+    template_id: str
+    data: Mapping[str, Any]
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -284,6 +309,37 @@ def _ec2(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
     params, operation = call.params, call.operation
     if operation == "RunInstances":
         return _run_instances(call, facts)
+    if operation == "CreateFleet":
+        return _create_fleet(call, facts)
+    if operation == "CreateLaunchTemplate":
+        tags = tag_specifications(params).get("launch-template", {})
+        resource = call.arn("ec2", "launch-template/*")
+        found = [AuthorizationRequest("ec2:CreateLaunchTemplate", resource, request_tag_context(tags))]
+        if tags:
+            context = {**request_tag_context(tags), "ec2:CreateAction": ["CreateLaunchTemplate"]}
+            found.append(AuthorizationRequest("ec2:CreateTags", resource, context))
+        return found
+    if operation in ("DeleteLaunchTemplate", "CreateLaunchTemplateVersion", "ModifyLaunchTemplate"):
+        template = facts.launch_template(
+            call.region, params.get("LaunchTemplateId"), params.get("LaunchTemplateName"), None
+        )
+        template_id = template.template_id if template else params.get("LaunchTemplateId", "*")
+        return [
+            AuthorizationRequest(
+                f"ec2:{operation}",
+                call.arn("ec2", f"launch-template/{template_id}"),
+                _resource_tags(template.tags if template else {}),
+            )
+        ]
+    if operation == "DeleteFleets":
+        return [
+            AuthorizationRequest(
+                "ec2:DeleteFleets",
+                call.arn("ec2", f"fleet/{fleet_id}"),
+                _resource_tags(facts.instance_tags(call.region, fleet_id)),
+            )
+            for fleet_id in indexed(params, "FleetId")
+        ]
     if operation in INSTANCE_ACTIONS:
         ids = indexed(params, "InstanceId") or ([params["InstanceId"]] if params.get("InstanceId") else [])
         return [
@@ -347,10 +403,27 @@ def _ec2_resource(resource_id: str) -> str:
     return f"{kinds.get(resource_id.split('-', 1)[0], 'resource')}/{resource_id}"
 
 
-def _run_instances(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
-    params = call.params
-    tags = tag_specifications(params)
+def _resource_tags(tags: Mapping[str, str]) -> dict[str, list[str]]:
+    return {f"aws:ResourceTag/{key}": [value] for key, value in tags.items()}
+
+
+@dataclass
+class Launch:
+    """What one launch (a RunInstances, or one pool of a fleet) uses and creates, for authorisation."""
+
+    image: str = ""
+    subnets: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    key_name: str | None = None
+    spot: bool = False
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)  # resource type -> tags
+    profile: str | None = None
+    launch_template: str | None = None  # its id
+
+
+def _launch_authorizations(call: ApiCall, facts: Facts, launch: Launch, create_action: str):
     action = "ec2:RunInstances"
+    tags = launch.tags
     found = [
         AuthorizationRequest(
             action, call.arn("ec2", "instance/*"), request_tag_context(tags.get("instance", {}))
@@ -358,39 +431,182 @@ def _run_instances(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
         AuthorizationRequest(
             action, call.arn("ec2", "volume/*"), request_tag_context(tags.get("volume", {}))
         ),
-        AuthorizationRequest(action, call.arn("ec2", f"image/{params.get('ImageId', '')}", account=False)),
+        AuthorizationRequest(action, call.arn("ec2", f"image/{launch.image}", account=False)),
         AuthorizationRequest(action, call.arn("ec2", "network-interface/*")),
     ]
-    subnet = (
-        params.get("SubnetId")
-        or params.get("NetworkInterface.1.SubnetId")
-        or facts.default_subnet_id(call.region)
-    )
-    if subnet:
-        found.append(AuthorizationRequest(action, call.arn("ec2", f"subnet/{subnet}")))
-    groups = indexed(params, "SecurityGroupId") or indexed(params, "NetworkInterface.1.SecurityGroupId")
-    if not groups and not indexed(params, "SecurityGroup"):
-        default = facts.default_security_group_id(call.region)
-        groups = [default] if default else []
-    found += [AuthorizationRequest(action, call.arn("ec2", f"security-group/{g}")) for g in groups]
-    if params.get("KeyName"):
-        found.append(AuthorizationRequest(action, call.arn("ec2", f"key-pair/{params['KeyName']}")))
-    if params.get("InstanceMarketOptions.MarketType") == "spot":
+    found += [AuthorizationRequest(action, call.arn("ec2", f"subnet/{s}")) for s in launch.subnets]
+    found += [AuthorizationRequest(action, call.arn("ec2", f"security-group/{g}")) for g in launch.groups]
+    if launch.key_name:
+        found.append(AuthorizationRequest(action, call.arn("ec2", f"key-pair/{launch.key_name}")))
+    if launch.launch_template:
+        found.append(
+            AuthorizationRequest(action, call.arn("ec2", f"launch-template/{launch.launch_template}"))
+        )
+    if launch.spot:
         found.append(AuthorizationRequest(action, call.arn("ec2", "spot-instances-request/*")))
         if not facts.role_exists(SPOT_SERVICE_ROLE_NAME):
             role = call.arn("iam", f"role{SPOT_SERVICE_ROLE_PATH}{SPOT_SERVICE_ROLE_NAME}", region=False)
             context = {"iam:AWSServiceName": [SPOT_SERVICE]}
             found.append(AuthorizationRequest("iam:CreateServiceLinkedRole", role, context))
     for resource_type, resource_tags in sorted(tags.items()):
-        context = {**request_tag_context(resource_tags), "ec2:CreateAction": ["RunInstances"]}
+        if not resource_tags:
+            continue
+        context = {**request_tag_context(resource_tags), "ec2:CreateAction": [create_action]}
         found.append(AuthorizationRequest("ec2:CreateTags", call.arn("ec2", f"{resource_type}/*"), context))
-    profile = params.get("IamInstanceProfile.Arn") or params.get("IamInstanceProfile.Name")
-    if profile:
-        role = facts.instance_profile_role_arn(profile)
+    if launch.profile:
+        role = facts.instance_profile_role_arn(launch.profile)
         if role:
             found.append(
                 AuthorizationRequest("iam:PassRole", role, {"iam:PassedToService": ["ec2.amazonaws.com"]})
             )
+    return found
+
+
+def _template_groups(data: Mapping[str, Any]) -> list[str]:
+    interfaces = data.get("NetworkInterfaces") or []
+    groups = [g for ni in interfaces for g in ni.get("Groups") or []]
+    return groups or list(data.get("SecurityGroupIds") or [])
+
+
+def _template_tags(data: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    found: dict[str, dict[str, str]] = {}
+    for specification in data.get("TagSpecifications") or []:
+        if specification.get("ResourceType") in ("instance", "volume", "network-interface"):
+            tags = found.setdefault(specification["ResourceType"], {})
+            for tag in specification.get("Tags") or []:
+                tags[tag["Key"]] = tag.get("Value", "")
+    return found
+
+
+def _merge_tags(*sources: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    merged: dict[str, dict[str, str]] = {}
+    for source in sources:
+        for resource_type, tags in source.items():
+            merged.setdefault(resource_type, {}).update(tags)
+    return merged
+
+
+def _profile_of(data: Mapping[str, Any]) -> str | None:
+    profile = data.get("IamInstanceProfile") or {}
+    return profile.get("Arn") or profile.get("Name")
+
+
+def _run_instances(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
+    params = call.params
+    template = None
+    if params.get("LaunchTemplate.LaunchTemplateId") or params.get("LaunchTemplate.LaunchTemplateName"):
+        template = facts.launch_template(
+            call.region,
+            params.get("LaunchTemplate.LaunchTemplateId"),
+            params.get("LaunchTemplate.LaunchTemplateName"),
+            params.get("LaunchTemplate.Version"),
+        )
+    data = template.data if template else {}
+    interfaces = data.get("NetworkInterfaces") or [{}]
+    subnet = (
+        params.get("SubnetId")
+        or params.get("NetworkInterface.1.SubnetId")
+        or interfaces[0].get("SubnetId")
+        or facts.default_subnet_id(call.region)
+    )
+    groups = indexed(params, "SecurityGroupId") or indexed(params, "NetworkInterface.1.SecurityGroupId")
+    if not groups and not indexed(params, "SecurityGroup"):
+        groups = _template_groups(data)
+    if not groups and not indexed(params, "SecurityGroup") and not data.get("SecurityGroups"):
+        default = facts.default_security_group_id(call.region)
+        groups = [default] if default else []
+    launch = Launch(
+        image=params.get("ImageId") or data.get("ImageId", ""),
+        subnets=[subnet] if subnet else [],
+        groups=groups,
+        key_name=params.get("KeyName") or data.get("KeyName"),
+        spot=(
+            params.get("InstanceMarketOptions.MarketType")
+            or (data.get("InstanceMarketOptions") or {}).get("MarketType")
+        )
+        == "spot",
+        tags=_merge_tags(_template_tags(data), tag_specifications(params)),
+        profile=params.get("IamInstanceProfile.Arn")
+        or params.get("IamInstanceProfile.Name")
+        or _profile_of(data),
+        launch_template=template.template_id if template else None,
+    )
+    return _launch_authorizations(call, facts, launch, "RunInstances")
+
+
+def fleet_configs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """LaunchTemplateConfigs from CreateFleet's query parameters: [{spec: {...}, overrides: [{...}]}]."""
+    configs = []
+    n = 1
+    while any(key.startswith(f"LaunchTemplateConfigs.{n}.") for key in params):
+        prefix = f"LaunchTemplateConfigs.{n}."
+        spec = {
+            name: params[f"{prefix}LaunchTemplateSpecification.{name}"]
+            for name in ("LaunchTemplateId", "LaunchTemplateName", "Version")
+            if f"{prefix}LaunchTemplateSpecification.{name}" in params
+        }
+        overrides = []
+        m = 1
+        while any(key.startswith(f"{prefix}Overrides.{m}.") for key in params):
+            head = f"{prefix}Overrides.{m}."
+            overrides.append(
+                {key[len(head) :]: value for key, value in params.items() if key.startswith(head)}
+            )
+            m += 1
+        configs.append({"spec": spec, "overrides": overrides or [{}]})
+        n += 1
+    return configs
+
+
+def _create_fleet(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
+    params = call.params
+    tags = tag_specifications(params)
+    fleet_tags = tags.get("fleet", {})
+    fleet = call.arn("ec2", "fleet/*")
+    found = [AuthorizationRequest("ec2:CreateFleet", fleet, request_tag_context(fleet_tags))]
+    if fleet_tags:
+        context = {**request_tag_context(fleet_tags), "ec2:CreateAction": ["CreateFleet"]}
+        found.append(AuthorizationRequest("ec2:CreateTags", fleet, context))
+    total = int(params.get("TargetCapacitySpecification.TotalTargetCapacity") or 0)
+    on_demand = int(params.get("TargetCapacitySpecification.OnDemandTargetCapacity") or 0)
+    spot_units = int(params.get("TargetCapacitySpecification.SpotTargetCapacity") or 0)
+    if params.get("TargetCapacitySpecification.DefaultTargetCapacityType") == "spot":
+        spot_units += max(0, total - on_demand - spot_units)
+    launched_tags = {key: value for key, value in tags.items() if key in ("instance", "volume")}
+    for config in fleet_configs(params):
+        spec = config["spec"]
+        template = facts.launch_template(
+            call.region, spec.get("LaunchTemplateId"), spec.get("LaunchTemplateName"), spec.get("Version")
+        )
+        data = template.data if template else {}
+        template_id = template.template_id if template else spec.get("LaunchTemplateId", "*")
+        found.append(
+            AuthorizationRequest("ec2:CreateFleet", call.arn("ec2", f"launch-template/{template_id}"))
+        )
+        interfaces = data.get("NetworkInterfaces") or [{}]
+        for override in config["overrides"]:
+            subnets = [s.strip() for s in str(override.get("SubnetId") or "").split(",") if s.strip()]
+            if not subnets and interfaces[0].get("SubnetId"):
+                subnets = [interfaces[0]["SubnetId"]]
+            if not subnets:
+                subnets = facts.default_subnet_ids(call.region)
+            groups = _template_groups(data)
+            if not groups and not data.get("SecurityGroups"):
+                default = facts.default_security_group_id(call.region)
+                groups = [default] if default else []
+            launch = Launch(
+                image=override.get("ImageId") or data.get("ImageId", ""),
+                subnets=subnets,
+                groups=groups,
+                key_name=data.get("KeyName"),
+                spot=spot_units > 0,
+                tags=_merge_tags(_template_tags(data), launched_tags),
+                profile=_profile_of(data),
+                launch_template=template_id,
+            )
+            for request in _launch_authorizations(call, facts, launch, "CreateFleet"):
+                if request not in found:
+                    found.append(request)
     return found
 
 
