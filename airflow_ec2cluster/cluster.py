@@ -23,6 +23,12 @@ TAG_ROLE = "ec2cluster:role"
 TAG_LAUNCH_TOKEN = "ec2cluster:launch-token"
 ROLE_WORKER = "worker"
 
+# Markets (EC2's fleet lifecycles) and the launch's ``capacity`` choices.
+ON_DEMAND = "on-demand"
+SPOT = "spot"
+SPOT_THEN_ON_DEMAND = "spot-then-on-demand"
+CAPACITY_CHOICES = (ON_DEMAND, SPOT, SPOT_THEN_ON_DEMAND)
+
 # Queue names start with the project's prefix, so that an IAM policy can name this project's queues (and
 # no one else's) by pattern: ec2cluster-<cluster id>-tasks. 11 + 40 + 6 characters, within SQS's 80.
 QUEUE_NAME_PREFIX = "ec2cluster-"
@@ -118,6 +124,20 @@ class LaunchSpec:
     # Where the launch stored the cluster's bundle (airflow_ec2cluster.bundle): the teardown deletes it.
     bundle_bucket: str | None = None
     bundle_prefix: str | None = None
+    # The fleet (airflow_ec2cluster.aws.fleet): every pool is one of these types in one of the subnets;
+    # empty: ``instance_type`` alone.
+    instance_types: list[str] = field(default_factory=list)
+    # "on-demand", "spot", or "spot-then-on-demand" (on-demand for what spot could not start); a spec
+    # recorded before capacity existed has only ``spot``.
+    capacity: str | None = None
+    on_demand_strategy: str = "lowest-price"
+    spot_strategy: str = "price-capacity-optimized"
+    # The launch template the fleet launches from (created by the launch, deleted by the teardown).
+    launch_template_id: str | None = None
+    # A launch that starts fewer workers than this (while the cluster has fewer) keeps none of them.
+    min_workers: int = 1
+    # Each subnet's availability zone (a pool's zone, for a worker that names only its zone).
+    subnet_zones: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +149,15 @@ class LaunchSpec:
         if data.get("subnet_id") and not fields.get("subnet_ids"):  # a spec recorded before subnet_ids
             fields["subnet_ids"] = [data["subnet_id"]]
         return cls(**fields)
+
+    def types(self) -> list[str]:
+        """The instance types a launch may use, in the order of preference given."""
+        return list(self.instance_types) or [self.instance_type]
+
+    def markets(self) -> list[str]:
+        """The markets a launch tries, in order: spot first for "spot-then-on-demand"."""
+        capacity = self.capacity or (SPOT if self.spot else ON_DEMAND)
+        return [SPOT, ON_DEMAND] if capacity == SPOT_THEN_ON_DEMAND else [capacity]
 
     def subnet_for(self, client_token: str) -> str | None:
         """The subnet of one RunInstances call: spread over the subnets by the call's ClientToken, so that

@@ -34,6 +34,10 @@ DEAD_LETTER_RETENTION_SECONDS = 14 * 24 * 3600
 DEFAULT_SEND_CONCURRENCY = 4
 
 # -- launch --------------------------------------------------------------------------------------------------
+# What the workers run on: on-demand unless asked ("spot", "spot-then-on-demand"); EC2 Fleet's strategies.
+DEFAULT_CAPACITY = "on-demand"
+DEFAULT_SPOT_STRATEGY = "price-capacity-optimized"
+DEFAULT_ON_DEMAND_STRATEGY = "lowest-price"
 # Root volume size when neither the operator nor the AMI gives one.
 DEFAULT_ROOT_VOLUME_GB = 8
 # IMDSv2 hop limit: 1 keeps instance metadata from containers (2 when containers on the instance need it).
@@ -57,6 +61,12 @@ DEFAULT_DRAINED_CHECKS = 2
 # Workers in a row that stop at start with the same error before the drain stops replacing them and fails
 # (a broken handler fails every new worker: replacing it would only bill boots).
 DEFAULT_REPEATED_FAILURE_LIMIT = 3
+# With no worker left, launches may fail on capacity this long before the drain fails (EC2 pools refill in
+# minutes; AWS Batch waits indefinitely, which bills nothing but never ends a run).
+DEFAULT_CAPACITY_TIMEOUT = 900
+# A launch short of what it asked waits this long before the next, doubling per failure up to the max.
+DEFAULT_LAUNCH_BACKOFF = 30
+DEFAULT_LAUNCH_BACKOFF_MAX = 300
 # Dead-lettered messages sampled for the summary (their task ids and last errors).
 DEFAULT_DEAD_LETTER_SAMPLE = 100
 # The trigger's rounds in a row that may fail on AWS errors (after botocore's own retries) before it fails.

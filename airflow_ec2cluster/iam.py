@@ -61,6 +61,7 @@ CONTROLLER_DESCRIBE_ACTIONS = (
     "ec2:DescribeImages",
     "ec2:DescribeInstanceTypes",
     "ec2:DescribeInstances",
+    "ec2:DescribeLaunchTemplates",
     "ec2:DescribeSecurityGroups",
     "ec2:DescribeSubnets",
     # The launch preflight: where each subnet's traffic goes (airflow_ec2cluster.preflight).
@@ -158,12 +159,27 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
             statement("StateTable", CONTROLLER_TABLE_ACTIONS, scope.table_arn()),
             *output_table,
             statement("DescribeEC2", CONTROLLER_DESCRIBE_ACTIONS, "*"),
+            # Workers are launched by EC2 Fleet (CreateFleet, instant), which authorises RunInstances too.
+            statement("LaunchFleet", ["ec2:CreateFleet"], ec2("fleet/*")),
             # New instances and volumes must carry the cluster tag; what they are made from is not tagged.
             statement(
                 "LaunchTaggedWorkers",
                 ["ec2:RunInstances"],
                 [ec2("instance/*"), ec2("volume/*")],
                 Condition=request_tag,
+            ),
+            # The cluster's launch templates: created tagged, used by its fleets, deleted by tag.
+            statement(
+                "CreateClusterLaunchTemplate",
+                ["ec2:CreateLaunchTemplate"],
+                ec2("launch-template/*"),
+                Condition=request_tag,
+            ),
+            statement(
+                "LaunchFromClusterTemplate",
+                ["ec2:RunInstances", "ec2:DeleteLaunchTemplate"],
+                ec2("launch-template/*"),
+                Condition=tag_condition,
             ),
             # A spot launch also creates a spot request (launch_spec market="spot").
             statement("LaunchSpot", ["ec2:RunInstances"], ec2("spot-instances-request/*")),
@@ -184,7 +200,13 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
                 "TagAtLaunchOnly",
                 ["ec2:CreateTags"],
                 [ec2("instance/*"), ec2("volume/*")],
-                Condition={"StringEquals": {"ec2:CreateAction": "RunInstances"}},
+                Condition={"StringEquals": {"ec2:CreateAction": ["RunInstances", "CreateFleet"]}},
+            ),
+            statement(
+                "TagLaunchTemplateAtCreation",
+                ["ec2:CreateTags"],
+                ec2("launch-template/*"),
+                Condition={"StringEquals": {"ec2:CreateAction": "CreateLaunchTemplate"}},
             ),
             statement(
                 "TerminateClusterInstances",

@@ -101,6 +101,17 @@ class ClusterMeta:
     # The highest finished-task count a round reported (from an exact count): progress never goes back.
     progress_finished: int = 0
     pending_launch: PendingLaunch | None = None
+    # The cluster's ceiling for the drain's launches (the launch's max_workers; None: num_workers).
+    max_workers: int | None = None
+    # Launches and capacity (airflow_ec2cluster.capacity): the last launches ({"at", "requested",
+    # "launched", "pools", "released", "errors"}), "pool: error code" -> launches that met it, launches
+    # short of what they asked in a row and when the last one was, and since when launches have failed
+    # while the cluster had no worker (0: they have not).
+    launch_history: list[dict[str, Any]] = field(default_factory=list)
+    launch_errors_total: dict[str, int] = field(default_factory=dict)
+    launch_failures: int = 0
+    launch_failed_at: float = 0.0
+    capacity_wait_since: float = 0.0
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] = field(default_factory=list)
     created_at: float | None = None
@@ -149,6 +160,14 @@ class ClusterMeta:
             reaped_total=int(item.get(REAPED_TOTAL) or 0),
             progress_finished=int(item.get("progress_finished") or 0),
             pending_launch=PendingLaunch.from_dict(pending) if pending else None,
+            max_workers=number("max_workers"),
+            launch_history=[dict(entry) for entry in item.get("launch_history") or []],
+            launch_errors_total={
+                str(k): int(v) for k, v in dict(item.get("launch_errors_total") or {}).items()
+            },
+            launch_failures=int(item.get("launch_failures") or 0),
+            launch_failed_at=float(item.get("launch_failed_at") or 0.0),
+            capacity_wait_since=float(item.get("capacity_wait_since") or 0.0),
             torn_down_at=number("torn_down_at", float),
             terminated_at_teardown=list(item.get("terminated_at_teardown") or []),
             created_at=number(CREATED_AT, float),
@@ -216,6 +235,12 @@ class MetaUpdate:
     # SET to 0 by a new launch generation: a fresh replacement budget (claims ADD to it).
     replacements_launched: int | None = None
     progress_finished: int | None = None
+    max_workers: int | None = None
+    launch_history: list[dict[str, Any]] | None = None
+    launch_errors_total: dict[str, int] | None = None
+    launch_failures: int | None = None
+    launch_failed_at: float | None = None
+    capacity_wait_since: float | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] | None = None
     # ADD to reaped_total.
@@ -328,22 +353,35 @@ def claim_launch_params(table: str, cluster_id: str, pending: PendingLaunch) -> 
 
 
 def finish_launch_params(
-    table: str, cluster_id: str, generation: int, instance_ids: list[str]
+    table: str,
+    cluster_id: str,
+    generation: int,
+    instance_ids: list[str],
+    update: MetaUpdate | None = None,
+    refund: int = 0,
 ) -> dict[str, Any]:
-    """Conditional UpdateItem: append the launched ids and clear the intent, if generation's is pending."""
+    """Conditional UpdateItem, if generation's launch is pending: append the launched ids, clear the
+    intent, SET ``update`` (the launch's outcome) and give back to the replacement budget the ``refund``
+    instances the claim counted and EC2 did not start."""
+    names = {"#ids": INSTANCE_IDS, "#p": PENDING_LAUNCH, "#gen": "generation"}
+    values: dict[str, Any] = {":empty": [], ":ids": list(instance_ids), ":g": generation}
+    sets = ["#ids = list_append(if_not_exists(#ids, :empty), :ids)"]
+    for index, (key, value) in enumerate((update.set_values() if update else {}).items()):
+        names[f"#s{index}"] = key
+        values[f":s{index}"] = value
+        sets.append(f"#s{index} = :s{index}")
+    expression = "SET " + ", ".join(sets) + " REMOVE #p"
+    if refund:
+        names["#r"] = REPLACEMENTS_LAUNCHED
+        values[":refund"] = -int(refund)
+        expression += " ADD #r :refund"
     return {
         "TableName": table,
         "Key": meta_key(cluster_id),
-        "UpdateExpression": "SET #ids = list_append(if_not_exists(#ids, :empty), :ids) REMOVE #p",
+        "UpdateExpression": expression,
         "ConditionExpression": "#p.#gen = :g",
-        "ExpressionAttributeNames": {
-            "#ids": INSTANCE_IDS,
-            "#p": PENDING_LAUNCH,
-            "#gen": "generation",
-        },
-        "ExpressionAttributeValues": serialize_item(
-            {":empty": [], ":ids": list(instance_ids), ":g": generation}
-        ),
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": serialize_item(values),
     }
 
 

@@ -41,6 +41,7 @@ from ec2cluster_worker.status import STARTUP_FAILED
 
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_CAPACITY_TIMEOUT,
     DEFAULT_DRAINED_CHECKS,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -111,6 +112,10 @@ class WorkerStatus:
     messages_done: int | None = None
     messages_failed: int | None = None
     step: str | None = None  # a booting instance's step under way
+    # Where the worker runs, from its instance metadata (None from a worker that does not say).
+    instance_type: str | None = None
+    availability_zone: str | None = None
+    lifecycle: str | None = None
 
     @property
     def booting(self) -> bool:
@@ -147,6 +152,9 @@ class WorkerStatus:
             messages_done=None if item.get("messages_done") is None else int(item["messages_done"]),
             messages_failed=None if item.get("messages_failed") is None else int(item["messages_failed"]),
             step=item.get("step"),
+            instance_type=item.get("instance_type"),
+            availability_zone=item.get("availability_zone"),
+            lifecycle=item.get("lifecycle"),
         )
 
     @property
@@ -167,6 +175,8 @@ class Policy:
     max_replacements: int | None = None
     # Stop replacing (and fail) when this many workers in a row stopped at start with the same error.
     repeated_failure_limit: int = DEFAULT_REPEATED_FAILURE_LIMIT
+    # Fail when the cluster has had no worker and every launch failed for this long (capacity, quotas).
+    capacity_timeout: float = DEFAULT_CAPACITY_TIMEOUT
 
     @property
     def replacement_budget(self) -> int:
@@ -198,6 +208,13 @@ class Snapshot:
     retired_workers: frozenset[str] = frozenset()
     # Workers whose stop an earlier round already logged.
     stops_reported: frozenset[str] = frozenset()
+    # Launches (airflow_ec2cluster.capacity): no launch before ``launch_retry_at`` (a backoff after
+    # launches short of what they asked: ``launch_failures`` in a row, the last one's errors in
+    # ``launch_errors``); since ``capacity_wait_since`` (0: not) launches have failed with no worker left.
+    launch_retry_at: float = 0.0
+    launch_failures: int = 0
+    launch_errors: str = ""
+    capacity_wait_since: float = 0.0
 
     @property
     def expected_messages(self) -> int | None:
@@ -488,6 +505,23 @@ def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, cap
     )
 
 
+def capacity_failure(snapshot: Snapshot, capacity: int) -> str | None:
+    """Fail when work remains, no worker is left, and launches have failed for ``capacity_timeout``."""
+    since = snapshot.capacity_wait_since
+    waited = snapshot.now - since
+    if not since or capacity > 0 or snapshot.counts.work == 0 or waited < snapshot.policy.capacity_timeout:
+        return None
+    errors = snapshot.launch_errors or "no error named"
+    return (
+        f"no worker could be launched for {waited:.0f}s (capacity_timeout "
+        f"{snapshot.policy.capacity_timeout:.0f}s; {snapshot.launch_failures} launch(es) in a row fell "
+        f"short) and {snapshot.counts.work} messages of tasks remain; the last launch's errors: {errors}. "
+        "EC2 had no capacity (or quota) in any pool the launch may use: give the launch more instance types "
+        "or subnets (zones), capacity='spot-then-on-demand', or a higher vCPU quota (Service Quotas), then "
+        "clear the launch and drain tasks: the launch starts workers for the work still queued"
+    )
+
+
 def decide(snapshot: Snapshot) -> Decision:
     policy = snapshot.policy
     workers = {w.worker_id: w for w in snapshot.workers}
@@ -501,7 +535,9 @@ def decide(snapshot: Snapshot) -> Decision:
         elif can_work(instance, worker):
             capacity += 1
 
-    launch = replacements_to_launch(snapshot, capacity)
+    wanted = replacements_to_launch(snapshot, capacity)
+    # After launches short of what they asked (capacity, quotas), the next waits out its backoff.
+    launch = 0 if snapshot.now < snapshot.launch_retry_at else wanted
     repeated = repeated_startup_failure(snapshot) if snapshot.counts.work else None
     if repeated is not None:
         launch = 0
@@ -510,7 +546,11 @@ def decide(snapshot: Snapshot) -> Decision:
     drained, needs_exact, drain_failure = drain_state(
         snapshot, consecutive_empty, finished_messages(snapshot)
     )
-    failure = drain_failure or failure_message(snapshot, reap, launch, capacity)
+    failure = (
+        drain_failure
+        or failure_message(snapshot, reap, wanted, capacity)
+        or capacity_failure(snapshot, capacity)
+    )
     if repeated is not None and not drain_failure:
         failure = repeated_failure_message(snapshot, repeated)
     stats = worker_stats(snapshot, reap, capacity, finished)
@@ -564,7 +604,23 @@ def progress_line(snapshot: Snapshot, stats: dict[str, Any]) -> str:
         f"{counts.visible + counts.delayed}, dead-lettered {counts.dead_lettered}; workers "
         f"{stats['busy']} busy/{stats['idle']} idle/{stats['booting']} booting, reaped {stats['reaped']}; "
         f"rate {rate_text}, ETA {eta_text(total, finished, counts.dead_lettered, rate)}"
+        f"{launch_text(snapshot)}"
     )
+
+
+def launch_text(snapshot: Snapshot) -> str:
+    """The progress line's launch part: launches short of capacity, and the wait for any (or '')."""
+    if not snapshot.launch_failures:
+        return ""
+    retry = max(0.0, snapshot.launch_retry_at - snapshot.now)
+    text = (
+        f"; launches short of capacity {snapshot.launch_failures} in a row "
+        f"({snapshot.launch_errors or 'no error named'}), next in {retry:.0f}s"
+    )
+    if snapshot.capacity_wait_since:
+        waited = snapshot.now - snapshot.capacity_wait_since
+        text += f", no worker for {waited:.0f}s of capacity_timeout {snapshot.policy.capacity_timeout:.0f}s"
+    return text
 
 
 def eta_text(

@@ -22,20 +22,33 @@ import json
 import logging
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ec2cluster_worker import records
 from ec2cluster_worker.reachability import failure_from_console
 from ec2cluster_worker.status import STARTUP_FAILED
 
+from airflow_ec2cluster.aws.fleet import LaunchOutcome
+from airflow_ec2cluster.calls import Call, call
+from airflow_ec2cluster.capacity import (
+    after_launch,
+    last_errors_text,
+    launch_retry_at,
+    launch_workers,
+    min_count_for,
+    pools_to_avoid,
+)
 from airflow_ec2cluster.cluster import TAG_LAUNCH_TOKEN, launch_client_token
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_CAPACITY_TIMEOUT,
     DEFAULT_DEAD_LETTER_SAMPLE,
     DEFAULT_DRAINED_CHECKS,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LAUNCH_BACKOFF,
+    DEFAULT_LAUNCH_BACKOFF_MAX,
     DEFAULT_MAX_TASK_SECONDS,
     DEFAULT_REPEATED_FAILURE_LIMIT,
     DEFAULT_STATE_TABLE,
@@ -80,6 +93,9 @@ class DrainSettings:
     dead_letter_sample: int = DEFAULT_DEAD_LETTER_SAMPLE
     exact_summary: bool = True
     repeated_failure_limit: int = DEFAULT_REPEATED_FAILURE_LIMIT
+    capacity_timeout: float = DEFAULT_CAPACITY_TIMEOUT
+    launch_backoff: float = DEFAULT_LAUNCH_BACKOFF
+    launch_backoff_max: float = DEFAULT_LAUNCH_BACKOFF_MAX
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +106,9 @@ class DrainSettings:
         return cls(**{key: value for key, value in data.items() if key in known})
 
     def policy(self, meta: ClusterMeta) -> Policy:
-        size = self.cluster_size if self.cluster_size is not None else meta.num_workers or 0
+        size = (
+            self.cluster_size if self.cluster_size is not None else meta.max_workers or meta.num_workers or 0
+        )
         return Policy(
             idle_timeout=float(self.idle_timeout),
             heartbeat_timeout=float(self.heartbeat_timeout),
@@ -101,20 +119,8 @@ class DrainSettings:
             replace_reaped=bool(self.replace_reaped) and meta.launch_spec is not None,
             max_replacements=None if self.max_replacements is None else int(self.max_replacements),
             repeated_failure_limit=int(self.repeated_failure_limit),
+            capacity_timeout=float(self.capacity_timeout),
         )
-
-
-@dataclass(frozen=True)
-class Call:
-    """One AWS call of a round: a method of the hook (sync) or of AsyncClusterIO (async)."""
-
-    name: str
-    args: tuple = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def call(name: str, *args: Any, **kwargs: Any) -> Call:
-    return Call(name, args, kwargs)
 
 
 @dataclass(frozen=True)
@@ -130,26 +136,6 @@ class RoundOutcome:
 
 
 Round = Generator[Call, Any, RoundOutcome]
-
-
-def run_sync(round_: Round, io: Any) -> RoundOutcome:
-    """Drive a round with blocking calls on ``io`` (the hook)."""
-    try:
-        request = next(round_)
-        while True:
-            request = round_.send(getattr(io, request.name)(*request.args, **request.kwargs))
-    except StopIteration as stop:
-        return stop.value
-
-
-async def run_async(round_: Round, io: Any) -> RoundOutcome:
-    """Drive a round with awaited calls on ``io`` (an AsyncClusterIO)."""
-    try:
-        request = next(round_)
-        while True:
-            request = round_.send(await getattr(io, request.name)(*request.args, **request.kwargs))
-    except StopIteration as stop:
-        return stop.value
 
 
 def missing_meta_message(cluster_id: str, table: str) -> str:
@@ -171,7 +157,9 @@ def drain_round(
     finished_pending: list[str] = []
     if meta.pending_launch is not None:
         # A launch claimed by an earlier (or concurrent) round and not recorded: finish it, launch no more.
-        finished_pending = yield from finish_launch(cluster_id, table, meta, meta.pending_launch, log)
+        finished_pending = yield from finish_launch(
+            cluster_id, table, meta, meta.pending_launch, None, log, now or time.time()
+        )
 
     counts = yield call("queue_counts", meta.queue_url, meta.dlq_url)
     instances = yield call("list_cluster_instances", cluster_id)
@@ -180,7 +168,9 @@ def drain_round(
     log_boot_failures(new_failures, "ended before its worker wrote a status item", log)
     if new_failures:
         meta = replace(meta, boot_failures={**meta.boot_failures, **new_failures})
-    snapshot = build_snapshot(meta, counts, instances, workers, settings.policy(meta), now or time.time())
+    snapshot = build_snapshot(
+        meta, counts, instances, workers, settings.policy(meta), now or time.time(), settings
+    )
     decision = decide(snapshot)
     exact: dict[str, int] | None = None
     if decision.needs_exact_count:
@@ -208,7 +198,12 @@ def drain_round(
         meta = replace(meta, boot_failures={**meta.boot_failures, **never_booted})
     launched: list[str] = []
     if decision.launch > 0 and not decision.failure and not finished_pending:
-        launched = yield from launch_replacements(cluster_id, table, meta, decision.launch, log)
+        avoid = pools_to_avoid(snapshot.workers, meta.launch_spec, snapshot.now)
+        if avoid:
+            log.info("Replacements avoid the pools of workers EC2 recommended to rebalance: %s", avoid)
+        launched = yield from launch_replacements(
+            cluster_id, table, meta, decision.launch, decision.stats["capacity"], log, snapshot.now, avoid
+        )
     yield from record(
         cluster_id, table, meta, decision, exact_count=exact is not None, boot_failures=bool(new_failures)
     )
@@ -291,7 +286,9 @@ def build_snapshot(
     worker_items: list[dict[str, Any]],
     policy: Policy,
     now: float,
+    settings: DrainSettings | None = None,
 ) -> Snapshot:
+    settings = settings or DrainSettings()
     return Snapshot(
         counts=counts,
         instances=tuple(
@@ -311,11 +308,22 @@ def build_snapshot(
         started_at=meta.launched_at,
         retired_workers=frozenset(meta.retired_instance_ids),
         stops_reported=frozenset(meta.stops_reported),
+        launch_retry_at=launch_retry_at(meta, settings.launch_backoff, settings.launch_backoff_max),
+        launch_failures=meta.launch_failures,
+        launch_errors=last_errors_text(meta),
+        capacity_wait_since=meta.capacity_wait_since,
     )
 
 
 def launch_replacements(
-    cluster_id: str, table: str, meta: ClusterMeta, count: int, log: Any
+    cluster_id: str,
+    table: str,
+    meta: ClusterMeta,
+    count: int,
+    capacity: int,
+    log: Any,
+    now: float,
+    avoid: list[str] | None = None,
 ) -> Generator[Call, Any, list[str]]:
     generation = meta.replacement_generation
     pending = PendingLaunch(generation, count, launch_client_token(cluster_id, generation, count))
@@ -323,27 +331,64 @@ def launch_replacements(
     if not claimed:
         log.info("Replacement launch %d was claimed by another drain round; not launching", generation)
         return []
-    return (yield from finish_launch(cluster_id, table, meta, pending, log))
+    return (yield from finish_launch(cluster_id, table, meta, pending, capacity, log, now, avoid))
 
 
 def finish_launch(
-    cluster_id: str, table: str, meta: ClusterMeta, pending: PendingLaunch, log: Any
+    cluster_id: str,
+    table: str,
+    meta: ClusterMeta,
+    pending: PendingLaunch,
+    capacity: int | None,
+    log: Any,
+    now: float,
+    avoid: list[str] | None = None,
 ) -> Generator[Call, Any, list[str]]:
-    """Launch a claimed replacement batch unless it already exists, then record its ids."""
+    """Launch a claimed replacement batch unless it already exists, then record its ids and outcome.
+
+    Capacity errors never escape: the outcome (what started, each pool's error) is recorded with the
+    claim's release, the instances EC2 did not start go back to the replacement budget, and a launch
+    short of what it asked makes the next one wait (``capacity.launch_retry_at``).
+    """
     generation, count, token = pending.generation, pending.count, pending.token
     ids = yield call("instances_with_launch_token", cluster_id, token)
+    update = None
     if ids:
         log.info("Replacement launch %d already started %s", generation, ", ".join(ids))
     else:
         spec = meta.launch_spec
-        spec = replace(spec, extra_tags={**spec.extra_tags, TAG_LAUNCH_TOKEN: token})
-        instances = yield call(
-            "run_instances", cluster_id=cluster_id, spec=spec, count=count, client_token=token
+        if not spec.launch_template_id:  # recorded by a version that launched with RunInstances
+            spec = replace(spec, launch_template_id=(yield call("ensure_launch_template", cluster_id, spec)))
+        outcome = yield from launch_workers(
+            cluster_id,
+            spec,
+            count,
+            token,
+            min_count=min_count_for(spec, count, capacity or 0),
+            extra_tags={TAG_LAUNCH_TOKEN: token},
+            avoid=avoid or (),
         )
-        ids = [i["InstanceId"] for i in instances]
-        log.info("Launched %d replacement(s): %s", len(ids), ", ".join(ids))
-    yield call("finish_replacement_launch", table, cluster_id, generation, ids)
+        ids = outcome.instance_ids
+        log_launch(outcome, "replacement", log)
+        update = after_launch(meta, outcome, now, capacity)
+    yield call(
+        "finish_replacement_launch", table, cluster_id, generation, ids, update, max(0, count - len(ids))
+    )
     return list(ids)
+
+
+def log_launch(outcome: LaunchOutcome, what: str, log: Any) -> None:
+    """One line per launch: what started where, and each pool EC2 could not use."""
+    pools = ", ".join(f"{pool}: {n}" for pool, n in outcome.by_pool().items()) or "none"
+    emit = log.warning if outcome.short else log.info
+    emit("Launched %d of %d %s worker(s) (%s)", len(outcome.instances), outcome.requested, what, pools)
+    for error in outcome.errors:
+        log.warning("  %s: %s: %s", error.pool, error.code, error.message[:300])
+    if outcome.released:
+        log.warning(
+            "  fewer than the launch's minimum started: terminated %s (the next launch tries again)",
+            ", ".join(outcome.released),
+        )
 
 
 def meta_update(meta: ClusterMeta, decision: Decision, *, exact_count: bool = False) -> MetaUpdate:
@@ -424,6 +469,10 @@ def build_summary(
         "elapsed_seconds": None if not started_at else round(snapshot.now - started_at, 1),
         "counts_exact": bool(settings.exact_summary),
         "failed_boots": boot_failures_shown(meta.boot_failures),
+        # Launches: the last ones (what started in which pool, each pool's error), and how often each
+        # pool met each error over the job.
+        "launches": meta.launch_history[-5:],
+        "launch_errors": dict(meta.launch_errors_total),
     }
 
 

@@ -31,7 +31,12 @@ from airflow_ec2cluster.aws.ec2 import (
     instance_filters,
     instance_states_of,
     instances_of,
-    run_instances_params,
+)
+from airflow_ec2cluster.aws.fleet import (
+    LaunchOutcome,
+    create_launch_template_params,
+    fleet_outcome,
+    refused_outcome,
 )
 from airflow_ec2cluster.aws.sqs import (
     counts_from_attributes,
@@ -108,10 +113,16 @@ class AsyncClusterIO:
         return await self._conditional_update(claim_launch_params(table, cluster_id, pending))
 
     async def finish_replacement_launch(
-        self, table: str, cluster_id: str, generation: int, instance_ids: list[str]
+        self,
+        table: str,
+        cluster_id: str,
+        generation: int,
+        instance_ids: list[str],
+        update: MetaUpdate | None = None,
+        refund: int = 0,
     ) -> bool:
         return await self._conditional_update(
-            finish_launch_params(table, cluster_id, generation, instance_ids)
+            finish_launch_params(table, cluster_id, generation, instance_ids, update, refund)
         )
 
     # -- worker status items and the task log ---------------------------------------------------------
@@ -194,13 +205,25 @@ class AsyncClusterIO:
         answer = await self.ec2.get_console_output(InstanceId=instance_id, Latest=True)
         return decode_console_output(answer.get("Output"))
 
-    async def run_instances(
-        self, *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str
-    ) -> list[dict[str, Any]]:
-        params = run_instances_params(
-            cluster_id=cluster_id, spec=spec, count=count, client_token=client_token
-        )
-        return (await self.ec2.run_instances(**params))["Instances"]
+    async def ensure_launch_template(self, cluster_id: str, spec: LaunchSpec) -> str:
+        params = create_launch_template_params(cluster_id, spec)
+        try:
+            answer = await self.ec2.create_launch_template(**params)
+        except ClientError as error:
+            if "AlreadyExists" not in error_code(error):
+                raise
+            answer = await self.ec2.describe_launch_templates(
+                LaunchTemplateNames=[params["LaunchTemplateName"]]
+            )
+            return answer["LaunchTemplates"][0]["LaunchTemplateId"]
+        return answer["LaunchTemplate"]["LaunchTemplateId"]
+
+    async def create_fleet(self, params: dict[str, Any], requested: int, market: str) -> LaunchOutcome:
+        try:
+            response = await self.ec2.create_fleet(**params)
+        except ClientError as error:
+            return refused_outcome(error_code(error), str(error), requested, market)
+        return fleet_outcome(response, requested, market)
 
     async def terminate_instances(self, instance_ids: Iterable[str], *, wait: bool = False) -> list[str]:
         # The drain round never waits for termination: teardown does, in the sync hook.

@@ -45,8 +45,14 @@ from airflow_ec2cluster.aws.ec2 import (
     instance_filters,
     instance_states_of,
     instances_of,
-    run_instances_params,
     terminated_waiter_params,
+)
+from airflow_ec2cluster.aws.fleet import (
+    LaunchOutcome,
+    create_launch_template_params,
+    fleet_outcome,
+    launch_template_filters,
+    refused_outcome,
 )
 from airflow_ec2cluster.aws.s3 import (
     BLOCK_PUBLIC_ACCESS,
@@ -270,10 +276,19 @@ class EC2ClusterHook(AwsBaseHook):
         return self._conditional_update(claim_launch_params(table, cluster_id, pending))
 
     def finish_replacement_launch(
-        self, table: str, cluster_id: str, generation: int, instance_ids: list[str]
+        self,
+        table: str,
+        cluster_id: str,
+        generation: int,
+        instance_ids: list[str],
+        update: MetaUpdate | None = None,
+        refund: int = 0,
     ) -> bool:
-        """Append the launched ids and clear the intent; False when another round already finished it."""
-        return self._conditional_update(finish_launch_params(table, cluster_id, generation, instance_ids))
+        """Append the launched ids, record the launch's outcome and clear the intent; False when another
+        round already finished it."""
+        return self._conditional_update(
+            finish_launch_params(table, cluster_id, generation, instance_ids, update, refund)
+        )
 
     def _query(self, table: str, pk: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
         pages = self.dynamodb.get_paginator("query").paginate(**query_params(table, pk, **kwargs))
@@ -483,22 +498,38 @@ class EC2ClusterHook(AwsBaseHook):
 
     # -- EC2 ------------------------------------------------------------------------------------------
 
-    def run_instances(
-        self,
-        *,
-        cluster_id: str,
-        spec: LaunchSpec,
-        count: int,
-        client_token: str,
-        min_count: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """One RunInstances call for up to ``count`` workers; EC2 fails it if fewer than ``min_count`` fit."""
-        response = self.ec2.run_instances(
-            **run_instances_params(
-                cluster_id=cluster_id, spec=spec, count=count, client_token=client_token, min_count=min_count
-            )
-        )
-        return response["Instances"]
+    def create_fleet(self, params: dict[str, Any], requested: int, market: str) -> LaunchOutcome:
+        """One CreateFleet (instant): what it started and each pool's error; a refused call is an outcome
+        too (its error on every pool), so a launch never raises on capacity, quotas or permissions."""
+        try:
+            response = self.ec2.create_fleet(**params)
+        except ClientError as error:
+            return refused_outcome(error_code(error), str(error), requested, market)
+        return fleet_outcome(response, requested, market)
+
+    def ensure_launch_template(self, cluster_id: str, spec: LaunchSpec) -> str:
+        """The cluster's launch template for ``spec`` (made once: a retry finds its first try's)."""
+        params = create_launch_template_params(cluster_id, spec)
+        try:
+            answer = self.ec2.create_launch_template(**params)
+        except ClientError as error:
+            if "AlreadyExists" not in error_code(error):
+                raise
+            answer = self.ec2.describe_launch_templates(LaunchTemplateNames=[params["LaunchTemplateName"]])
+            return answer["LaunchTemplates"][0]["LaunchTemplateId"]
+        return answer["LaunchTemplate"]["LaunchTemplateId"]
+
+    def delete_launch_templates(self, cluster_id: str) -> list[str]:
+        """Delete the cluster's launch templates (found by tag); their names."""
+        paginator = self.ec2.get_paginator("describe_launch_templates")
+        templates = self._items(paginator, "LaunchTemplates", Filters=launch_template_filters(cluster_id))
+        for template in templates:
+            try:
+                self.ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
+            except ClientError as error:
+                if "NotFound" not in error_code(error):
+                    raise
+        return sorted(t["LaunchTemplateName"] for t in templates)
 
     def _describe(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
         paginator = self.ec2.get_paginator("describe_instances")

@@ -1,4 +1,4 @@
-"""EC2ClusterLaunchOperator: validate everything, then start the workers with one RunInstances call."""
+"""EC2ClusterLaunchOperator: validate everything, then start the workers with one EC2 Fleet launch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,12 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.aws.s3 import bundle_object_key
 from airflow_ec2cluster.bundle import Bundle, BundleError, Target, build_bundle, module_code_path
+from airflow_ec2cluster.calls import run_sync
+from airflow_ec2cluster.capacity import after_launch, launch_workers, min_count_for
 from airflow_ec2cluster.cluster import (
+    CAPACITY_CHOICES,
+    ON_DEMAND,
+    SPOT,
     TAG_LAUNCH_TOKEN,
     ClusterDescriptor,
     LaunchSpec,
@@ -32,11 +38,14 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_INSTANCE_PROFILE,
     DEFAULT_LOG_SHARDS,
     DEFAULT_METADATA_HOP_LIMIT,
+    DEFAULT_ON_DEMAND_STRATEGY,
     DEFAULT_PYTHONS,
     DEFAULT_ROOT_VOLUME_GB,
+    DEFAULT_SPOT_STRATEGY,
     DEFAULT_STATE_TABLE,
 )
 from airflow_ec2cluster.drain.decisions import CAPACITY_STATES
+from airflow_ec2cluster.drain.round import log_launch
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate
@@ -54,7 +63,17 @@ if TYPE_CHECKING:
 
 
 class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterHook]):
-    """Launch the cluster's workers with one RunInstances call, after validating everything.
+    """Launch the cluster's workers with EC2 Fleet (CreateFleet, ``instant``), after validating everything.
+
+    The workers may run in any *pool*: each of ``instance_type`` (one type or a list, in order of
+    preference) in each subnet, in the markets ``capacity`` names: ``"on-demand"``, ``"spot"`` (also
+    ``spot=True``), or ``"spot-then-on-demand"`` (on-demand for what spot could not start). Spot pools are
+    chosen by ``spot_strategy`` (``price-capacity-optimized``), on-demand ones by ``on_demand_strategy``
+    (``lowest-price``, or ``prioritized``: the order given). EC2 starts what capacity allows: at least
+    ``min_workers`` (default 1) are kept, else none, and the drain launches the rest as capacity comes
+    back, and grows the cluster up to ``max_workers`` (default ``num_workers``) while queued work exceeds it
+    (see :mod:`airflow_ec2cluster.capacity`). A launch short of capacity never fails the task: the drain
+    fails the run only when no worker could be launched for its ``capacity_timeout``.
 
     Validation comes first and launches nothing when anything is wrong: the worker configuration (with the
     worker's own ``WorkerConfig.from_dict``), the user data size, the AMI, instance type, subnet, security
@@ -87,6 +106,10 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "cluster_id",
         "num_workers",
         "min_workers",
+        "max_workers",
+        "capacity",
+        "on_demand_strategy",
+        "spot_strategy",
         "image_id",
         "instance_type",
         "handler",
@@ -122,8 +145,12 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         *,
         num_workers: int,
         min_workers: int | None = None,
+        max_workers: int | None = None,
         image_id: str,
-        instance_type: str,
+        instance_type: str | list[str],
+        capacity: str | None = None,
+        on_demand_strategy: str = DEFAULT_ON_DEMAND_STRATEGY,
+        spot_strategy: str = DEFAULT_SPOT_STRATEGY,
         handler: dict[str, Any],
         worker_options: dict[str, Any] | None = None,
         cluster_id: str | None = None,
@@ -154,6 +181,10 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         super().__init__(**kwargs)
         self.num_workers = num_workers
         self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.capacity = capacity
+        self.on_demand_strategy = on_demand_strategy
+        self.spot_strategy = spot_strategy
         self.image_id = image_id
         self.instance_type = instance_type
         self.handler = handler
@@ -185,6 +216,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.terminate_on_failure = terminate_on_failure
         self._launched_ids: list[str] = []
         self._vpc_id: str | None = None
+        self._subnet_zones: dict[str, str] = {}
 
     def execute(self, context: Context) -> dict[str, Any]:
         cluster_id = self.resolve_cluster_id(context)
@@ -204,6 +236,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         spec = self.validated_spec(hook, config, code_search_dirs(context))
         if not spec.security_group_ids:
             spec = replace(spec, security_group_ids=[self.cluster_security_group(hook, cluster_id, spec)])
+        spec = replace(spec, launch_template_id=hook.ensure_launch_template(cluster_id, spec))
         num_workers = int(self.num_workers)
         work = None
         if meta.current_generation and meta.enqueue_finished and not live:
@@ -217,6 +250,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             queue_url=queue_url,
             dlq_url=dlq_url,
             num_workers=num_workers,
+            max_workers=int(self.max_workers) if self.max_workers not in (None, "") else num_workers,
             log_shards=int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
             launch_spec=spec,
         )
@@ -260,26 +294,40 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
     def launch_generation(
         self, context: Context, hook: EC2ClusterHook, meta: ClusterMeta, plan: LaunchPlan, spec: LaunchSpec
     ) -> ClusterDescriptor:
-        """RunInstances for ``plan`` (its ClientToken: a retried call starts nothing new), then record."""
+        """CreateFleet for ``plan`` (its ClientToken: a retried call starts nothing new), then record."""
         cluster_id = meta.cluster_id
         launched_at = time.time()
+        outcome = None
         if plan.count:
             self.log.info(
-                "Cluster %s: launching %d x %s from %s (launch generation %d)",
+                "Cluster %s: launching %d worker(s) from %s over %s in %s, %s (launch generation %d)",
                 cluster_id,
                 plan.count,
-                spec.instance_type,
                 spec.image_id,
+                ", ".join(spec.types()),
+                ", ".join(spec.subnet_ids) or "the default subnets",
+                " then ".join(spec.markets()),
                 plan.generation,
             )
-            instances = hook.run_instances(
-                cluster_id=cluster_id,
-                spec=replace(spec, extra_tags={**spec.extra_tags, TAG_LAUNCH_TOKEN: plan.token}),
-                count=plan.count,
-                min_count=min(int(self.min_workers), plan.count) if self.min_workers else None,
-                client_token=plan.token,
+            outcome = run_sync(
+                launch_workers(
+                    cluster_id,
+                    spec,
+                    plan.count,
+                    plan.token,
+                    min_count=min_count_for(spec, plan.count, 0),
+                    extra_tags={TAG_LAUNCH_TOKEN: plan.token},
+                ),
+                hook,
             )
-            self._launched_ids = [i["InstanceId"] for i in instances]
+            self._launched_ids = outcome.instance_ids
+            log_launch(outcome, "", self.log)
+            if not outcome.instances:
+                self.log.warning(
+                    "Cluster %s: no worker started now; the drain launches as capacity comes back and "
+                    "fails the run when none could be launched for its capacity_timeout",
+                    cluster_id,
+                )
         else:
             self.log.info("Cluster %s: no work left in the queue; launching no worker", cluster_id)
         try:
@@ -287,7 +335,8 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             meta = hook.update_meta(
                 self.state_table,
                 cluster_id,
-                MetaUpdate(
+                replace(
+                    after_launch(meta, outcome, launched_at, 0) if outcome else MetaUpdate(),
                     instance_ids=known + [i for i in self._launched_ids if i not in known],
                     launched_at=launched_at,
                     launched_generation=plan.generation,
@@ -377,14 +426,29 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             problems.append(
                 f"image_id: AMI {self.image_id!r} not found in {hook.region}; check the id and region"
             )
-        instance_type = hook.describe_instance_type(self.instance_type)
-        if instance_type is None:
+        types = instance_types_of(self.instance_type)
+        if not types:
             problems.append(
-                f"instance_type: {self.instance_type!r} is not an EC2 instance type (e.g. 'c7g.large')"
+                f"instance_type: {self.instance_type!r} names no instance type; give one (e.g. 'c7g.large') "
+                "or a list of them, in order of preference"
             )
-        arch_problem = architecture_problem(image, instance_type)
-        if arch_problem:
-            problems.append(arch_problem)
+        for name in types:
+            instance_type = hook.describe_instance_type(name)
+            if instance_type is None:
+                problems.append(f"instance_type: {name!r} is not an EC2 instance type (e.g. 'c7g.large')")
+            arch_problem = architecture_problem(image, instance_type)
+            if arch_problem:
+                problems.append(arch_problem)
+        problems.extend(
+            capacity_problems(
+                self.capacity,
+                self.spot,
+                self.on_demand_strategy,
+                self.spot_strategy,
+                self.max_workers,
+                self.num_workers,
+            )
+        )
         if image is not None:
             problems.extend(self.bundle_problems(hook, config, image, code_dirs))
         user_data = b""
@@ -421,7 +485,13 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             )
         return LaunchSpec(
             image_id=self.image_id,
-            instance_type=self.instance_type,
+            instance_type=types[0],
+            instance_types=types,
+            capacity=capacity_of(self.capacity, self.spot),
+            on_demand_strategy=self.on_demand_strategy,
+            spot_strategy=self.spot_strategy,
+            min_workers=int(self.min_workers or 1),
+            subnet_zones=dict(self._subnet_zones),
             user_data_b64=base64.b64encode(user_data).decode("ascii"),
             instance_profile=self.instance_profile,
             subnet_ids=subnet_ids,
@@ -512,6 +582,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             services=services,
         )
         self._vpc_id = found.vpc_id
+        self._subnet_zones = found.subnet_zones
         for report in found.reports:
             if report.ok:
                 self.log.info("Preflight: %s", report_line(report))
@@ -524,6 +595,7 @@ class NetworkCheck:
     problems: list[str]
     reports: list[SubnetReport]
     vpc_id: str | None
+    subnet_zones: dict[str, str] = dataclass_field(default_factory=dict)
 
 
 def check_network(
@@ -552,7 +624,8 @@ def check_network(
         group_ids=security_group_ids,
         internet_why=internet_why,
     )
-    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"])
+    zones = {sid: str(facts.subnets[sid].get("AvailabilityZone") or "") for sid in chosen}
+    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"], zones)
 
 
 def report_line(report: SubnetReport) -> str:
@@ -773,6 +846,65 @@ def min_workers_problems(min_workers: Any, num_workers: Any) -> list[str]:
 SQS_HOST_REGION_RE = re.compile(
     r"^https?://(?:sqs\.([a-z0-9-]+)\.amazonaws\.com|([a-z0-9-]+)\.queue\.amazonaws\.com)/"
 )
+
+
+def instance_types_of(value: Any) -> list[str]:
+    """``instance_type`` as a list: one name, a comma-separated string, or a list (order kept, once each)."""
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    return list(dict.fromkeys(str(name).strip() for name in names if str(name).strip()))
+
+
+def capacity_of(capacity: Any, spot: Any) -> str:
+    """The launch's market choice: ``capacity`` when given, else spot or on-demand as ``spot`` says."""
+    if capacity not in (None, ""):
+        return str(capacity)
+    return SPOT if as_bool(spot) else ON_DEMAND
+
+
+def capacity_problems(
+    capacity: Any,
+    spot: Any,
+    on_demand_strategy: Any,
+    spot_strategy: Any,
+    max_workers: Any,
+    num_workers: Any,
+) -> list[str]:
+    """What is wrong with the fleet's choices: markets, allocation strategies, the cluster's ceiling."""
+    problems = []
+    if capacity not in (None, "") and capacity not in CAPACITY_CHOICES:
+        problems.append(
+            f"capacity: {capacity!r} is not one of {', '.join(CAPACITY_CHOICES)}; "
+            "'spot-then-on-demand' takes spot where it can and on-demand for the rest"
+        )
+    elif capacity == ON_DEMAND and as_bool(spot):
+        problems.append("spot: True contradicts capacity='on-demand'; drop spot (capacity says it all)")
+    if on_demand_strategy not in ON_DEMAND_STRATEGIES:
+        problems.append(
+            f"on_demand_strategy: {on_demand_strategy!r} is not one of {', '.join(ON_DEMAND_STRATEGIES)} "
+            "('prioritized': the instance types in the order given)"
+        )
+    if spot_strategy not in SPOT_STRATEGIES:
+        problems.append(
+            f"spot_strategy: {spot_strategy!r} is not one of {', '.join(SPOT_STRATEGIES)} "
+            "('price-capacity-optimized' is AWS's recommendation: the pools least likely to be interrupted, "
+            "then the cheapest)"
+        )
+    if max_workers not in (None, ""):
+        try:
+            ceiling, size = int(max_workers), int(num_workers)
+        except (TypeError, ValueError):
+            return [*problems, f"max_workers: {max_workers!r} is not a positive integer"]
+        if ceiling < size:
+            problems.append(
+                f"max_workers: {ceiling} is less than num_workers ({size}); raise it, or leave it out for "
+                "a cluster that never grows past num_workers"
+            )
+    return problems
+
+
+# EC2 Fleet's allocation strategies (CreateFleet OnDemandOptions / SpotOptions).
+ON_DEMAND_STRATEGIES = ("lowest-price", "prioritized")
+SPOT_STRATEGIES = ("price-capacity-optimized", "capacity-optimized", "lowest-price", "diversified")
 
 
 def queue_region_problems(queue_url: str, region: str) -> list[str]:

@@ -75,6 +75,10 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
         cluster_id = self.resolve_cluster_id(context)
         hook = self.hook
         self.persist_links(context, hook, cluster_id, self.state_table)
+        # First: without its launch template, no drain round still running anywhere can launch again.
+        templates_deleted = hook.delete_launch_templates(cluster_id)
+        for name in templates_deleted:
+            self.log.info("Deleted launch template %s", name)
         states = (*LIVE_STATES, "shutting-down")
         instance_ids = [i["InstanceId"] for i in hook.list_cluster_instances(cluster_id, states)]
         if instance_ids:
@@ -116,6 +120,7 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             "queues_deleted": queues_deleted,
             "security_groups_deleted": groups_deleted,
             "bundles_deleted": bundles_deleted,
+            "launch_templates_deleted": templates_deleted,
         }
 
     def delete_security_groups(self, hook: EC2ClusterHook, cluster_id: str) -> list[str]:

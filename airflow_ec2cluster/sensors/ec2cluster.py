@@ -13,18 +13,22 @@ from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import BotoCoreError, ClientError
 
+from airflow_ec2cluster.calls import run_sync
 from airflow_ec2cluster.cluster import cluster_id_from_context
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
+    DEFAULT_CAPACITY_TIMEOUT,
     DEFAULT_DEAD_LETTER_SAMPLE,
     DEFAULT_DRAINED_CHECKS,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LAUNCH_BACKOFF,
+    DEFAULT_LAUNCH_BACKOFF_MAX,
     DEFAULT_MAX_TASK_SECONDS,
     DEFAULT_REPEATED_FAILURE_LIMIT,
     DEFAULT_STATE_TABLE,
 )
-from airflow_ec2cluster.drain.round import DrainSettings, drain_round, instance_seconds, run_sync
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round, instance_seconds
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
 from airflow_ec2cluster.operators.base import as_bool
@@ -46,8 +50,8 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     Each poke makes the same handful of calls whatever the number of tasks: the META item (GetItem), queue
     and dead-letter counts (two GetQueueAttributes), the cluster's instances (DescribeInstances by tag), the
     worker status items (one Query); then :func:`~airflow_ec2cluster.drain.decisions.decide`,
-    TerminateInstances for reaped workers, one RunInstances for replacements, one UpdateItem of the META
-    item, and a progress line.
+    TerminateInstances for reaped workers, one CreateFleet per market for replacements, one UpdateItem of
+    the META item, and a progress line.
     Drained: the queue has read empty ``drained_checks`` times in a row (default 2, enough because the tasks
     must also be accounted for: done + failed + dead-lettered >= enqueued). Only at the end, when the queue
     has read empty and the workers' counters fall short of the enqueued count, is the task log counted
@@ -65,6 +69,14 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
     handler: replacing them would only bill boots); the failure quotes the error and says what to fix. The
     stop reason of every stopped worker is logged once, read from the status items (which outlive the
     instances). After a fix, clearing the launch and drain tasks runs the work still queued.
+
+    Capacity (see :mod:`airflow_ec2cluster.capacity`): a launch EC2 could not fulfil (no capacity in its
+    pools, a vCPU quota, a refused call) never fails a poke: it records what started where and each pool's
+    error (in the progress line and the summary's ``launches`` and ``launch_errors``), gives the unstarted
+    instances back to the replacement budget, and the next launch waits ``launch_backoff`` seconds, doubling
+    per launch short in a row up to ``launch_backoff_max``. The cluster grows up to the launch's
+    ``max_workers`` while queued work exceeds its workers. The sensor fails only when work remains, no worker
+    is left and none could be launched for ``capacity_timeout`` seconds, naming the errors.
 
     ``deferrable=True`` (default: Airflow's ``[operators] default_deferrable``, as in the amazon provider;
     templated, so a run can choose it: ``deferrable="{{ params.deferrable }}"``)
@@ -95,6 +107,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         "cluster_size",
         "max_replacements",
         "repeated_failure_limit",
+        "capacity_timeout",
+        "launch_backoff",
+        "launch_backoff_max",
         "fail_on_dead_letters",
         "deferrable",
     )
@@ -118,6 +133,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         exact_summary: bool = True,
         fail_on_dead_letters: bool = False,
         repeated_failure_limit: int = DEFAULT_REPEATED_FAILURE_LIMIT,
+        capacity_timeout: float = DEFAULT_CAPACITY_TIMEOUT,
+        launch_backoff: float = DEFAULT_LAUNCH_BACKOFF,
+        launch_backoff_max: float = DEFAULT_LAUNCH_BACKOFF_MAX,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -136,6 +154,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
         self.exact_summary = exact_summary
         self.fail_on_dead_letters = fail_on_dead_letters
         self.repeated_failure_limit = repeated_failure_limit
+        self.capacity_timeout = capacity_timeout
+        self.launch_backoff = launch_backoff
+        self.launch_backoff_max = launch_backoff_max
         self.deferrable = deferrable
 
     def settings(self) -> DrainSettings:
@@ -164,6 +185,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
             max_replacements=None if self.max_replacements is None else int(self.max_replacements),
             dead_letter_sample=int(self.dead_letter_sample),
             exact_summary=bool(self.exact_summary),
+            capacity_timeout=float(self.capacity_timeout),
+            launch_backoff=float(self.launch_backoff),
+            launch_backoff_max=float(self.launch_backoff_max),
         )
 
     def resolve_cluster_id(self, context: Context) -> str:

@@ -9,8 +9,9 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from botocore.exceptions import BotoCoreError, ClientError
 
+from airflow_ec2cluster.calls import run_async
 from airflow_ec2cluster.defaults import DEFAULT_MAX_ERROR_ROUNDS
-from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round
 from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 

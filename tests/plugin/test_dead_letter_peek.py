@@ -93,7 +93,8 @@ def test_the_drain_summary_lists_thirty_dead_letters(aws, context, cluster_id, a
 
     from ec2cluster_worker import records
 
-    from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_sync
+    from airflow_ec2cluster.calls import run_sync
+    from airflow_ec2cluster.drain.round import DrainSettings, drain_round
     from tests.plugin.conftest import enqueue_and_launch
 
     table = "ec2cluster-state-peek"

@@ -20,8 +20,9 @@ import pytest
 from ec2cluster_worker import records
 
 from airflow_ec2cluster.aws.dynamodb import deserialize_item, serialize_item
+from airflow_ec2cluster.calls import run_async, run_sync
 from airflow_ec2cluster.cluster import LaunchSpec, launch_client_token
-from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async, run_sync
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round
 from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from tests.plugin.conftest import REGION
@@ -111,8 +112,25 @@ class World:
     def ec2_terminate_instances(self, InstanceIds: list[str]) -> dict[str, Any]:
         return {"TerminatingInstances": [{"InstanceId": iid} for iid in InstanceIds]}
 
-    def ec2_run_instances(self, **kwargs: Any) -> dict[str, Any]:
-        return {"Instances": [instance("i-new", NOW)]}
+    def ec2_create_launch_template(self, **kwargs: Any) -> dict[str, Any]:
+        return {
+            "LaunchTemplate": {"LaunchTemplateId": "lt-1", "LaunchTemplateName": kwargs["LaunchTemplateName"]}
+        }
+
+    def ec2_create_fleet(self, **kwargs: Any) -> dict[str, Any]:
+        override = kwargs["LaunchTemplateConfigs"][0]["Overrides"][0]
+        return {
+            "FleetId": "fleet-1",
+            "Instances": [
+                {
+                    "InstanceIds": ["i-new"],
+                    "InstanceType": override["InstanceType"],
+                    "Lifecycle": "on-demand",
+                    "LaunchTemplateAndOverrides": {"Overrides": override},
+                }
+            ],
+            "Errors": [],
+        }
 
 
 class Recorder:
@@ -315,7 +333,10 @@ def run_both(world: World, settings: DrainSettings):
 @pytest.mark.parametrize(
     ("world", "expected"),
     [
-        (replace_a_hung_worker, {"terminate_instances", "run_instances", "update_item"}),
+        (
+            replace_a_hung_worker,
+            {"terminate_instances", "create_launch_template", "create_fleet", "update_item"},
+        ),
         (finish_a_claimed_launch, {"update_item", "get_console_output"}),
         (explain_a_boot_failure, {"describe_instances", "get_console_output", "update_item"}),
         (reap_a_never_booted_instance, {"terminate_instances", "get_console_output", "update_item"}),

@@ -1,4 +1,4 @@
-"""EC2ClusterLaunchOperator against moto: validation first, one RunInstances, idempotent retry, cleanup."""
+"""EC2ClusterLaunchOperator against moto: validation first, one fleet launch, idempotent retry, cleanup."""
 
 from __future__ import annotations
 
@@ -81,13 +81,15 @@ def test_validation_errors_launch_nothing_and_name_every_field(queues, context, 
         instance_profile="no-such-profile",
         security_group_ids=["sg-12345678"],
     )
-    runs = record_calls(operator, "RunInstances")
+    runs = record_calls(operator, "CreateFleet")
+    templates = record_calls(operator, "CreateLaunchTemplate")
     with pytest.raises(AirflowException) as raised:
         operator.execute(context)
     message = str(raised.value)
     for field in ("image_id", "instance_type", "handler.target", "instance_profile", "security_group_ids"):
         assert field in message
-    assert runs == [] and cluster_instances(cluster_id, ("pending", "running", "stopped")) == []
+    assert runs == [] and templates == []
+    assert cluster_instances(cluster_id, ("pending", "running", "stopped")) == []
 
 
 def test_user_data_too_large_is_a_validation_error(queues, context, cluster_id, ami_id, instance_profile):
@@ -102,11 +104,33 @@ def test_user_data_too_large_is_a_validation_error(queues, context, cluster_id, 
     assert cluster_instances(cluster_id) == []
 
 
-def test_min_workers_becomes_min_count(queues, context, cluster_id, ami_id, instance_profile):
-    operator = launch(cluster_id, ami_id, min_workers=1)
-    runs = record_calls(operator, "RunInstances")
-    operator.execute(context)
-    assert (runs[0]["MinCount"], runs[0]["MaxCount"]) == (1, 2)
+def test_bad_fleet_choices_are_validation_errors(queues, context, cluster_id, ami_id, instance_profile):
+    operator = launch(
+        cluster_id,
+        ami_id,
+        instance_type=["t3.micro", "t9.nonexistent"],
+        capacity="cheap",
+        on_demand_strategy="random",
+        max_workers=1,
+    )
+    runs = record_calls(operator, "CreateFleet")
+    with pytest.raises(AirflowException) as raised:
+        operator.execute(context)
+    message = str(raised.value)
+    for field in (
+        "instance_type: 't9.nonexistent'",
+        "capacity: 'cheap'",
+        "on_demand_strategy",
+        "max_workers",
+    ):
+        assert field in message
+    assert runs == [] and cluster_instances(cluster_id) == []
+
+
+def template_data(template_id: str) -> dict:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    versions = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])
+    return versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
 
 
 def test_missing_queue_is_reported(aws, context, cluster_id, ami_id, instance_profile):
@@ -114,49 +138,56 @@ def test_missing_queue_is_reported(aws, context, cluster_id, ami_id, instance_pr
         launch(cluster_id, ami_id).execute(context)
 
 
-def test_one_run_instances_call_with_the_right_parameters(
+def test_one_fleet_launch_from_a_launch_template_with_the_right_parameters(
     queues, context, cluster_id, ami_id, instance_profile
 ):
     operator = launch(cluster_id, ami_id, volume_size_gb=20, tags={"team": "data"})
-    runs = record_calls(operator, "RunInstances")
+    runs = record_calls(operator, "CreateFleet")
     descriptor = operator.execute(context)
 
     assert len(runs) == 1
     params = runs[0]
-    assert params["MinCount"] == params["MaxCount"] == 2
-    assert params["ClientToken"] == f"{cluster_id}-launch"
-    assert params["MetadataOptions"]["HttpTokens"] == "required"
-    assert params["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
-    assert params["InstanceInitiatedShutdownBehavior"] == "terminate"
-    assert params["IamInstanceProfile"] == {"Name": instance_profile}
-    # network="public" (the default): a public IP, in a default subnet, in the cluster's own group.
-    interface = params["NetworkInterfaces"][0]
-    assert interface["AssociatePublicIpAddress"] is True
-    ec2 = boto3.client("ec2", region_name=REGION)
-    default_subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])[
-        "Subnets"
-    ]
-    assert interface["SubnetId"] in {s["SubnetId"] for s in default_subnets}
-    (group,) = ec2.describe_security_groups(GroupIds=interface["Groups"])["SecurityGroups"]
-    assert group["GroupName"] == f"ec2cluster-{cluster_id}" and group["IpPermissions"] == []
-    assert descriptor["launch_spec"]["security_group_ids"] == [group["GroupId"]]
-    ebs = params["BlockDeviceMappings"][0]["Ebs"]
-    assert ebs["Encrypted"] is True and ebs["VolumeSize"] == 20
-    assert {spec["ResourceType"] for spec in params["TagSpecifications"]} == {"instance", "volume"}
+    assert params["Type"] == "instant" and params["ClientToken"] == f"{cluster_id}-launch"
+    assert params["TargetCapacitySpecification"]["TotalTargetCapacity"] == 2
+    assert params["TargetCapacitySpecification"]["DefaultTargetCapacityType"] == "on-demand"
+    assert params["OnDemandOptions"] == {"AllocationStrategy": "lowest-price"} and "SpotOptions" not in params
     tags = {t["Key"]: t["Value"] for t in params["TagSpecifications"][0]["Tags"]}
     assert (
         tags[TAG_CLUSTER_ID] == cluster_id and tags["ec2cluster:role"] == "worker" and tags["team"] == "data"
     )
-    assert "InstanceMarketOptions" not in params
-    user_data = params["UserData"]
-    script = parse_user_data(user_data if isinstance(user_data, bytes) else base64.b64decode(user_data))
+    (config,) = params["LaunchTemplateConfigs"]
+    template_id = config["LaunchTemplateSpecification"]["LaunchTemplateId"]
+    assert descriptor["launch_spec"]["launch_template_id"] == template_id
+    # network="public" (the default): one pool per default subnet, a public IP, the cluster's own group.
+    ec2 = boto3.client("ec2", region_name=REGION)
+    default_subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])[
+        "Subnets"
+    ]
+    assert {o["SubnetId"] for o in config["Overrides"]} <= {s["SubnetId"] for s in default_subnets}
+    assert {o["InstanceType"] for o in config["Overrides"]} == {"t3.micro"}
+    data = template_data(template_id)
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert data["IamInstanceProfile"] == {"Name": instance_profile}
+    interface = data["NetworkInterfaces"][0]
+    assert interface["AssociatePublicIpAddress"] is True
+    (group,) = ec2.describe_security_groups(GroupIds=interface["Groups"])["SecurityGroups"]
+    assert group["GroupName"] == f"ec2cluster-{cluster_id}" and group["IpPermissions"] == []
+    assert descriptor["launch_spec"]["security_group_ids"] == [group["GroupId"]]
+    ebs = data["BlockDeviceMappings"][0]["Ebs"]
+    assert ebs["Encrypted"] is True and ebs["VolumeSize"] == 20
+    script = parse_user_data(base64.b64decode(data["UserData"]))
     assert cluster_id in script and queues["queue_url"] in script
 
-    ids = sorted(i["InstanceId"] for i in cluster_instances(cluster_id))
+    instances = cluster_instances(cluster_id)
+    ids = sorted(i["InstanceId"] for i in instances)
     assert sorted(descriptor["instance_ids"]) == ids and len(ids) == 2
+    assert all("InstanceLifecycle" not in i for i in instances)  # on-demand
     assert context["ti"].pushed["instance_ids"] == descriptor["instance_ids"]
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
-    assert sorted(meta.instance_ids) == ids and meta.num_workers == 2
+    assert sorted(meta.instance_ids) == ids and meta.num_workers == 2 and meta.max_workers == 2
+    assert meta.launch_history[-1]["launched"] == 2 and meta.launch_failures == 0
     assert descriptor["queue_url"] == queues["queue_url"] and descriptor["dlq_url"] == queues["dlq_url"]
     assert descriptor["launch_spec"]["root_device_name"]
 
@@ -169,18 +200,22 @@ def test_spot_and_no_public_ip_when_asked(queues, context, cluster_id, ami_id, i
     operator = launch(
         cluster_id, ami_id, spot=True, spot_max_price="0.05", network="private", subnet_id=subnet
     )
-    runs = record_calls(operator, "RunInstances")
+    runs = record_calls(operator, "CreateFleet")
     operator.execute(context)
-    market = runs[0]["InstanceMarketOptions"]
-    assert market["MarketType"] == "spot" and market["SpotOptions"]["MaxPrice"] == "0.05"
-    assert runs[0]["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
-    assert runs[0]["NetworkInterfaces"][0]["SubnetId"] == subnet
+    params = runs[0]
+    assert params["TargetCapacitySpecification"]["DefaultTargetCapacityType"] == "spot"
+    assert params["SpotOptions"]["AllocationStrategy"] == "price-capacity-optimized"
+    (override,) = params["LaunchTemplateConfigs"][0]["Overrides"]
+    assert override["MaxPrice"] == "0.05" and override["SubnetId"] == subnet
+    template_id = params["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["LaunchTemplateId"]
+    assert template_data(template_id)["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
+    assert {i.get("InstanceLifecycle") for i in cluster_instances(cluster_id)} == {"spot"}
 
 
 def test_retried_launch_finds_the_existing_cluster(queues, context, cluster_id, ami_id, instance_profile):
     first = launch(cluster_id, ami_id).execute(context)
     retry = launch(cluster_id, ami_id)
-    runs = record_calls(retry, "RunInstances")
+    runs = record_calls(retry, "CreateFleet")
     second = retry.execute(context)
     assert runs == [] and sorted(second["instance_ids"]) == sorted(first["instance_ids"])
     assert len(cluster_instances(cluster_id)) == 2
@@ -193,7 +228,7 @@ def test_retry_after_a_crash_before_recording_ids_finds_them_by_tag(
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
     hook.update_meta(TABLE, cluster_id, MetaUpdate(instance_ids=[]))  # as if the first try died here
     retry = launch(cluster_id, ami_id)
-    runs = record_calls(retry, "RunInstances")
+    runs = record_calls(retry, "CreateFleet")
     second = retry.execute(context)
     assert runs == [] and sorted(second["instance_ids"]) == sorted(first["instance_ids"])
     assert sorted(hook.get_meta(TABLE, cluster_id).instance_ids) == sorted(first["instance_ids"])

@@ -12,8 +12,9 @@ import boto3
 import pytest
 from ec2cluster_worker import records
 
+from airflow_ec2cluster.calls import run_async
 from airflow_ec2cluster.cluster import launch_client_token
-from airflow_ec2cluster.drain.round import DrainSettings, drain_round, run_async
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round
 from airflow_ec2cluster.hooks.async_io import AsyncClusterIO
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.meta import PendingLaunch

@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -31,7 +32,10 @@ from ec2cluster_worker.status import StatusWriter, WorkerStatus
 from ec2cluster_worker.tasklog import TaskLog
 from ec2cluster_worker.taskqueue import TaskQueue
 
+from airflow_ec2cluster.aws.fleet import create_launch_template_params
 from airflow_ec2cluster.aws.s3 import bundle_object_key, cluster_bundles_prefix
+from airflow_ec2cluster.calls import run_sync
+from airflow_ec2cluster.capacity import launch_workers
 from airflow_ec2cluster.cluster import LaunchSpec, cluster_tags
 from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
@@ -109,7 +113,24 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
         return LaunchSpec(image_id=cloud.ami_id, instance_type="t3.micro", user_data_b64="", **extra)
 
     def launch(**extra) -> None:
-        hook.run_instances(cluster_id=cluster, spec=spec(**extra), count=1, client_token=uuid.uuid4().hex)
+        """The launch: the cluster's launch template, then a fleet over it (its errors raised)."""
+        launch_spec = spec(**extra)
+        launch_spec = replace(
+            launch_spec, launch_template_id=hook.ensure_launch_template(cluster, launch_spec)
+        )
+        outcome = run_sync(launch_workers(cluster, launch_spec, 1, uuid.uuid4().hex), hook)
+        for error in outcome.errors:
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": error.code, "Message": error.message}}, "CreateFleet"
+            )
+
+    def create_template() -> None:
+        hook.ensure_launch_template(cluster, spec(user_data_b64=uuid.uuid4().hex))
+
+    def delete_template() -> None:
+        launch_spec = spec(user_data_b64=uuid.uuid4().hex)
+        root_ec2.create_launch_template(**create_launch_template_params(cluster, launch_spec))
+        assert hook.delete_launch_templates(cluster)
 
     def spot_launch_in_a_new_account() -> None:
         if any(
@@ -164,7 +185,11 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
         "ClusterBundles": store_and_delete_bundle,
         "CheckOutputTable": check_output_table,
         "DescribeEC2": lambda: hook.network_facts(hook.default_subnet_ids(), []),
+        "LaunchFleet": launch,
         "LaunchTaggedWorkers": launch,
+        "CreateClusterLaunchTemplate": create_template,
+        "TagLaunchTemplateAtCreation": create_template,
+        "LaunchFromClusterTemplate": lambda: (launch(), delete_template()),
         "LaunchSpot": lambda: launch(spot=True),
         "LaunchFrom": launch,
         "TagAtLaunchOnly": launch,

@@ -32,6 +32,9 @@ IMPLIED = {
     "sqs:CreateQueue": {"sqs:TagQueue"},  # tags=
     # TagSpecifications=, IamInstanceProfile=, and a first spot launch creates the spot service-linked role.
     "ec2:RunInstances": {"ec2:CreateTags", "iam:PassRole", "iam:CreateServiceLinkedRole"},
+    # CreateFleet launches each pool as RunInstances, with the same implications.
+    "ec2:CreateFleet": {"ec2:RunInstances", "ec2:CreateTags", "iam:PassRole", "iam:CreateServiceLinkedRole"},
+    "ec2:CreateLaunchTemplate": {"ec2:CreateTags"},  # TagSpecifications=
 }
 # Files of each side (the local cloud and the demo live outside the provider, in localcloud/).
 CONTROLLER_EXCLUDED: tuple[str, ...] = ()
@@ -142,6 +145,7 @@ def worker_actions() -> set[str]:
 def test_the_analysis_finds_known_calls():
     assert {
         "sqs:SendMessage",
+        "ec2:CreateFleet",
         "ec2:RunInstances",
         "dynamodb:Query",
         "ec2:DescribeInstances",
