@@ -177,7 +177,7 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
             ),
             statement(
                 "LaunchFromClusterTemplate",
-                ["ec2:RunInstances", "ec2:DeleteLaunchTemplate"],
+                ["ec2:CreateFleet", "ec2:RunInstances", "ec2:DeleteLaunchTemplate"],
                 ec2("launch-template/*"),
                 Condition=tag_condition,
             ),

@@ -1,4 +1,5 @@
-"""EC2: RunInstances for the workers, the cluster's instances by tag, termination in batches."""
+"""EC2: the cluster's instances by tag, termination in batches, its security group, consoles (the launch
+itself is EC2 Fleet's: ``aws/fleet.py``)."""
 
 from __future__ import annotations
 
@@ -10,71 +11,12 @@ from typing import Any
 from airflow_ec2cluster.cluster import (
     TAG_CLUSTER_ID,
     TAG_LAUNCH_TOKEN,
-    LaunchSpec,
     cluster_security_group_name,
-    cluster_tags,
 )
 from airflow_ec2cluster.drain.decisions import LIVE_STATES
 
 # Instance ids per TerminateInstances call and per waiter call.
 EC2_ID_BATCH = 500
-
-
-def run_instances_params(
-    *, cluster_id: str, spec: LaunchSpec, count: int, client_token: str, min_count: int | None = None
-) -> dict[str, Any]:
-    """RunInstances arguments: IMDSv2 only, encrypted root volume, tags, terminate on shutdown."""
-    tags = [{"Key": key, "Value": value} for key, value in cluster_tags(cluster_id, spec.extra_tags).items()]
-    interface: dict[str, Any] = {
-        "DeviceIndex": 0,
-        "DeleteOnTermination": True,
-        # Explicit: network="public" needs one (an internet gateway carries only instances that have a
-        # public IP); "private" must not get one from a subnet that auto-assigns them (they are billed).
-        "AssociatePublicIpAddress": spec.associate_public_ip,
-    }
-    subnet_id = spec.subnet_for(client_token)
-    if subnet_id:
-        interface["SubnetId"] = subnet_id
-    if spec.security_group_ids:
-        interface["Groups"] = list(spec.security_group_ids)
-    params: dict[str, Any] = {
-        "ImageId": spec.image_id,
-        "InstanceType": spec.instance_type,
-        "MinCount": min_count or count,
-        "MaxCount": count,
-        "ClientToken": client_token,
-        "UserData": base64.b64decode(spec.user_data_b64),
-        "InstanceInitiatedShutdownBehavior": "terminate",
-        "MetadataOptions": {
-            "HttpTokens": "required",
-            "HttpEndpoint": "enabled",
-            "HttpPutResponseHopLimit": spec.metadata_hop_limit,
-        },
-        "NetworkInterfaces": [interface],
-        "TagSpecifications": [
-            {"ResourceType": "instance", "Tags": tags},
-            {"ResourceType": "volume", "Tags": tags},
-        ],
-    }
-    if spec.instance_profile:
-        key = "Arn" if spec.instance_profile.startswith("arn:") else "Name"
-        params["IamInstanceProfile"] = {key: spec.instance_profile}
-    if spec.key_name:
-        params["KeyName"] = spec.key_name
-    if spec.root_device_name:
-        ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3"}
-        if spec.volume_size_gb:
-            ebs["VolumeSize"] = spec.volume_size_gb
-        params["BlockDeviceMappings"] = [{"DeviceName": spec.root_device_name, "Ebs": ebs}]
-    if spec.spot:
-        spot_options: dict[str, Any] = {
-            "SpotInstanceType": "one-time",
-            "InstanceInterruptionBehavior": "terminate",
-        }
-        if spec.spot_max_price:
-            spot_options["MaxPrice"] = spec.spot_max_price
-        params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot_options}
-    return params
 
 
 def instance_filters(

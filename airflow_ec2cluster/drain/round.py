@@ -381,7 +381,8 @@ def log_launch(outcome: LaunchOutcome, what: str, log: Any) -> None:
     """One line per launch: what started where, and each pool EC2 could not use."""
     pools = ", ".join(f"{pool}: {n}" for pool, n in outcome.by_pool().items()) or "none"
     emit = log.warning if outcome.short else log.info
-    emit("Launched %d of %d %s worker(s) (%s)", len(outcome.instances), outcome.requested, what, pools)
+    kind = f"{what} worker(s)" if what else "worker(s)"
+    emit("Launched %d of %d %s (%s)", len(outcome.instances), outcome.requested, kind, pools)
     for error in outcome.errors:
         log.warning("  %s: %s: %s", error.pool, error.code, error.message[:300])
     if outcome.released:

@@ -75,7 +75,7 @@ def test_a_re_run_with_nothing_live_starts_the_next_generation_for_the_work_left
     # A META item written before generations existed: launched once, recorded.
     old = ClusterMeta(cluster_id="c-1", launch_spec=SPEC, instance_ids=["i-1"])
     assert plan_of(plan_launch(old, [], SPEC, 4, 2)) == (START, 2, 2, "c-1-launch-g2")
-    # ...and launched once, not recorded: its RunInstances again, with the token it used.
+    # ...and launched once, not recorded: its CreateFleet again, with the token it used.
     unrecorded = ClusterMeta(cluster_id="c-1", launch_spec=SPEC)
     assert plan_of(plan_launch(unrecorded, [], SPEC, 4, 2)) == (RESUME, 1, 4, "c-1-launch")
 
@@ -105,11 +105,12 @@ def test_a_re_run_after_every_worker_is_gone_launches_from_the_current_arguments
     boto3.client("ec2", region_name=REGION).terminate_instances(InstanceIds=first_ids)
 
     fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"}, code=jobs_code)
-    runs = record_calls(fixed, "RunInstances")
+    runs = record_calls(fixed, "CreateFleet")
     second = fixed.execute(context)
 
     # One message is queued (the fixture enqueues one task): one worker, not num_workers (2).
-    assert len(runs) == 1 and runs[0]["MaxCount"] == 1 and runs[0]["ClientToken"] == f"{cluster_id}-launch-g2"
+    assert len(runs) == 1 and runs[0]["TargetCapacitySpecification"]["TotalTargetCapacity"] == 1
+    assert runs[0]["ClientToken"] == f"{cluster_id}-launch-g2"
     assert len(second["instance_ids"]) == 1 and not set(second["instance_ids"]) & set(first_ids)
     meta = hook.get_meta(TABLE, cluster_id)
     assert (meta.launch_generation, meta.launched_generation, meta.replacements_launched) == (2, 2, 0)
@@ -130,7 +131,7 @@ def test_a_fix_while_old_workers_still_run_launches_nothing_and_renews_the_budge
     ).execute(context)["instance_ids"]
     hook.update_meta(TABLE, cluster_id, MetaUpdate(replacements_launched=4))
     fixed = launch(cluster_id, ami_id, handler={"type": "python", "target": "jobs.fixed:run"}, code=jobs_code)
-    runs = record_calls(fixed, "RunInstances")
+    runs = record_calls(fixed, "CreateFleet")
     assert sorted(fixed.execute(context)["instance_ids"]) == sorted(ids) and runs == []
     meta = hook.get_meta(TABLE, cluster_id)
     assert meta.replacements_launched == 0 and sorted(meta.retired_instance_ids) == sorted(ids)
@@ -144,7 +145,7 @@ def test_a_re_run_with_nothing_queued_launches_nothing(context, cluster_id, ami_
     sqs = boto3.client("sqs", region_name=REGION)
     sqs.purge_queue(QueueUrl=sqs.get_queue_url(QueueName=task_queue_name(cluster_id))["QueueUrl"])
     rerun = launch(cluster_id, ami_id)
-    runs = record_calls(rerun, "RunInstances")
+    runs = record_calls(rerun, "CreateFleet")
     assert rerun.execute(context)["instance_ids"] == [] and runs == []
     assert (
         EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id).launched_generation
@@ -166,7 +167,7 @@ def test_a_retry_of_a_launch_that_died_after_run_instances_does_not_launch_twice
         return real_update(table, cluster, update)
 
     first.hook.update_meta = die_after_run_instances
-    first_runs = record_calls(first, "RunInstances")
+    first_runs = record_calls(first, "CreateFleet")
     with pytest.raises(KeyboardInterrupt):
         first.execute(context)
     started = [i["InstanceId"] for i in all_instances(cluster_id)]
@@ -176,7 +177,7 @@ def test_a_retry_of_a_launch_that_died_after_run_instances_does_not_launch_twice
         boto3.client("ec2", region_name=REGION).terminate_instances(InstanceIds=started)
 
     retry = launch(cluster_id, ami_id)
-    runs = record_calls(retry, "RunInstances")
+    runs = record_calls(retry, "CreateFleet")
     answer = retry.execute(context)
     assert len(all_instances(cluster_id)) == 2, "the retry started instances of its own"
     assert sorted(answer["instance_ids"]) == sorted(started)

@@ -23,7 +23,7 @@ from tests.network_layouts import (
     private_vpc,
 )
 from tests.plugin.conftest import REGION
-from tests.plugin.test_launch import TABLE, cluster_instances, launch, record_calls
+from tests.plugin.test_launch import TABLE, cluster_instances, launch, record_calls, template_data
 from tests.plugin.test_launch import queues as queues  # noqa: F401  (the fixture)
 
 
@@ -38,7 +38,7 @@ def cluster_groups(ec2, cluster_id: str) -> list[str]:
 
 
 def refused(operator, context) -> str:
-    runs = record_calls(operator, "RunInstances")
+    runs = record_calls(operator, "CreateFleet")
     with pytest.raises(AirflowException) as raised:
         operator.execute(context)
     assert runs == []
@@ -110,11 +110,13 @@ def test_endpoints_launch_in_a_private_subnet_without_internet(
     layout = private_vpc(ec2)
     add_endpoints(ec2, layout, REGION)
     operator = launch(cluster_id, ami_id, network="private", subnet_ids=[layout.private_subnet])
-    runs = record_calls(operator, "RunInstances")
+    runs = record_calls(operator, "CreateFleet")
     operator.execute(context)
     (params,) = runs
-    interface = params["NetworkInterfaces"][0]
-    assert interface["SubnetId"] == layout.private_subnet and interface["AssociatePublicIpAddress"] is False
+    (config,) = params["LaunchTemplateConfigs"]
+    assert [o["SubnetId"] for o in config["Overrides"]] == [layout.private_subnet]
+    template = template_data(config["LaunchTemplateSpecification"]["LaunchTemplateId"])
+    assert template["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
 
 
 def test_an_interface_endpoint_in_the_default_group_does_not_admit_the_cluster(

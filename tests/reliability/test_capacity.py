@@ -118,7 +118,7 @@ def test_a_pool_that_drains_mid_run_and_comes_back_grows_the_cluster_again(capac
     capacity.set_capacity("c5.large", zone, "on-demand", 3)
     job = Job(capacity, "cap-drain")
     tasks = 120
-    job.enqueue([{"n": n, "sleep": 0.2} for n in range(tasks)], tasks_per_message=2)
+    job.enqueue([{"n": n, "sleep": 0.5} for n in range(tasks)], tasks_per_message=1)
     job.launch(
         3,
         "handlers:double",
@@ -128,7 +128,7 @@ def test_a_pool_that_drains_mid_run_and_comes_back_grows_the_cluster_again(capac
     ec2 = capacity.client("ec2")
 
     def drain_then_refill() -> None:
-        if not steps and job.messages_done() >= 10:
+        if not steps and job.messages_done() >= 6:
             # The pool shrinks to what runs now; then two workers' instances are reclaimed.
             live = sorted(i["InstanceId"] for i in job.instances(("running",)))
             capacity.set_capacity("c5.large", zone, "on-demand", len(live))
@@ -159,7 +159,7 @@ def test_a_pool_that_drains_mid_run_and_comes_back_grows_the_cluster_again(capac
 def test_spot_interruptions_at_random_through_a_job_lose_nothing(capacity):
     job = Job(capacity, "cap-interrupt")
     tasks = 120
-    job.enqueue([{"n": n, "sleep": 0.2} for n in range(tasks)], tasks_per_message=2)
+    job.enqueue([{"n": n, "sleep": 0.5} for n in range(tasks)], tasks_per_message=1)
     job.launch(3, "handlers:double", launch_options={"capacity": "spot"})
     phase: list[str] = []
 
@@ -169,7 +169,7 @@ def test_spot_interruptions_at_random_through_a_job_lose_nothing(capacity):
             for item in job.hook.worker_statuses(job.state_table, job.cluster_id)
             if item.get("stop_reason") == "spot-interruption"
         ]
-        if not phase and job.messages_done() >= 10:
+        if not phase and job.messages_done() >= 6:
             # About one interruption per instance every 10 s, each after a 2 s notice.
             capacity.set_spot_interruptions(360.0, notice_seconds=2, seed=15)
             phase.append("interrupting")

@@ -5,7 +5,7 @@
 - Broken layouts launch nothing and name the subnet, the missing path and the fix: a private subnet with
   neither NAT nor endpoints; endpoints but none for S3 (where the bundle is); a security group with no
   egress.
-- A network that breaks after the preflight (an endpoint deleted between the preflight and RunInstances):
+- A network that breaks after the preflight (an endpoint deleted between the preflight and the launch):
   the workers fail fast, saying which service they cannot reach, on their status item when DynamoDB is
   reachable and on their console when it is not; the drain stops after a few boot failures with that cause
   instead of spending its replacement budget.
@@ -98,15 +98,15 @@ def test_a_network_broken_after_the_preflight_fails_fast_with_its_cause(cloud_en
     layout = private_vpc(ec2)
     services = ("dynamodb", "sqs", "s3")
     endpoints = dict(zip(services, add_endpoints(ec2, layout, cloud_env.region, services), strict=True))
-    original = EC2ClusterHook.run_instances
+    original = EC2ClusterHook.create_fleet
 
-    def drift_then_run(self, **kwargs):
+    def drift_then_run(self, *args, **kwargs):
         # Someone deletes an endpoint after the preflight read the VPC: the instances boot without it.
         if endpoints.get(lost):
             ec2.delete_vpc_endpoints(VpcEndpointIds=[endpoints.pop(lost)])
-        return original(self, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(EC2ClusterHook, "run_instances", drift_then_run)
+    monkeypatch.setattr(EC2ClusterHook, "create_fleet", drift_then_run)
     job = Job(cloud_env, f"net-drift-{lost}")
     job.enqueue([{"n": n} for n in range(TASKS)])
     job.launch(WORKERS, HANDLER, launch_options={"network": "private", "subnet_ids": [layout.private_subnet]})

@@ -65,14 +65,14 @@ def test_instances_and_queues_are_hardened(aws_job):
         described = ec2.describe_security_groups(GroupIds=groups)["SecurityGroups"]
         assert [g["GroupName"] for g in described] == [f"ec2cluster-{instance_cluster(instance)}"]
         assert all(g["IpPermissions"] == [] for g in described)
-        # moto does not echo IamInstanceProfile back; the RunInstances arguments carry it (below).
-    from airflow_ec2cluster.aws.ec2 import run_instances_params
+        # moto does not echo IamInstanceProfile back; the launch template carries it (below).
+    from airflow_ec2cluster.aws.fleet import launch_template_data
     from airflow_ec2cluster.cluster import LaunchSpec
 
     spec = LaunchSpec(
         image_id="ami-1", instance_type="t3.micro", user_data_b64="", root_device_name="/dev/xvda"
     )
-    params = run_instances_params(cluster_id="c", spec=spec, count=1, client_token="t")
+    params = launch_template_data("c", spec)
     assert params["IamInstanceProfile"] == {"Name": "ec2cluster-worker"}
     assert params["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
     assert params["BlockDeviceMappings"][0]["Ebs"]["Encrypted"] is True

@@ -419,6 +419,7 @@ class Launch:
     tags: dict[str, dict[str, str]] = field(default_factory=dict)  # resource type -> tags
     profile: str | None = None
     launch_template: str | None = None  # its id
+    launch_template_tags: dict[str, str] = field(default_factory=dict)  # its tags (aws:ResourceTag)
 
 
 def _launch_authorizations(call: ApiCall, facts: Facts, launch: Launch, create_action: str):
@@ -440,7 +441,11 @@ def _launch_authorizations(call: ApiCall, facts: Facts, launch: Launch, create_a
         found.append(AuthorizationRequest(action, call.arn("ec2", f"key-pair/{launch.key_name}")))
     if launch.launch_template:
         found.append(
-            AuthorizationRequest(action, call.arn("ec2", f"launch-template/{launch.launch_template}"))
+            AuthorizationRequest(
+                action,
+                call.arn("ec2", f"launch-template/{launch.launch_template}"),
+                _resource_tags(launch.launch_template_tags),
+            )
         )
     if launch.spot:
         found.append(AuthorizationRequest(action, call.arn("ec2", "spot-instances-request/*")))
@@ -530,6 +535,7 @@ def _run_instances(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
         or params.get("IamInstanceProfile.Name")
         or _profile_of(data),
         launch_template=template.template_id if template else None,
+        launch_template_tags=dict(template.tags) if template else {},
     )
     return _launch_authorizations(call, facts, launch, "RunInstances")
 
@@ -581,7 +587,11 @@ def _create_fleet(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
         data = template.data if template else {}
         template_id = template.template_id if template else spec.get("LaunchTemplateId", "*")
         found.append(
-            AuthorizationRequest("ec2:CreateFleet", call.arn("ec2", f"launch-template/{template_id}"))
+            AuthorizationRequest(
+                "ec2:CreateFleet",
+                call.arn("ec2", f"launch-template/{template_id}"),
+                _resource_tags(template.tags if template else {}),
+            )
         )
         interfaces = data.get("NetworkInterfaces") or [{}]
         for override in config["overrides"]:
@@ -603,6 +613,7 @@ def _create_fleet(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
                 tags=_merge_tags(_template_tags(data), launched_tags),
                 profile=_profile_of(data),
                 launch_template=template_id,
+                launch_template_tags=dict(template.tags) if template else {},
             )
             for request in _launch_authorizations(call, facts, launch, "CreateFleet"):
                 if request not in found:
