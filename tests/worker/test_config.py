@@ -51,6 +51,7 @@ def test_defaults_match_the_design():
         20,
     )
     assert (config.max_messages, config.log_shards, config.retention_seconds) == (10, 16, 2592000)
+    assert (config.stop_on_rebalance, config.stop_when_queue_empty) == (True, True)
     assert config.handler == PythonHandlerSpec("ec2cluster_worker.examples:count_smileys")
 
 
@@ -67,6 +68,8 @@ FULL = with_(
     max_messages=1,
     log_shards=1000,
     retention_seconds=86400,
+    stop_on_rebalance=False,
+    stop_when_queue_empty=False,
 )
 
 
@@ -92,6 +95,7 @@ def test_full_document_parses_every_field():
     assert config.handler == CommandHandlerSpec(("python3", "-c", "print(1)", "{payload}"), "argv")
     assert config.output == S3OutputSpec(bucket="my-bucket", prefix="results", per="batch")
     assert config.max_lifetime_seconds == 3600 and config.log_shards == 1000
+    assert (config.stop_on_rebalance, config.stop_when_queue_empty) == (False, False)
 
 
 @pytest.mark.parametrize(
@@ -110,6 +114,9 @@ def test_full_document_parses_every_field():
         ("max_messages", [0, 11, 2.5, "10"]),
         ("log_shards", [0, 1001, "16", 1.2]),
         ("retention_seconds", [0, -1, "1", 0.5]),
+        ("startup_check", ["true", 1, None]),
+        ("stop_on_rebalance", ["false", 0, 1, None, "yes"]),
+        ("stop_when_queue_empty", ["true", 1, 0, None, []]),
     ],
 )
 def test_each_bad_value_names_its_field(field, bad_values):
@@ -130,6 +137,12 @@ def test_unknown_fields_are_rejected_with_the_known_ones():
     message = error_for(with_(max_mesages=5, zzz=1))
     assert message.startswith("max_mesages: unknown field (and zzz) in configuration; known fields:")
     assert "max_messages" in message and "idle_shutdown_seconds" in message
+
+
+@pytest.mark.parametrize("field", ["stop_on_rebalance", "stop_when_queue_empty"])
+def test_stop_switches_name_the_field_and_the_fix(field):
+    assert error_for(with_(**{field: "false"})) == f"{field}: 'false' is not a boolean; give true or false"
+    assert getattr(WorkerConfig.from_dict(with_(**{field: False})), field) is False
 
 
 def test_whole_numbers_given_as_floats_are_accepted():

@@ -107,6 +107,12 @@ class WorkerConfig:
     # service this subnet cannot reach, rather than hang in connect timeouts and retries.
     startup_check: bool = True
     startup_check_timeout_seconds: float = 5
+    # A rebalance recommendation (instance metadata) is an early spot interruption: finish the task at hand,
+    # hand back the rest, stop with stop_reason "rebalance-recommendation" (lifecycle.py).
+    stop_on_rebalance: bool = True
+    # Stop ("queue-empty") as soon as the worker holds nothing and a receive found nothing, the queue
+    # confirming it holds no visible or delayed message; else only after idle_shutdown_seconds (loop.py).
+    stop_when_queue_empty: bool = True
 
     @classmethod
     def from_dict(cls, document: Any) -> WorkerConfig:
@@ -172,6 +178,8 @@ FIELD_NAMES = (
     "retention_seconds",
     "startup_check",
     "startup_check_timeout_seconds",
+    "stop_on_rebalance",
+    "stop_when_queue_empty",
 )
 REQUIRED_FIELDS = ("cluster_id", "region", "queue_url", "handler")
 
@@ -212,8 +220,9 @@ def parse_config(document: Any) -> WorkerConfig:
     for name, check in numbers.items():
         if name in document:
             values[name] = check(document[name])
-    if "startup_check" in document:
-        values["startup_check"] = _boolean("startup_check", document["startup_check"])
+    for name in ("startup_check", "stop_on_rebalance", "stop_when_queue_empty"):
+        if name in document:
+            values[name] = _boolean(name, document[name])
     return WorkerConfig(**values)
 
 
