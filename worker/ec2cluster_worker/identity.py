@@ -132,6 +132,33 @@ class InstanceMetadata:
         return self._token
 
 
+# Where the worker runs, from instance metadata, as its status item names it: the controller launches a
+# rebalance-stopped worker's replacement in another pool (instance type, zone, market).
+PLACEMENT_PATHS = {
+    "instance_type": "meta-data/instance-type",
+    "availability_zone": "meta-data/placement/availability-zone",
+    "lifecycle": "meta-data/instance-life-cycle",  # "spot" or "on-demand" on EC2
+}
+PLACEMENT_VALUE_CHARS = 64  # keeps the status item small whatever an odd metadata service answers
+
+
+def read_placement(metadata: InstanceMetadata) -> dict[str, str]:
+    """{instance_type, availability_zone, lifecycle} as far as metadata knows them; what it does not (404,
+    an empty answer) is left out. No metadata at all: {} at the first failure, without trying the rest."""
+    placement: dict[str, str] = {}
+    for name, path in PLACEMENT_PATHS.items():
+        try:
+            value = metadata.get(path)
+        except MetadataUnavailable:
+            return placement
+        except urllib.error.HTTPError:
+            continue
+        value = (value or "").strip()
+        if value:
+            placement[name] = value[:PLACEMENT_VALUE_CHARS]
+    return placement
+
+
 def resolve_worker_id(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """(worker id, where it came from). Falls back to host name and pid when metadata is unavailable."""
     environ = os.environ if environ is None else environ

@@ -1,4 +1,5 @@
-"""When the worker stops: SIGTERM/SIGINT, a spot interruption notice, idle time, or its maximum lifetime.
+"""When the worker stops: SIGTERM/SIGINT, a spot interruption notice or rebalance recommendation, an empty
+queue, idle time, or its maximum lifetime.
 
 Every cause ends in ``StopRequest.request(reason)``; the loop checks it between tasks and, every 0.2 s,
 during a long poll (``receiver.py``: it does not wait the poll out), finishes the task at hand, hands back
@@ -17,7 +18,15 @@ from .identity import InstanceMetadata, MetadataUnavailable
 from .logs import EventLog
 
 SPOT_ACTION_PATH = "meta-data/spot/instance-action"
+# EC2 may post this (a JSON document {"noticeTime": ...}; 404 when none) before the interruption notice,
+# when the instance's spot pool is at higher risk: an early chance to hand the work back and let the
+# controller start a replacement in another pool.
+REBALANCE_PATH = "meta-data/events/recommendations/rebalance"
 SPOT_POLL_SECONDS = 5.0
+
+STOP_SPOT_INTERRUPTION = "spot-interruption"
+STOP_REBALANCE = "rebalance-recommendation"
+STOP_QUEUE_EMPTY = "queue-empty"
 
 
 class StopRequest:
@@ -63,6 +72,18 @@ def due_stop_reason(
     return None
 
 
+def may_stop_queue_empty(*, empty_receive: bool, held: int, now: float, returns_at: float) -> bool:
+    """Whether the worker may ask the queue if it can stop now ("queue-empty"; monotonic times).
+
+    The worker's own side of the rule: its last receive (a long poll, which asks every SQS server) found
+    nothing, it holds no message (none running, none received and not started), and no message it let go
+    with a delay is due back later (a failed task's retry, ``returns_at``): that one comes back for this
+    worker rather than for a replacement the controller would have to boot. The queue's side (nothing
+    visible or delayed) is one GetQueueAttributes call, made only when this says yes.
+    """
+    return empty_receive and held == 0 and now >= returns_at
+
+
 def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
     """SIGTERM and SIGINT request a stop; returns a function that restores the previous handlers."""
     previous: dict[int, Any] = {}
@@ -81,15 +102,29 @@ def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
 
 
 class SpotWatcher:
-    """Polls the spot interruption notice (instance metadata) and requests a stop when one appears."""
+    """Polls instance metadata for a spot interruption notice and, with ``watch_rebalance``, a rebalance
+    recommendation (one more GET per period), and requests a stop when one appears.
+
+    A rebalance recommendation is treated as an early interruption: the same stop (the task at hand is
+    finished, the messages not started are handed back at once), with stop_reason "rebalance-recommendation",
+    so the controller can launch the replacement in another pool. When both are posted the interruption
+    notice, the more urgent, names the stop.
+    """
 
     def __init__(
-        self, metadata: InstanceMetadata, stop: StopRequest, log: EventLog, period: float = SPOT_POLL_SECONDS
+        self,
+        metadata: InstanceMetadata,
+        stop: StopRequest,
+        log: EventLog,
+        period: float = SPOT_POLL_SECONDS,
+        *,
+        watch_rebalance: bool = True,
     ) -> None:
         self.metadata = metadata
         self.stop_request = stop
         self.log = log
         self.period = period
+        self.watch_rebalance = watch_rebalance
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ec2cluster-spot", daemon=True)
         self._warned = False
@@ -102,19 +137,25 @@ class SpotWatcher:
         self._thread.join(timeout=10)
 
     def check(self) -> bool:
-        """True when an interruption notice is present (and a stop was requested)."""
-        try:
-            notice = self.metadata.get(SPOT_ACTION_PATH)
-        except (MetadataUnavailable, urllib.error.HTTPError) as error:
-            if not self._warned:  # on-demand instances and odd networks: say so once, keep polling
-                self.log.warning("spot.metadata_unavailable", error=str(error))
-                self._warned = True
-            return False
-        if notice is None:
-            return False
-        if self.stop_request.request("spot-interruption"):
-            self.log.warning("spot.interruption_notice", notice=notice.strip()[:500])
-        return True
+        """True when an interruption notice or (watched) rebalance recommendation is present, and a stop was
+        requested."""
+        watched = [(SPOT_ACTION_PATH, STOP_SPOT_INTERRUPTION, "spot.interruption_notice")]
+        if self.watch_rebalance:
+            watched.append((REBALANCE_PATH, STOP_REBALANCE, "spot.rebalance_recommendation"))
+        for path, reason, event in watched:
+            try:
+                notice = self.metadata.get(path)
+            except (MetadataUnavailable, urllib.error.HTTPError) as error:
+                if not self._warned:  # odd networks: say so once, keep polling
+                    self.log.warning("spot.metadata_unavailable", error=str(error), path=path)
+                    self._warned = True
+                return False
+            if notice is None:
+                continue
+            if self.stop_request.request(reason):
+                self.log.warning(event, notice=notice.strip()[:500])
+            return True
+        return False
 
     def _run(self) -> None:
         while not self._stopped.wait(self.period):

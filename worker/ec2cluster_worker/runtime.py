@@ -22,7 +22,7 @@ from . import reachability, records
 from .aws import AwsClients
 from .config import WorkerConfig
 from .handlers import HandlerError, build_handler
-from .identity import InstanceMetadata, explicit_imds_url, imds_base_url, resolve_worker_id
+from .identity import InstanceMetadata, explicit_imds_url, imds_base_url, read_placement, resolve_worker_id
 from .lifecycle import SpotWatcher, StopRequest
 from .logs import EventLog
 from .loop import Worker
@@ -55,6 +55,17 @@ def run_worker(
         retention_seconds=config.retention_seconds,
         log=log,
     )
+
+    # Instance metadata only where it answered (or was pointed at explicitly): off EC2, never.
+    base_url = imds_base_url(environ)
+    metadata = None
+    if base_url is not None and (id_source == "imds" or explicit_imds_url(environ) is not None):
+        metadata = InstanceMetadata.from_environ(base_url, environ)
+    if metadata is not None:
+        # Where this worker runs, on every status item from the first (three GETs, once).
+        placement = read_placement(metadata)
+        status.set_placement(placement)
+        log.info("worker.placement", **placement)
 
     def startup_failed(error: str, *, write_status: bool, **fields: str) -> int:
         stop_reason = startup_failure_reason(error, worker_id)
@@ -98,11 +109,9 @@ def run_worker(
             traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
         )
     stop = StopRequest()
-    # Watch for spot notices only where metadata answered (or was pointed at explicitly): off EC2, never.
-    base_url = imds_base_url(environ)
-    watch_spot = base_url is not None and (id_source == "imds" or explicit_imds_url(environ) is not None)
+    # Spot notices (and rebalance recommendations) are watched where metadata is used: off EC2, never.
     spot_watcher = (
-        SpotWatcher(InstanceMetadata.from_environ(base_url, environ), stop, log) if watch_spot else None
+        SpotWatcher(metadata, stop, log, watch_rebalance=config.stop_on_rebalance) if metadata else None
     )
     worker = Worker(
         config=config,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from boto3.dynamodb.types import TypeSerializer
@@ -25,6 +25,7 @@ from .tasklog import dynamo_number
 STARTUP_FAILED = "startup-failed"
 STOP_REASON_LINES = 5
 STOP_REASON_CHARS = 1000
+PLACEMENT_ATTRIBUTES = ("instance_type", "availability_zone", "lifecycle")
 
 
 def startup_failure_reason(error: str, worker_id: str = "") -> str:
@@ -55,6 +56,9 @@ class StatusSnapshot:
     messages_done: int
     messages_failed: int
     stop_reason: str | None
+    # Where the worker runs (identity.read_placement): instance_type, availability_zone, lifecycle, each
+    # absent when unknown (no instance metadata, or metadata that does not say).
+    placement: dict[str, str] = field(default_factory=dict)
 
 
 class WorkerStatus:
@@ -73,6 +77,11 @@ class WorkerStatus:
         self._messages_done = 0
         self._messages_failed = 0
         self._stop_reason: str | None = None
+        self._placement: dict[str, str] = {}
+
+    def set_placement(self, placement: dict[str, str]) -> None:
+        with self._lock:
+            self._placement = dict(placement)
 
     def set_state(self, state: str, stop_reason: str | None = None) -> None:
         with self._lock:
@@ -113,6 +122,7 @@ class WorkerStatus:
                 messages_done=self._messages_done,
                 messages_failed=self._messages_failed,
                 stop_reason=self._stop_reason,
+                placement=dict(self._placement),
             )
 
 
@@ -141,6 +151,7 @@ def status_item(
         "idle_since": snapshot.idle_since,
         "last_completion_at": snapshot.last_completion_at,
         "stop_reason": snapshot.stop_reason,
+        **{name: snapshot.placement.get(name) for name in PLACEMENT_ATTRIBUTES},
     }
     for name, value in optional.items():
         if value is not None:
