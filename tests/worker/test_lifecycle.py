@@ -205,6 +205,7 @@ def test_a_start_up_slower_than_the_idle_limit_still_takes_the_work(aws_endpoint
             queue_url,
             table,
             handler={"type": "python", "target": "tests.worker.sample_handlers:noop"},
+            stop_when_queue_empty=False,  # the idle rule is what this test is about
         )
     )
     idle_limit = config.idle_shutdown_seconds

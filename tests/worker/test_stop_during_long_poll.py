@@ -36,6 +36,7 @@ LONG_POLL = {
     "idle_shutdown_seconds": 300,
     "heartbeat_seconds": 60,
     "visibility_timeout_seconds": 60,
+    "stop_when_queue_empty": False,  # an idle worker stays in its long polls until the test stops it
 }
 
 

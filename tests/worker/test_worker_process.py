@@ -38,6 +38,7 @@ def test_runs_every_task_then_stops_when_idle(cluster, state_table, tmp_path):
         queue_url,
         state_table,
         handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
+        stop_when_queue_empty=False,  # idle_shutdown_seconds alone, as before the queue-empty stop
     )
     worker = WorkerProcess(config, tmp_path)
 
@@ -268,7 +269,10 @@ def test_instance_id_and_spot_interruption_from_metadata(cluster, state_table, t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         queue_url, _ = create_task_queue(cluster)
-        config = worker_config(cluster, queue_url, state_table, idle_shutdown_seconds=60)
+        # An empty queue: the worker must stay until the notice, not stop "queue-empty".
+        config = worker_config(
+            cluster, queue_url, state_table, idle_shutdown_seconds=60, stop_when_queue_empty=False
+        )
         env = worker_env(worker_id=None, EC2CLUSTER_IMDS_URL=f"http://127.0.0.1:{server.server_port}")
         worker = WorkerProcess(config, tmp_path, env=env)
         worker.wait_for_event("worker.running")
@@ -285,7 +289,9 @@ def test_instance_id_and_spot_interruption_from_metadata(cluster, state_table, t
 
 def test_a_deleted_queue_stops_the_worker_cleanly(cluster, state_table, tmp_path):
     queue_url, _ = create_task_queue(cluster)
-    config = worker_config(cluster, queue_url, state_table, idle_shutdown_seconds=60)
+    config = worker_config(
+        cluster, queue_url, state_table, idle_shutdown_seconds=60, stop_when_queue_empty=False
+    )
     worker = WorkerProcess(config, tmp_path)
     worker.wait_for_event("worker.running")
 

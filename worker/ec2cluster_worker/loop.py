@@ -7,6 +7,9 @@ when a message is a redelivery or was moved back by a redrive (its tasks already
 again; a first delivery never costs a read). A message with a failed
 task is left undeleted with a short visibility, so SQS retries it and redrive moves it to the dead-letter
 queue after maxReceiveCount receives.
+
+An idle worker stops as soon as nothing is visible and it holds nothing (``stop_when_queue_empty``, stop
+reason "queue-empty"), so a job's tail does not bill for idle instances; see ``Worker._queue_empty``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from . import records
 from .aws import AwsClients, error_code
 from .config import WorkerConfig
 from .handlers import Handler, TaskContext, TaskFailure, TaskTimeout, error_detail, error_summary
-from .lifecycle import SpotWatcher, StopRequest, due_stop_reason, install_signal_handlers
+from .lifecycle import (
+    STOP_QUEUE_EMPTY,
+    SpotWatcher,
+    StopRequest,
+    due_stop_reason,
+    install_signal_handlers,
+    may_stop_queue_empty,
+)
 from .logs import EventLog
 from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, delivery_of, parse_message
 from .receiver import Receiver
@@ -38,6 +48,8 @@ from .visibility import VisibilityKeeper
 MAX_RETRY_DELAY_SECONDS = 60
 MAX_CONSECUTIVE_RECEIVE_ERRORS = 5
 QUEUE_GONE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+RETURN_MARGIN_SECONDS = 1.0  # how long past a let-go message's expected return the worker waits for it
+ACCESS_DENIED_CODES = ("AccessDenied", "AccessDeniedException", "AWS.SimpleQueueService.AccessDenied")
 EXIT_OK = 0
 EXIT_ERROR = 1
 
@@ -87,6 +99,9 @@ class Worker:
         self.started_at = clock()
         self.last_activity_at = self.started_at
         self.polled_empty = False  # a receive found nothing since the last work: idle time may count
+        self._empty_receive = False  # the last receive found nothing (each one allows one queue check)
+        self._returns_at = 0.0  # when the last message this worker let go with a delay is visible again
+        self._queue_check = config.stop_when_queue_empty  # off for good when GetQueueAttributes is denied
         self.exit_code = EXIT_OK
         self._receive_errors = 0
         self._tasks_per_message = 1  # the largest message of the last batch
@@ -130,6 +145,8 @@ class Worker:
                 idle_shutdown_seconds=self.config.idle_shutdown_seconds,
                 max_lifetime_seconds=self.config.max_lifetime_seconds,
             )
+            if reason is None and between_batches and self._queue_empty():
+                reason = STOP_QUEUE_EMPTY
             if reason is not None:
                 self.stop.request(reason)
         if self.stop.requested and self.status.snapshot().state == records.STATE_RUNNING:
@@ -138,8 +155,76 @@ class Worker:
             self.log.info("worker.stopping", reason=self.stop.reason)
         return self.stop.requested
 
+    # Fast scale-in (``stop_when_queue_empty``). An idle worker stops as soon as (1) it holds no message:
+    # none running, none received and not started (between batches the loop has deleted, handed back or
+    # retried every message of the last one); (2) no message it let go with a delay is due back: a failed
+    # task's message (retry delay, at most 60 s) or one whose task-log write or delete failed (its
+    # visibility timeout) comes back to this worker, rather than to a replacement the controller would have
+    # to boot; (3) its last receive, a long poll (WaitTimeSeconds up to 20, which asks every SQS server),
+    # found nothing; and (4) one GetQueueAttributes reads ApproximateNumberOfMessages and ...Delayed both at
+    # 0, one call per empty receive that passed (1)-(3), none while there is work. Why each, and what it
+    # leaves:
+    # - A worker started before the enqueue finished: a stream still sending would show in (3) (a long poll
+    #   returns as soon as a message arrives) and in (4) (messages sent, or sent with a delay, between the
+    #   poll and the read). A worker started before the enqueue began stops at once: the controller
+    #   launches after the enqueue, and its drain launches workers for visible or delayed messages.
+    # - A short poll (wait_time_seconds 0) samples some SQS servers and may find nothing while messages
+    #   wait: (4) catches it. The counts are approximate (they may lag a send by a moment): a stop that
+    #   comes too early loses nothing, the drain launches a worker for what is left.
+    # - Messages in flight held by other workers are not counted: if their worker dies they come back and
+    #   the drain launches a worker for them, so stopping is safe, and waiting for them would keep idle
+    #   instances for every slow task.
+    # - No minimum lifetime: the controller decides the capacity, and a fresh worker that finds nothing to
+    #   do has nothing to wait for.
+    # - When GetQueueAttributes is refused (a worker role without sqs:GetQueueAttributes) the worker says
+    #   so once and falls back to idle_shutdown_seconds; other errors skip this check only.
+    # With stop_when_queue_empty false, idle_shutdown_seconds alone decides, as before.
+
+    def _queue_empty(self) -> bool:
+        """True when the worker may stop "queue-empty" now (see above); at most one AWS call."""
+        if not self._queue_check or not self._empty_receive:
+            return False
+        self._empty_receive = False  # one queue read per empty receive
+        if not may_stop_queue_empty(
+            empty_receive=True,
+            held=self.keeper.held_count(),
+            now=self.clock(),
+            returns_at=self._returns_at,
+        ):
+            return False
+        try:
+            waiting = self.queue.waiting()
+        except (BotoCoreError, ClientError) as error:
+            code = error_code(error)
+            if code in QUEUE_GONE_CODES:
+                self.log.warning("queue.gone", error=str(error))
+                self.stop.request("queue-deleted")
+            elif code in ACCESS_DENIED_CODES:
+                self._queue_check = False
+                self.log.warning(
+                    "queue.empty_check_disabled",
+                    error=str(error),
+                    fix="give the worker role sqs:GetQueueAttributes on the task queue; "
+                    "until then the worker stops after idle_shutdown_seconds",
+                )
+            else:
+                self.log.warning("queue.empty_check_failed", error=str(error))
+            return False
+        if waiting:
+            self.log.info("queue.not_empty", waiting=waiting)
+            return False
+        self.log.info("queue.empty")
+        return True
+
+    def _expect_back(self, visible_at: float) -> None:
+        """A message this worker let go is visible again at ``visible_at`` (monotonic): wait for it, and a
+        margin (SQS's timing and this clock's are not the same to the millisecond)."""
+        if visible_at:
+            self._returns_at = max(self._returns_at, visible_at + RETURN_MARGIN_SECONDS)
+
     def _receive(self) -> list[dict[str, Any]]:
         """One long poll, cut short by a stop request (SIGTERM, spot notice): [] then."""
+        self._empty_receive = False
         try:
             messages = self.receiver.receive(
                 lambda: self.stop.requested,
@@ -154,6 +239,7 @@ class Worker:
         if messages:
             self.last_activity_at = self.clock()
         self.polled_empty = not messages and not self.stop.requested
+        self._empty_receive = self.polled_empty
         return messages
 
     def _receive_failed(self, error: Exception) -> None:
@@ -288,21 +374,29 @@ class Worker:
             )
         except (BotoCoreError, ClientError) as error:
             # Nothing deleted: every message of the batch comes back after its visibility timeout.
+            self._expect_back(self.keeper.visible_until(run.delivery for run in runs))
             self.keeper.forget(run.delivery for run in runs)
             self.log.error("tasklog.write_failed", error=str(error), messages=len(runs))
             return
         done = [run for run in runs if run.status == records.TASK_DONE]
         failed = [run for run in runs if run.status == records.TASK_FAILED]
         handed_back = [run.delivery for run in runs if run.status == records.TASK_PARTIAL]
+        done_visible_until = self.keeper.visible_until(run.delivery for run in done)
         self.keeper.forget(run.delivery for run in done)
-        self._delete([run.delivery for run in done])
+        if not self._delete([run.delivery for run in done]):
+            self._expect_back(done_visible_until)
         if failed:
+            delays = {
+                run.delivery.message_id: retry_delay_seconds(
+                    run.delivery.attempt, self.config.visibility_timeout_seconds
+                )
+                for run in failed
+            }
             self.keeper.set_visibility(
-                [run.delivery for run in failed],
-                lambda delivery: retry_delay_seconds(
-                    delivery.attempt, self.config.visibility_timeout_seconds
-                ),
+                [run.delivery for run in failed], lambda delivery: delays[delivery.message_id]
             )
+            # SQS counts the delay from its answer: read the clock after it.
+            self._expect_back(self.clock() + max(delays.values()))
         if handed_back:
             refused = self.keeper.set_visibility(handed_back, 0)
             self.log.info("batch.released", messages=len(handed_back), refused=len(refused), partly_run=True)
@@ -328,19 +422,21 @@ class Worker:
                 fit_inline_results(run, attributes)
         return attributes
 
-    def _delete(self, deliveries: list[Delivery]) -> None:
+    def _delete(self, deliveries: list[Delivery]) -> bool:
+        """True when every message was deleted."""
         if not deliveries:
-            return
+            return True
         try:
             refused = self.queue.delete(deliveries)
         except (BotoCoreError, ClientError) as error:
             self.log.error("queue.delete_failed", error=str(error), messages=len(deliveries))
-            return
+            return False
         for failure in refused:
             # The task is logged done; its message comes back and the task runs again (at-least-once).
             self.log.warning(
                 "queue.delete_refused", message_id=failure["MessageId"], code=failure.get("Code")
             )
+        return not refused
 
     # -- stopping -------------------------------------------------------------------------------------
 

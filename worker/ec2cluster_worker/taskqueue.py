@@ -1,4 +1,5 @@
-"""The task queue's two batch calls the loop makes: long-poll receive, and delete of finished messages."""
+"""The task queue's calls the loop makes: long-poll receive, delete of finished messages, and (only when an
+idle worker is about to stop, ``stop_when_queue_empty``) one read of the queue's counts."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ class TaskQueue:
             MessageAttributeNames=[REDRIVEN_ATTRIBUTE],
         )
         return response.get("Messages", [])
+
+    def waiting(self) -> int:
+        """Messages a receive could still bring: ApproximateNumberOfMessages (visible) plus ...Delayed (sent
+        with a delay, visible later), in one GetQueueAttributes call. Messages in flight are not counted:
+        they are held by workers, and come back to the queue (for the controller to launch a worker) only
+        if theirs dies."""
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"]
+        response = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=names)
+        attributes = response.get("Attributes", {})
+        return sum(int(attributes.get(name, 0)) for name in names)
 
     def delete(self, deliveries: list[Delivery]) -> list[dict[str, Any]]:
         """DeleteMessageBatch in chunks of 10; returns the Failed entries (with MessageId added)."""

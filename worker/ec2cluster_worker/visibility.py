@@ -93,6 +93,12 @@ class VisibilityKeeper:
             for delivery in deliveries:
                 self._held.pop(delivery.receipt_handle, None)
 
+    def visible_until(self, deliveries: Iterable[Delivery]) -> float:
+        """When the latest of these held messages' visibility ends (monotonic), 0.0 when none is held."""
+        with self._lock:
+            held = [self._held.get(delivery.receipt_handle) for delivery in deliveries]
+            return max((message.visible_at for message in held if message is not None), default=0.0)
+
     def held_count(self) -> int:
         with self._lock:
             return len(self._held)
