@@ -1,4 +1,4 @@
-"""Controller benchmarks: API calls and CPU per sensor poke, drain latency, RunInstances calls per launch."""
+"""Controller benchmarks: API calls and CPU per sensor poke, drain latency, CreateFleet calls per launch."""
 
 from __future__ import annotations
 
@@ -449,9 +449,9 @@ def launch_calls(size: str) -> Result:
         live = hook.list_cluster_instances(cluster_id)
     if len(descriptor["instance_ids"]) != workers or len(live) != workers:
         raise RuntimeError(f"launched {len(descriptor['instance_ids'])}, {len(live)} live, wanted {workers}")
-    run_calls = counter.count("RunInstances")
+    fleet_calls = counter.count("CreateFleet")
     result = Result("launch-calls", size)
-    result.add(f"RunInstances calls to start {workers} workers", run_calls, workers, "1", run_calls == 1)
+    result.add(f"CreateFleet calls to start {workers} workers", fleet_calls, workers, "1", fleet_calls == 1)
     result.add("all API calls of the launch operator", counter.total)
     result.details = {"calls by operation": counter.by_operation()}
     return result

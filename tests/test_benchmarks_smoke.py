@@ -95,7 +95,7 @@ def test_enqueue_calls(results):
 
 
 def test_launch_is_one_run_instances_call(results):
-    (row,) = [r for r in results["launch-calls"]["rows"] if r["what"].startswith("RunInstances")]
+    (row,) = [r for r in results["launch-calls"]["rows"] if r["what"].startswith("CreateFleet")]
     assert row["value"] == 1
 
 
