@@ -50,8 +50,36 @@ def aws_endpoint(moto_server, monkeypatch):
 LOCAL_CLOUD_SUITES = ("tests/reliability/", "tests/deployment/", "tests/localcloud/test_e2e_workers.py")
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, and after every xdist_group mark is on its item
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.replace("\\", "/")
         if path.startswith(LOCAL_CLOUD_SUITES):
             item.add_marker(pytest.mark.xdist_group("local-cloud"))
+    if getattr(config.option, "loadgroup", False):  # set on an xdist worker under --dist loadgroup
+        for item in items:
+            _name_xdist_group(item)
+
+
+def _name_xdist_group(item: pytest.Item) -> None:
+    """Give the item's node id the ``@<group>`` suffix by which --dist loadgroup sends a group to one worker.
+
+    xdist (3.8) adds it by writing ``item._nodeid``, which pytest 9.2's structured node ids no longer read
+    (pytest-dev/pytest-xdist#1386): every xdist_group mark was ignored, each test scheduled on its own, and a
+    module-scoped fixture set up once on each worker. Here the suffix is set as xdist would have, once.
+    """
+    names = {
+        str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+        for mark in item.iter_markers("xdist_group")
+    }
+    if not names:
+        return
+    suffix = "@" + "_".join(sorted(names))
+    if item.nodeid.endswith(suffix):  # xdist's own suffix took effect (a pytest before 9.2)
+        return
+    if hasattr(item, "_id"):  # pytest 9.2+: the node id is a structured NodeId
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(item.nodeid + suffix)
+    else:
+        item._nodeid = item.nodeid + suffix

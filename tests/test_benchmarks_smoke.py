@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 # A ceiling for a hung benchmark, not a speed target: ~35 s alone, minutes on a busy 2-core machine.
-pytestmark = pytest.mark.timeout(900)
+# One xdist group: every test here reads the one module-scoped run of the benchmarks, which xdist would
+# otherwise set up again on each worker that it sends one of these tests to (`make test` runs two).
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("benchmarks")]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # drain-latency and boot-time run the whole local cloud (boot-time: one Debian 12 instance) and spend most of

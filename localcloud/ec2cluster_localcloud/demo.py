@@ -21,6 +21,7 @@ Components' output: .airflow/components/*.log; task logs: .airflow/logs; workers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -175,25 +176,33 @@ class ProgressPrinter:
         self.last = dict(states)
 
 
-def start_all(args: argparse.Namespace, cloud: LocalCloud) -> AirflowDeployment:
+def begin_airflow(args: argparse.Namespace) -> AirflowDeployment:
+    """The deployment, not started: its metadata DB migrates in the background while the local cloud starts
+    (the migration needs no cloud). ``start_all`` starts it; stop it in every case."""
+    deployment = AirflowDeployment(args.airflow_home, DAGS_FOLDER, port=args.port)
+    deployment.begin_migrate()
+    return deployment
+
+
+def start_all(args: argparse.Namespace, cloud: LocalCloud, deployment: AirflowDeployment) -> None:
     print(f"local cloud at {cloud.endpoint_url} (region {cloud.region})", flush=True)
     print(f"starting Airflow (about a minute; its logs: {args.airflow_home / 'components'})...", flush=True)
     print(
         "IAM enforced: Airflow acts as a user holding `ec2cluster iam-policy --side controller`", flush=True
     )
     controller = apply_project_policies(cloud)
-    deployment = AirflowDeployment(
-        args.airflow_home, DAGS_FOLDER, deployment_env(cloud, controller), port=args.port
-    )
+    deployment.extra_env.update(deployment_env(cloud, controller))
     deployment.start()
-    return deployment
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     shutil.rmtree(args.work_dir, ignore_errors=True)
-    with LocalCloud(work_dir=args.work_dir) as cloud:
-        deployment = start_all(args, cloud)
+    deployment = begin_airflow(args)
+    with contextlib.ExitStack() as stack:
+        stack.callback(deployment.stop)
+        cloud = stack.enter_context(LocalCloud(work_dir=args.work_dir))
+        start_all(args, cloud, deployment)
         try:
             print_login(deployment)
             deployment.unpause(DAG_ID)
@@ -237,8 +246,11 @@ def run(args: argparse.Namespace) -> int:
 
 def up(args: argparse.Namespace) -> int:
     shutil.rmtree(args.work_dir, ignore_errors=True)
-    with LocalCloud(work_dir=args.work_dir) as cloud:
-        deployment = start_all(args, cloud)
+    deployment = begin_airflow(args)
+    with contextlib.ExitStack() as stack:
+        stack.callback(deployment.stop)
+        cloud = stack.enter_context(LocalCloud(work_dir=args.work_dir))
+        start_all(args, cloud, deployment)
         try:
             deployment.unpause(DAG_ID)
             print()

@@ -132,6 +132,8 @@ class AirflowDeployment:
         self.password: str | None = None
         self.processes: dict[str, subprocess.Popen] = {}
         self._token: str | None = None
+        self._migration: subprocess.Popen | None = None  # begin_migrate's, until start() waits for it
+        self._migration_deadline = 0.0
 
     # Paths and addresses
 
@@ -200,10 +202,7 @@ class AirflowDeployment:
         self.stop()
 
     def start(self) -> None:
-        self.airflow_home.mkdir(parents=True, exist_ok=True)
-        self.components_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port(self.requested_port or None)
-        self.password = self._ensure_password()
+        self._prepare()
         try:
             self.migrate()
             for name in COMPONENTS:
@@ -213,21 +212,55 @@ class AirflowDeployment:
             self.stop()
             raise
 
+    def _prepare(self) -> None:
+        """AIRFLOW_HOME's folders, the api-server's port and the login (once)."""
+        self.airflow_home.mkdir(parents=True, exist_ok=True)
+        self.components_dir.mkdir(parents=True, exist_ok=True)
+        if self.port is None:
+            self.port = free_port(self.requested_port or None)
+        if self.password is None:
+            self.password = self._ensure_password()
+
+    def begin_migrate(self) -> None:
+        """Start ``airflow db migrate`` in the background; ``start()`` waits for it instead of running it.
+
+        The migration needs nothing but AIRFLOW_HOME: it can run while what the components' environment
+        needs (a local cloud) starts, and ``extra_env`` is filled in afterwards."""
+        self._prepare()
+        if self._migration is None:
+            with self._migrate_log.open("ab") as log:
+                self._migration = subprocess.Popen(
+                    [self.airflow_bin, "db", "migrate"],
+                    env=self.env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+                self._migration_deadline = time.monotonic() + MIGRATE_TIMEOUT_SECONDS
+
     def migrate(self) -> None:
-        """``airflow db migrate`` (quick when the DB is already at head)."""
-        log_path = self.components_dir / "db-migrate.log"
-        with log_path.open("ab") as log:
-            result = subprocess.run(
-                [self.airflow_bin, "db", "migrate"],
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=MIGRATE_TIMEOUT_SECONDS,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise DeploymentError(f"airflow db migrate failed (status {result.returncode}); see {log_path}")
+        """``airflow db migrate`` (quick when the DB is already at head), or wait for ``begin_migrate``'s."""
+        self.begin_migrate()
+        migration = self._migration
+        try:
+            status = migration.wait(timeout=max(0.1, self._migration_deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(migration, signal.SIGKILL)
+            migration.wait()
+            self._migration = None
+            seconds = f"{MIGRATE_TIMEOUT_SECONDS:.0f} s"
+            raise DeploymentError(
+                f"airflow db migrate did not finish in {seconds}; see {self._migrate_log}"
+            ) from None
+        self._migration = None
+        if status != 0:
+            raise DeploymentError(f"airflow db migrate failed (status {status}); see {self._migrate_log}")
+
+    @property
+    def _migrate_log(self) -> Path:
+        return self.components_dir / "db-migrate.log"
 
     def _start_component(self, name: str) -> None:
         command = [self.airflow_bin, name]
@@ -253,17 +286,20 @@ class AirflowDeployment:
         """SIGTERM every component's process group, then SIGKILL what is left. Safe to call twice."""
         restore = _ignore_sigint()
         try:
-            for process in self.processes.values():
+            # A migration begun and never waited for (the start failed before it) is stopped with them.
+            processes = [*self.processes.values(), *([self._migration] if self._migration else [])]
+            for process in processes:
                 _signal_group(process, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            for process in self.processes.values():
+            for process in processes:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=max(0.1, deadline - time.monotonic()))
             # The group may outlive its leader (a task process, a gunicorn/uvicorn child): kill what is left.
-            for process in self.processes.values():
+            for process in processes:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
             self.processes.clear()
+            self._migration = None
         finally:
             restore()
 

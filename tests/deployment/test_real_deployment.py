@@ -9,6 +9,7 @@ state each task instance shows, and reads back what the tests check; the tests t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -54,17 +55,27 @@ def tweet_ids() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    with LocalCloud(work_dir=tmp_path_factory.mktemp("cloud")) as cloud:
-        yield cloud
+def cloud_and_deployment(tmp_path_factory):
+    """The local cloud and the deployment on it; Airflow's metadata DB migrates while the cloud starts."""
+    deployment = AirflowDeployment(tmp_path_factory.mktemp("airflow-home"), demo.DAGS_FOLDER)
+    with contextlib.ExitStack() as stack:
+        stack.callback(deployment.stop)  # also stops a migration the cloud's failed start left running
+        deployment.begin_migrate()
+        cloud = stack.enter_context(LocalCloud(work_dir=tmp_path_factory.mktemp("cloud")))
+        # IAM enforced: Airflow holds exactly the controller policy.
+        controller = apply_project_policies(cloud)
+        deployment.extra_env.update(demo.deployment_env(cloud, controller))
+        yield cloud, stack.enter_context(deployment)
 
 
 @pytest.fixture(scope="module")
-def deployment(cloud, tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow-home")
-    controller = apply_project_policies(cloud)  # IAM enforced: Airflow holds exactly the controller policy
-    with AirflowDeployment(home, demo.DAGS_FOLDER, demo.deployment_env(cloud, controller)) as deployment:
-        yield deployment
+def cloud(cloud_and_deployment):
+    return cloud_and_deployment[0]
+
+
+@pytest.fixture(scope="module")
+def deployment(cloud_and_deployment):
+    return cloud_and_deployment[1]
 
 
 @pytest.fixture(scope="module")
