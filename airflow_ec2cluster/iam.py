@@ -72,6 +72,7 @@ CONTROLLER_DESCRIBE_ACTIONS = (
     "ec2:DescribeVpcEndpoints",
 )
 WORKER_QUEUE_ACTIONS = (
+    "sqs:GetQueueAttributes",  # an idle worker's one look before it stops (stop_when_queue_empty)
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",  # DeleteMessageBatch
     "sqs:ChangeMessageVisibility",  # ChangeMessageVisibilityBatch
@@ -164,7 +165,7 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
             # New instances and volumes must carry the cluster tag; what they are made from is not tagged.
             statement(
                 "LaunchTaggedWorkers",
-                ["ec2:RunInstances"],
+                ["ec2:CreateFleet", "ec2:RunInstances"],
                 [ec2("instance/*"), ec2("volume/*")],
                 Condition=request_tag,
             ),
@@ -185,7 +186,7 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
             statement("LaunchSpot", ["ec2:RunInstances"], ec2("spot-instances-request/*")),
             statement(
                 "LaunchFrom",
-                ["ec2:RunInstances"],
+                ["ec2:CreateFleet", "ec2:RunInstances"],
                 [
                     scope.arn(
                         "ec2", "image/*", account=False

@@ -60,7 +60,9 @@ def test_workers_stop_by_themselves_when_the_controller_dies(cloud_env, tmp_path
     unattended = time.monotonic() - killed_at
     assert not job.live_processes()
     stops = job.worker_events("worker.stopped")
-    assert len(stops) >= WORKERS and {e["reason"] for e in stops} == {"idle"}
+    # Each stops as soon as it holds nothing and the queue shows nothing (stop_when_queue_empty), or
+    # after its idle time: never because anyone told it to.
+    assert len(stops) >= WORKERS and {e["reason"] for e in stops} <= {"queue-empty", "idle"}
 
     # A new sensor (no local state) finds the finished job from AWS state alone.
     summary = job.drain(timeout=30)

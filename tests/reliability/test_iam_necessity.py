@@ -110,7 +110,9 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
     root_ec2, root_iam = cloud.client("ec2"), cloud.client("iam")
 
     def spec(**extra) -> LaunchSpec:
-        return LaunchSpec(image_id=cloud.ami_id, instance_type="t3.micro", user_data_b64="", **extra)
+        return LaunchSpec(
+            **{"image_id": cloud.ami_id, "instance_type": "t3.micro", "user_data_b64": "", **extra}
+        )
 
     def launch(**extra) -> None:
         """The launch: the cluster's launch template, then a fleet over it (its errors raised)."""

@@ -616,9 +616,22 @@ def _create_fleet(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
                 launch_template_tags=dict(template.tags) if template else {},
             )
             for request in _launch_authorizations(call, facts, launch, "CreateFleet"):
-                if request not in found:
-                    found.append(request)
+                asked = [request]
+                # CreateFleet itself is authorised on the instances and volumes it creates and on the
+                # images and subnets they use (the Service Authorization Reference: fleet and instance
+                # required; image, launch template, subnet and volume when used), as well as RunInstances.
+                if request.action == "ec2:RunInstances" and _arn_type(request.resource) in FLEET_RESOURCES:
+                    asked.append(AuthorizationRequest("ec2:CreateFleet", request.resource, request.context))
+                found.extend(item for item in asked if item not in found)
     return found
+
+
+FLEET_RESOURCES = frozenset({"instance", "volume", "image", "subnet"})
+
+
+def _arn_type(arn: str) -> str:
+    """``instance`` of ``arn:aws:ec2:us-east-1:123456789012:instance/*``."""
+    return arn.rsplit(":", 1)[-1].split("/", 1)[0]
 
 
 # -- IAM and STS ----------------------------------------------------------------------------------------
