@@ -57,6 +57,7 @@ class InstanceFacts:
     instance_profile_id: str | None = None
     role_name: str | None = None  # the instance profile's role: None without a profile
     role_arn: str | None = None
+    lifecycle: str = "on-demand"  # instance-life-cycle: "spot" or "on-demand"
 
 
 def iso(moment: float) -> str:
@@ -218,6 +219,7 @@ class InstanceMetadataService:
             "ami-id": lambda: facts.image_id,
             "instance-id": lambda: facts.instance_id,
             "instance-type": lambda: facts.instance_type,
+            "instance-life-cycle": lambda: facts.lifecycle,
             "placement/availability-zone": lambda: facts.availability_zone,
             "placement/region": lambda: facts.region,
         }

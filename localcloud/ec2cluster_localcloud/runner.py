@@ -733,6 +733,7 @@ class InstanceRunner:
             instance_profile_id=profile.get("Id"),
             role_name=role_name,
             role_arn=role_arn,
+            lifecycle="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
         )
 
     def _issue_credentials(self, facts: InstanceFacts) -> dict:

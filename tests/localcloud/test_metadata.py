@@ -91,6 +91,7 @@ def test_imdsv2_rules():
     session = token(service, "60")
     assert get(service, "instance-id", session) == (200, FACTS.instance_id)
     assert get(service, "instance-type", session) == (200, "c7g.large")
+    assert get(service, "instance-life-cycle", session) == (200, "on-demand")
     assert get(service, "placement/availability-zone", session) == (200, "us-east-1a")
     assert get(service, "placement/region", session) == (200, "us-east-1")
     assert get(service, "iam/security-credentials/", session) == (200, "ec2cluster-worker")
