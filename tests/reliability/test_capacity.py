@@ -213,3 +213,53 @@ def test_capacity_gone_for_good_fails_the_run_with_its_cause_after_capacity_time
     job.assert_nothing_left()
     assert job.instance_ids() == set()
     assert job.messages_left() == 10  # nothing lost: the work waits in the queue for a re-run
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_rebalance_recommendation_hands_work_back_and_the_replacement_goes_to_another_pool(capacity):
+    job = Job(capacity, "cap-rebalance")
+    tasks = 60
+    job.enqueue([{"n": n, "sleep": 0.5} for n in range(tasks)], tasks_per_message=1)
+    job.launch(
+        2,
+        "handlers:double",
+        launch_options={
+            "capacity": "spot",
+            "instance_type": "c5.large",
+            "subnet_ids": default_subnets(capacity),
+        },
+    )
+    rebalanced: list[dict] = []
+
+    def recommend_when_under_way() -> None:
+        if rebalanced or job.messages_done() < 6:
+            return
+        running = [
+            i for i in job.instances(("running",)) if job.worker_states().get(i["InstanceId"]) == "running"
+        ]
+        if running:
+            capacity.inject_rebalance_recommendation(running[0]["InstanceId"])
+            rebalanced.append(running[0])
+
+    summary = job.drain(timeout=240, between_pokes=recommend_when_under_way, **FAST_CAPACITY)
+    job.teardown()
+    job.assert_nothing_left()
+    assert rebalanced, "the job finished before a recommendation could be posted"
+    (first,) = rebalanced
+    statuses = {item["sk"]: item for item in job.hook.worker_statuses(job.state_table, job.cluster_id)}
+    stopped = statuses[first["InstanceId"]]
+    assert stopped["stop_reason"] == "rebalance-recommendation", stopped
+    assert stopped["availability_zone"] == first["Placement"]["AvailabilityZone"]
+    assert stopped["lifecycle"] == "spot"
+    every = ("pending", "running", "shutting-down", "stopping", "stopped", "terminated")
+    later = [i for i in job.instances(every) if i["LaunchTime"] > first["LaunchTime"]]
+    assert later, "no replacement was launched"
+    assert {i["Placement"]["AvailabilityZone"] for i in later} == set(SUBNET_ZONES) - {
+        first["Placement"]["AvailabilityZone"]
+    }
+    assert_every_task_done(job, tasks, summary)
+    print(
+        f"\nRELIABILITY rebalance: {first['InstanceId']} in {first['Placement']['AvailabilityZone']} stopped "
+        f"early; replacements in {sorted({i['Placement']['AvailabilityZone'] for i in later})}"
+    )
