@@ -319,3 +319,56 @@ class FleetCall:
 def market_token(client_token: str, market: str, first: bool) -> str:
     """The ClientToken of one market's CreateFleet within a launch (64 characters at most)."""
     return client_token if first else f"{client_token}-{market[:2]}"[:64]
+
+
+# Instance types an ``instance_requirements`` launch may use at most (EC2 allows 300 pools a fleet).
+MAX_MATCHED_TYPES = 20
+REQUIREMENT_KEYS = ("vcpus", "memory_gib", "max_types")
+
+
+def requirement_problems(requirements: Any) -> list[str]:
+    """What is wrong with ``instance_requirements`` ({"vcpus": [min, max], "memory_gib": [min, max]})."""
+    if not isinstance(requirements, dict):
+        return [
+            f"instance_requirements: {requirements!r} is not a mapping; give e.g. "
+            '{"vcpus": [2, 8], "memory_gib": [4, 32]}'
+        ]
+    problems = [
+        f"instance_requirements.{key}: unknown; use {', '.join(REQUIREMENT_KEYS)}"
+        for key in requirements
+        if key not in REQUIREMENT_KEYS
+    ]
+    for key in ("vcpus", "memory_gib"):
+        bounds = requirements.get(key)
+        if bounds is None:
+            if key == "vcpus":
+                problems.append('instance_requirements.vcpus: required, e.g. "vcpus": [2, 8]')
+            continue
+        try:
+            low, high = (float(bounds[0]), float(bounds[1]))
+            if len(bounds) != 2 or low < 0 or high < low:
+                raise ValueError
+        except (TypeError, ValueError, IndexError, KeyError):
+            problems.append(f"instance_requirements.{key}: {bounds!r} is not [min, max] with 0 <= min <= max")
+    limit = requirements.get("max_types", MAX_MATCHED_TYPES)
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_POOLS:
+        problems.append(
+            f"instance_requirements.max_types: {limit!r} is not a whole number from 1 to {MAX_POOLS}"
+        )
+    return problems
+
+
+def types_matching(requirements: dict[str, Any], infos: Iterable[dict[str, Any]]) -> list[str]:
+    """The instance types (DescribeInstanceTypes entries) within the vCPU and memory ranges, smallest
+    first (fewest vCPUs, then least memory, then name), bare metal left out, at most ``max_types``."""
+    low_cpu, high_cpu = (float(v) for v in requirements["vcpus"])
+    low_mem, high_mem = (float(v) for v in requirements.get("memory_gib") or (0, float("inf")))
+    found = []
+    for info in infos:
+        vcpus = float(info.get("VCpuInfo", {}).get("DefaultVCpus") or 0)
+        memory = float(info.get("MemoryInfo", {}).get("SizeInMiB") or 0) / 1024
+        if info.get("BareMetal") or not low_cpu <= vcpus <= high_cpu or not low_mem <= memory <= high_mem:
+            continue
+        found.append((vcpus, memory, info["InstanceType"]))
+    limit = int(requirements.get("max_types", MAX_MATCHED_TYPES))
+    return [name for _, _, name in sorted(found)][:limit]

@@ -581,6 +581,15 @@ class EC2ClusterHook(AwsBaseHook):
                 return False
             raise
 
+    def current_instance_types(self, architecture: str) -> list[dict[str, Any]]:
+        """Every current-generation instance type for ``architecture`` (paginated DescribeInstanceTypes)."""
+        paginator = self.ec2.get_paginator("describe_instance_types")
+        filters = [
+            {"Name": "processor-info.supported-architecture", "Values": [architecture]},
+            {"Name": "current-generation", "Values": ["true"]},
+        ]
+        return self._items(paginator, "InstanceTypes", Filters=filters)
+
     def describe_instance_type(self, instance_type: str) -> dict[str, Any] | None:
         try:
             types = self.ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]

@@ -16,6 +16,7 @@ from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ec2cluster.aws.fleet import requirement_problems, types_matching
 from airflow_ec2cluster.aws.s3 import bundle_object_key
 from airflow_ec2cluster.bundle import Bundle, BundleError, Target, build_bundle, module_code_path
 from airflow_ec2cluster.calls import run_sync
@@ -112,6 +113,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "spot_strategy",
         "image_id",
         "instance_type",
+        "instance_requirements",
         "handler",
         "worker_options",
         "subnet_ids",
@@ -147,7 +149,8 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         min_workers: int | None = None,
         max_workers: int | None = None,
         image_id: str,
-        instance_type: str | list[str],
+        instance_type: str | list[str] | None = None,
+        instance_requirements: dict[str, Any] | None = None,
         capacity: str | None = None,
         on_demand_strategy: str = DEFAULT_ON_DEMAND_STRATEGY,
         spot_strategy: str = DEFAULT_SPOT_STRATEGY,
@@ -187,6 +190,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.spot_strategy = spot_strategy
         self.image_id = image_id
         self.instance_type = instance_type
+        self.instance_requirements = instance_requirements
         self.handler = handler
         self.worker_options = worker_options or {}
         self.cluster_id = cluster_id
@@ -426,13 +430,10 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             problems.append(
                 f"image_id: AMI {self.image_id!r} not found in {hook.region}; check the id and region"
             )
-        types = instance_types_of(self.instance_type)
-        if not types:
-            problems.append(
-                f"instance_type: {self.instance_type!r} names no instance type; give one (e.g. 'c7g.large') "
-                "or a list of them, in order of preference"
-            )
-        for name in types:
+        named = instance_types_of(self.instance_type)
+        types_problems, types = self.matched_types(hook, image, named)
+        problems.extend(types_problems)
+        for name in named:  # the matched ones come from DescribeInstanceTypes already
             instance_type = hook.describe_instance_type(name)
             if instance_type is None:
                 problems.append(f"instance_type: {name!r} is not an EC2 instance type (e.g. 'c7g.large')")
@@ -507,6 +508,33 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             bundle_bucket=self._bundle_location[0] if self._bundle_location else None,
             bundle_prefix=self.bundle_prefix,
         )
+
+    def matched_types(
+        self, hook: EC2ClusterHook, image: dict[str, Any] | None, types: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """``instance_type`` followed by the types ``instance_requirements`` matches for the AMI's
+        architecture (DescribeInstanceTypes, current generation); the problems, and the types."""
+        requirements = self.instance_requirements
+        if requirements in (None, {}):
+            if types:
+                return [], types
+            return [
+                f"instance_type: {self.instance_type!r} names no instance type; give one (e.g. 'c7g.large'), "
+                "a list of them in order of preference, or instance_requirements (vCPU and memory ranges)"
+            ], types
+        problems = requirement_problems(requirements)
+        if problems or image is None:
+            return problems, types
+        architecture = image.get("Architecture") or "x86_64"
+        matched = types_matching(requirements, hook.current_instance_types(architecture))
+        if not matched:
+            memory = requirements.get("memory_gib", "any")
+            return [
+                f"instance_requirements: no current-generation {architecture} instance type has "
+                f"{requirements['vcpus']} vCPUs and {memory} GiB; widen the ranges"
+            ], types
+        self.log.info("instance_requirements %s match: %s", requirements, ", ".join(matched))
+        return [], list(dict.fromkeys([*types, *matched]))
 
     def bundle_problems(
         self, hook: EC2ClusterHook, config: dict[str, Any], image: dict[str, Any], code_dirs: Sequence[Path]

@@ -15,6 +15,8 @@ from airflow_ec2cluster.aws.fleet import (
     fleet_outcome,
     launch_template_data,
     launch_template_name,
+    requirement_problems,
+    types_matching,
 )
 from airflow_ec2cluster.calls import Call
 from airflow_ec2cluster.capacity import (
@@ -321,3 +323,38 @@ def test_a_rebalanced_workers_pool_is_avoided_by_its_replacements_for_a_while():
     )
     pools = [(o["InstanceType"], o["SubnetId"]) for o in params["LaunchTemplateConfigs"][0]["Overrides"]]
     assert ("c5.large", "subnet-a") not in pools and ("c5.large", "subnet-b") in pools
+
+
+def type_info(name: str, vcpus: int, gib: float, metal: bool = False) -> dict:
+    return {
+        "InstanceType": name,
+        "VCpuInfo": {"DefaultVCpus": vcpus},
+        "MemoryInfo": {"SizeInMiB": int(gib * 1024)},
+        "BareMetal": metal,
+    }
+
+
+def test_instance_requirements_match_types_by_vcpus_and_memory_smallest_first():
+    infos = [
+        type_info("m5.xlarge", 4, 16),
+        type_info("c5.large", 2, 4),
+        type_info("m5.large", 2, 8),
+        type_info("c5.metal", 96, 192, metal=True),
+        type_info("r5.large", 2, 16),
+    ]
+    assert types_matching({"vcpus": [2, 4], "memory_gib": [4, 16]}, infos) == [
+        "c5.large",
+        "m5.large",
+        "r5.large",
+        "m5.xlarge",
+    ]
+    assert types_matching({"vcpus": [2, 2], "memory_gib": [8, 8]}, infos) == ["m5.large"]
+    assert types_matching({"vcpus": [2, 200], "max_types": 2}, infos) == ["c5.large", "m5.large"]
+    assert requirement_problems({"vcpus": [2, 8]}) == []
+    problems = requirement_problems({"vcpus": [8, 2], "memory": [1, 2], "max_types": 0})
+    assert any("instance_requirements.vcpus" in p for p in problems)
+    assert any("instance_requirements.memory: unknown" in p for p in problems)
+    assert any("instance_requirements.max_types" in p for p in problems)
+    assert requirement_problems({"memory_gib": [1, 2]}) == [
+        'instance_requirements.vcpus: required, e.g. "vcpus": [2, 8]'
+    ]

@@ -255,3 +255,16 @@ def test_on_kill_terminates_launched_instances(queues, context, cluster_id, ami_
     operator.execute(context)
     operator.on_kill()
     assert cluster_instances(cluster_id) == []
+
+
+def test_instance_requirements_add_the_matching_types_after_the_named_ones(
+    queues, context, cluster_id, ami_id, instance_profile
+):
+    operator = launch(cluster_id, ami_id, instance_requirements={"vcpus": [2, 2], "memory_gib": [4, 4]})
+    runs = record_calls(operator, "CreateFleet")
+    operator.execute(context)
+    types = list(dict.fromkeys(o["InstanceType"] for o in runs[0]["LaunchTemplateConfigs"][0]["Overrides"]))
+    assert types[0] == "t3.micro" and len(types) > 2
+    ec2 = boto3.client("ec2", region_name=REGION)
+    for info in ec2.describe_instance_types(InstanceTypes=types[1:])["InstanceTypes"]:
+        assert info["VCpuInfo"]["DefaultVCpus"] == 2 and info["MemoryInfo"]["SizeInMiB"] == 4096
