@@ -19,7 +19,7 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import boot, controller, costs, enqueue, localcloud_sqs, workers
+    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, workers
 
     return {
         "worker-calls": costs.worker_calls,
@@ -34,6 +34,8 @@ def registry() -> dict[str, Callable[[str], Result]]:
         "localcloud-sqs": localcloud_sqs.localcloud_sqs,
         "boot-time": boot.boot_time,
         "bundle-size": boot.bundle_size,
+        "scale-in": capacity.scale_in,
+        "interruption-replacement": capacity.interruption_replacement,
     }
 
 
@@ -50,6 +52,8 @@ NAMES = (
     "localcloud-sqs",
     "boot-time",
     "bundle-size",
+    "scale-in",
+    "interruption-replacement",
 )
 
 
