@@ -87,7 +87,9 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
 
     Returns (XCom) ``{cluster_id, enqueued, tasks_done, tasks_failed, dead_lettered, dead_lettered_task_ids,
     dead_letters ([{task_id, error}]: the last error in the task log),
-    workers_used, instance_seconds, replacements_launched, reaped, elapsed_seconds, counts_exact}``.
+    workers_used, instance_seconds, replacements_launched, reaped, elapsed_seconds, counts_exact,
+    failed_boots, launches (the last 5: requested, launched, per pool, each pool's error), launch_errors
+    ("pool: error code" -> launches that met it)}``.
     ``tasks_done``/``tasks_failed`` are distinct task ids in the task log when ``exact_summary`` (one count at
     the end), else the workers' counters.
 
