@@ -24,6 +24,7 @@ GROUPS = (
     ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream", "bundle-size"),
     ("poke-calls", "worker-throughput", "worker-memory"),
     ("drain-latency", "localcloud-sqs", "boot-time"),
+    ("scale-in", "interruption-replacement"),
 )
 
 
@@ -125,3 +126,15 @@ def test_bundle_size_reports_cold_and_warm_builds(results):
     assert {"build, cold (fresh cache dir: pip runs), s", "build, warm (cache hit: no pip), s"} <= set(
         figures
     )
+
+
+def test_scale_in_one_queue_read_per_idle_stop(results):
+    (row,) = [r for r in results["scale-in"]["rows"] if r["what"].startswith("GetQueueAttributes per")]
+    assert row["value"] == 1 and row["reference"] == 0 and row["met"]
+
+
+def test_rebalance_replacement_goes_to_another_pool(results):
+    figures = {row["what"].strip(): row for row in results["interruption-replacement"]["rows"]}
+    assert figures["rebalance replacement in another pool (DescribeInstances: type, zone)"]["value"] is True
+    assert figures["stop_reason of the recommended worker"]["value"] == "rebalance-recommendation"
+    assert any(w.startswith("s from spot notice posted") for w in figures)
