@@ -113,10 +113,10 @@ def test_a_rebalance_recommendation_stops_the_worker_after_the_task_at_hand(
     status = worker_statuses(state_table, cluster)[INSTANCE_ID]
     assert (status["state"], status["stop_reason"]) == (records.STATE_STOPPED, "rebalance-recommendation")
     assert status["tasks_done"] == len(done) and status["busy"] is False
-    # Where it ran, for the controller's replacement elsewhere; the local cloud's metadata has no
-    # instance-life-cycle, so the lifecycle is unknown and left out.
+    # Where it ran, for the controller's replacement elsewhere (the local cloud's metadata, as EC2's,
+    # serves instance-life-cycle: these facts are an on-demand instance's).
     assert (status["instance_type"], status["availability_zone"]) == ("c7g.large", "us-east-1b")
-    assert "lifecycle" not in status
+    assert status["lifecycle"] == "on-demand"
     notices = [e for e in worker.events() if e.get("event") == "spot.rebalance_recommendation"]
     assert len(notices) == 1 and "noticeTime" in notices[0]["notice"]
     # One more metadata read per watch period: the rebalance document right after the interruption notice.
