@@ -45,17 +45,25 @@ def aws_endpoint(moto_server, monkeypatch):
     return moto_server
 
 
-# Tests that run a whole local cloud with many worker processes share one xdist worker (`make test` runs
-# two): side by side they would starve each other's heartbeats and idle timers on a 2-core machine.
-LOCAL_CLOUD_SUITES = ("tests/reliability/", "tests/deployment/", "tests/localcloud/test_e2e_workers.py")
+# The reliability suite shares one local cloud (a session fixture): its tests run on one xdist worker
+# (`make test` runs two), one at a time, so their many worker processes do not starve each other's
+# heartbeats and idle timers on a 2-core machine. The real deployment and the e2e worker test, each with a
+# cloud of its own, run as the group "deployment", which the other worker takes: the two sides balance (the
+# reliability suite alone is about 900 s).
+LOCAL_CLOUD_GROUPS = {
+    "tests/reliability/": "local-cloud",
+    "tests/deployment/": "deployment",
+    "tests/localcloud/test_e2e_workers.py": "deployment",
+}
 
 
 @pytest.hookimpl(trylast=True)  # after xdist's own hook, and after every xdist_group mark is on its item
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.replace("\\", "/")
-        if path.startswith(LOCAL_CLOUD_SUITES):
-            item.add_marker(pytest.mark.xdist_group("local-cloud"))
+        for prefix, group in LOCAL_CLOUD_GROUPS.items():
+            if path.startswith(prefix) and not any(item.iter_markers("xdist_group")):
+                item.add_marker(pytest.mark.xdist_group(group))
     if getattr(config.option, "loadgroup", False):  # set on an xdist worker under --dist loadgroup
         for item in items:
             _name_xdist_group(item)

@@ -22,7 +22,7 @@ from ec2cluster_localcloud.project import apply_project_policies
 
 from airflow_ec2cluster.cluster import cluster_id_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("local-cloud"), pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("deployment"), pytest.mark.timeout(600)]
 
 TWEETS = 100  # ten messages of ten: several batches for each of the two workers
 WORKERS = 2
