@@ -862,6 +862,15 @@ class InstanceRunner:
         record.reboot_sent_at = None  # a power-off that came first ends a reboot, too
         signal_group(record, signal.SIGKILL)  # whatever the script left running
         returncode = record.process.returncode if record.process is not None else None
+        reservations = self._ec2.describe_instances(InstanceIds=[record.instance_id])["Reservations"]
+        state = next((i["State"]["Name"] for r in reservations for i in r["Instances"]), None)
+        if state in ("stopping", "stopped"):
+            # StopInstances shut the OS down (its worker exited, its script ran `shutdown`): on EC2 that
+            # completes the stop; InstanceInitiatedShutdownBehavior is for a shutdown the OS starts itself.
+            log.info(
+                "instance %s: exited (%s) while %s: it stays stopped", record.instance_id, returncode, state
+            )
+            return
         if record.shutdown_behavior == "terminate":
             log.info("instance %s: exited (%s), terminating it", record.instance_id, returncode)
             self._ec2.terminate_instances(InstanceIds=[record.instance_id])
