@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from airflow_ec2cluster.cluster import (
@@ -304,16 +304,6 @@ def fleet_outcome(response: dict[str, Any], requested: int, market: str) -> Laun
 def refused_outcome(code: str, message: str, requested: int, market: str) -> LaunchOutcome:
     """A CreateFleet call EC2 refused whole (a quota, a permission, a deleted template...)."""
     return LaunchOutcome(requested=requested, errors=(PoolError(ANY_POOL, None, market, code, message),))
-
-
-@dataclass(frozen=True)
-class FleetCall:
-    """One CreateFleet of a launch: its market, count and token (the launch's token plus the market)."""
-
-    market: str
-    count: int
-    client_token: str
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 def market_token(client_token: str, market: str, first: bool) -> str:
