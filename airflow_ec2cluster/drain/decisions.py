@@ -210,9 +210,11 @@ class Snapshot:
     stops_reported: frozenset[str] = frozenset()
     # Launches (airflow_ec2cluster.capacity): no launch before ``launch_retry_at`` (a backoff after
     # launches short of what they asked: ``launch_failures`` in a row, the last one's errors in
-    # ``launch_errors``); since ``capacity_wait_since`` (0: not) launches have failed with no worker left.
+    # ``launch_errors``, made at ``launch_failed_at``); since ``capacity_wait_since`` (0: not) launches
+    # have failed with no worker left.
     launch_retry_at: float = 0.0
     launch_failures: int = 0
+    launch_failed_at: float = 0.0
     launch_errors: str = ""
     capacity_wait_since: float = 0.0
 
@@ -506,10 +508,14 @@ def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, cap
 
 
 def capacity_failure(snapshot: Snapshot, capacity: int) -> str | None:
-    """Fail when work remains, no worker is left, and launches have failed for ``capacity_timeout``."""
+    """Fail when work remains, no worker is left, and launches have failed for ``capacity_timeout``:
+    the last one failed when it had passed. A drain that comes back late (a busy scheduler, a long
+    backoff) tries once more before it gives up, since capacity may be back by then."""
     since = snapshot.capacity_wait_since
     waited = snapshot.now - since
-    if not since or capacity > 0 or snapshot.counts.work == 0 or waited < snapshot.policy.capacity_timeout:
+    if not since or capacity > 0 or snapshot.counts.work == 0:
+        return None
+    if snapshot.launch_failed_at - since < snapshot.policy.capacity_timeout:
         return None
     errors = snapshot.launch_errors or "no error named"
     return (

@@ -310,6 +310,7 @@ def build_snapshot(
         stops_reported=frozenset(meta.stops_reported),
         launch_retry_at=launch_retry_at(meta, settings.launch_backoff, settings.launch_backoff_max),
         launch_failures=meta.launch_failures,
+        launch_failed_at=meta.launch_failed_at,
         launch_errors=last_errors_text(meta),
         capacity_wait_since=meta.capacity_wait_since,
     )

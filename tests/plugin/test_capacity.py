@@ -261,6 +261,7 @@ def test_the_drain_fails_once_no_worker_could_be_launched_for_capacity_timeout()
         snapshot(
             launch_retry_at=NOW + 20,
             launch_failures=5,
+            launch_failed_at=NOW - 1,
             launch_errors="c5.large in s (spot): InsufficientInstanceCapacity",
             capacity_wait_since=NOW - 301,
         )
@@ -268,6 +269,21 @@ def test_the_drain_fails_once_no_worker_could_be_launched_for_capacity_timeout()
     assert decision.failure is not None
     assert "no worker could be launched for 301s" in decision.failure
     assert "InsufficientInstanceCapacity" in decision.failure and "spot-then-on-demand" in decision.failure
+
+
+def test_a_drain_back_after_capacity_timeout_tries_once_more_before_it_fails():
+    # The only failed launch was the operator's, 10 minutes before this (late) first poke.
+    late = snapshot(
+        launch_failures=1,
+        launch_failed_at=NOW - 600,
+        launch_errors="c5.large in s (on-demand): InsufficientInstanceCapacity",
+        capacity_wait_since=NOW - 600,
+    )
+    decision = decide(late)
+    assert decision.failure is None and decision.launch == 3
+    # That launch fell short too: now the run fails.
+    again = decide(replace(late, launch_failures=2, launch_failed_at=NOW, now=NOW + 1))
+    assert again.failure is not None and "no worker could be launched for 601s" in again.failure
 
 
 def test_a_running_worker_keeps_the_drain_going_whatever_the_launches():
