@@ -219,8 +219,10 @@ def test_capacity_gone_for_good_fails_the_run_with_its_cause_after_capacity_time
 @pytest.mark.timeout(300)
 def test_a_rebalance_recommendation_hands_work_back_and_the_replacement_goes_to_another_pool(capacity):
     job = Job(capacity, "cap-rebalance")
-    tasks = 60
-    job.enqueue([{"n": n, "sleep": 0.5} for n in range(tasks)], tasks_per_message=1)
+    # About 30 s of work for two workers, posted from the first task done: a worker polls for the
+    # recommendation every 5 s, and sees it long before the queue runs dry (then it would stop queue-empty).
+    tasks = 80
+    job.enqueue([{"n": n, "sleep": 0.75} for n in range(tasks)], tasks_per_message=1)
     job.launch(
         2,
         "handlers:double",
@@ -233,7 +235,7 @@ def test_a_rebalance_recommendation_hands_work_back_and_the_replacement_goes_to_
     rebalanced: list[dict] = []
 
     def recommend_when_under_way() -> None:
-        if rebalanced or job.messages_done() < 6:
+        if rebalanced or job.messages_done() < 1:
             return
         running = [
             i for i in job.instances(("running",)) if job.worker_states().get(i["InstanceId"]) == "running"

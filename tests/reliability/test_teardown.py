@@ -18,7 +18,9 @@ class SensorTimedOut(Exception):
 @pytest.mark.timeout(120)
 def test_teardown_after_a_sensor_timeout_terminates_running_and_stopped_instances(cloud_env):
     job = Job(cloud_env, "timeout")
-    job.enqueue([{"n": n, "sleep": 1} for n in range(200)])  # about 67 s of work for three workers
+    # About 67 s of work for three workers, a task per message: each receive takes at most 10, so work
+    # stays queued and no worker stops itself on an empty queue before the timeout below.
+    job.enqueue([{"n": n, "sleep": 1} for n in range(200)], tasks_per_message=1)
     job.launch(3, "handlers:double", idle_shutdown_seconds=120)
     ids = sorted(job.instance_ids())
 
