@@ -63,6 +63,7 @@ CONTROLLER_DESCRIBE_ACTIONS = (
     "ec2:DescribeInstances",
     "ec2:DescribeLaunchTemplates",
     "ec2:DescribeSecurityGroups",
+    "ec2:DescribeSpotPriceHistory",
     "ec2:DescribeSubnets",
     # The launch preflight: where each subnet's traffic goes (airflow_ec2cluster.preflight).
     "ec2:DescribeVpcs",

@@ -402,6 +402,44 @@ def make_capacity_like_aws(work_dir: Path | None = None) -> None:
     make_create_fleet_instant(lambda backend: capacity.headroom_of(backend, document()))
 
 
+def make_spot_prices_the_price_table() -> None:
+    """DescribeSpotPriceHistory answers the local cloud's spot prices (``prices.py``: what its CreateFleet
+    ranks spot pools by), stamped now, for each type and zone moto offers; moto answers 0.00001 for all.
+    So the controller's cost estimate uses the prices the allocation chose by."""
+    from datetime import datetime, timezone
+
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.spot_instances import SpotInstances
+
+    from ec2cluster_localcloud import prices
+
+    original = SpotInstances.describe_spot_price_history
+    if already_patched(original, "ec2cluster_spot_prices"):
+        return
+
+    def describe_spot_price_history(self):
+        offerings = self.ec2_backend.describe_spot_price_history(
+            self._get_param("InstanceTypes", []), self._filters_from_querystring()
+        )
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        history = [
+            {
+                "InstanceType": offering["InstanceType"],
+                "ProductDescription": "Linux/UNIX",
+                "SpotPrice": f"{price:.6f}",
+                "AvailabilityZone": offering["Location"],
+                "Timestamp": now,
+            }
+            for offering in offerings
+            if (price := prices.spot_price(offering["InstanceType"])) is not None
+        ]
+        return ActionResult({"SpotPriceHistory": history})
+
+    describe_spot_price_history.ec2cluster_spot_prices = True
+    describe_spot_price_history.__wrapped__ = original
+    SpotInstances.describe_spot_price_history = describe_spot_price_history
+
+
 def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
@@ -411,6 +449,7 @@ def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     make_default_vpcs_like_aws()
     make_default_security_groups_admit_their_members()
     make_capacity_like_aws(work_dir)
+    make_spot_prices_the_price_table()
     if work_dir is not None:
         make_console_output_the_instance_log(work_dir)
         make_reboot_reach_the_instance(work_dir)
