@@ -404,7 +404,8 @@ def make_capacity_like_aws(work_dir: Path | None = None) -> None:
 
 def make_spot_prices_the_price_table() -> None:
     """DescribeSpotPriceHistory answers the local cloud's spot prices (``prices.py``: what its CreateFleet
-    ranks spot pools by), stamped now, for each type and zone moto offers; moto answers 0.00001 for all.
+    ranks spot pools by), stamped now, in each zone of the region; moto answers 0.00001 for all, in the
+    zones of its offerings only.
     So the controller's cost estimate uses the prices the allocation chose by."""
     from datetime import datetime, timezone
 
@@ -418,20 +419,24 @@ def make_spot_prices_the_price_table() -> None:
         return
 
     def describe_spot_price_history(self):
-        offerings = self.ec2_backend.describe_spot_price_history(
-            self._get_param("InstanceTypes", []), self._filters_from_querystring()
-        )
+        # Every zone the region launches in, for each priced type asked (all priced types when none is).
+        filters = self._filters_from_querystring()
+        types = self._get_param("InstanceTypes", []) or sorted(prices.ON_DEMAND_USD_PER_HOUR)
+        types = [t for t in types if t in filters.get("instance-type", [t])]
+        zones = [z.name for z in self.ec2_backend.describe_availability_zones()]
+        zones = [z for z in zones if z in filters.get("availability-zone", [z])]
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         history = [
             {
-                "InstanceType": offering["InstanceType"],
+                "InstanceType": instance_type,
                 "ProductDescription": "Linux/UNIX",
                 "SpotPrice": f"{price:.6f}",
-                "AvailabilityZone": offering["Location"],
+                "AvailabilityZone": zone,
                 "Timestamp": now,
             }
-            for offering in offerings
-            if (price := prices.spot_price(offering["InstanceType"])) is not None
+            for instance_type in types
+            if (price := prices.spot_price(instance_type)) is not None
+            for zone in zones
         ]
         return ActionResult({"SpotPriceHistory": history})
 

@@ -537,3 +537,26 @@ def test_iam_launch_templates(cloud):
     message = refused(lambda: ec2.delete_launch_template(LaunchTemplateId=other_id))
     assert f"ec2:DeleteLaunchTemplate on resource: {ec2_arn}:launch-template/{other_id}" in message
     ec2.delete_launch_template(LaunchTemplateId=mine["LaunchTemplate"]["LaunchTemplateId"])
+
+
+def test_spot_price_history_answers_the_price_table_the_allocation_ranks_by(cloud, subnets):
+    """DescribeSpotPriceHistory answers prices.py's spot prices (moto's own: 0.00001 for all), so the
+    controller's cost estimate and the local cloud's spot allocation use the same figures."""
+    from datetime import datetime, timezone
+
+    from ec2cluster_localcloud import prices
+
+    from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of
+
+    now = datetime.now(timezone.utc).timestamp()
+    pages = cloud.client("ec2").get_paginator("describe_spot_price_history")
+    entries = [
+        e
+        for page in pages.paginate(**spot_price_params(["m5.large", "t3.micro"], now))
+        for e in page["SpotPriceHistory"]
+    ]
+    found = spot_prices_of(entries, now)
+    for zone in subnets:
+        assert found[f"m5.large/{zone}"]["price"] == prices.spot_price("m5.large")
+        assert found[f"t3.micro/{zone}"]["price"] == prices.spot_price("t3.micro")
+    assert {e["InstanceType"] for e in entries} == {"m5.large", "t3.micro"}
