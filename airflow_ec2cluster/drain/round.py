@@ -274,13 +274,18 @@ def cluster_cost(
     return Costing(estimate, ended, dict(spot_prices or {}))
 
 
+def spot_pools_in_use(meta: ClusterMeta, described: list[dict[str, Any]], now: float) -> set[str]:
+    """The spot pools ("type/zone") of the cluster's instances, listed or recorded in META."""
+    recorded = {iid: InstanceUsage.from_dict(iid, data) for iid, data in meta.instance_usage.items()}
+    return spot_pools(cluster_usage(described, recorded, now))
+
+
 def cost_round(
     meta: ClusterMeta, described: list[dict[str, Any]], now: float
 ) -> Generator[Call, Any, Costing]:
     """The round's cost; one DescribeSpotPriceHistory only when a spot pool in use has no price younger than
     an hour in META (so at most once per pool per hour, whatever the job's size)."""
-    recorded = {iid: InstanceUsage.from_dict(iid, data) for iid, data in meta.instance_usage.items()}
-    stale = stale_spot_pools(spot_pools(cluster_usage(described, recorded, now)), meta.spot_prices, now)
+    stale = stale_spot_pools(spot_pools_in_use(meta, described, now), meta.spot_prices, now)
     looked_up: dict[str, dict[str, Any]] = {}
     if stale:
         found = yield call("current_spot_prices", sorted({pool.split("/")[0] for pool in stale}), now)
