@@ -202,7 +202,7 @@ class CostEstimate:
 
     def text(self) -> str:
         """'$0.0123' (and the seconds no price covers, when any)."""
-        text = f"${self.usd:.4f}"
+        text = usd_text(self.usd)
         if self.unpriced:
             types = ", ".join(sorted({p.instance_type or "?" for p in self.unpriced}))
             text += f" + unknown for {self.unpriced_seconds:.0f} instance-seconds ({types}: no price)"
@@ -226,6 +226,13 @@ def estimate_cost(
             price = on_demand.get(instance_type)
         pools.append(PoolCost(instance_type, zone, market, total, price))
     return CostEstimate(tuple(pools))
+
+
+def usd_text(value: float) -> str:
+    """'$0.0123', '$12.50'; a figure too small for 4 decimals keeps its digits ('$1e-09')."""
+    if value == 0 or abs(value) >= 0.0001:
+        return f"${value:.4f}" if abs(value) < 1 else f"${value:,.2f}"
+    return f"${value:.2g}"
 
 
 def cap_reached(estimate: CostEstimate | None, max_cost: float | None) -> bool:

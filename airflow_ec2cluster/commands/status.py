@@ -34,7 +34,7 @@ from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.aws.dynamodb import TABLE_NOT_FOUND
 from airflow_ec2cluster.aws.sqs import NONEXISTENT_QUEUE_CODES
 from airflow_ec2cluster.commands.common import add_connection_arguments, hook_from
-from airflow_ec2cluster.cost import CostEstimate, stale_spot_pools
+from airflow_ec2cluster.cost import CostEstimate, stale_spot_pools, usd_text
 from airflow_ec2cluster.defaults import DEFAULT_VISIBILITY_TIMEOUT
 from airflow_ec2cluster.drain.decisions import (
     CAPACITY_STATES,
@@ -381,7 +381,7 @@ def cost_lines(report: StatusReport) -> list[str]:
     cap = ""
     if max_cost is not None:
         reached = "reached: no replacement or scale-out" if report.snapshot.cost_capped else "not reached"
-        cap = f"  max_cost ${max_cost:.2f} ({reached})"
+        cap = f"  max_cost {usd_text(max_cost)} ({reached})"
     rows = [
         (
             p.instance_type or "?",

@@ -39,7 +39,7 @@ from typing import Any
 
 from ec2cluster_worker.status import STARTUP_FAILED
 
-from airflow_ec2cluster.cost import CostEstimate, cap_reached
+from airflow_ec2cluster.cost import CostEstimate, cap_reached, usd_text
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_CAPACITY_TIMEOUT,
@@ -630,7 +630,7 @@ def progress_line(snapshot: Snapshot, stats: dict[str, Any]) -> str:
 def cost_cap_text(snapshot: Snapshot) -> str:
     """'the estimated cost $X reached max_cost $Y' (the priced part of the estimate)."""
     usd = snapshot.cost.usd if snapshot.cost is not None else 0.0
-    return f"the estimated cost ${usd:.4f} reached max_cost ${snapshot.max_cost:.2f}"
+    return f"the estimated cost {usd_text(usd)} reached max_cost {usd_text(snapshot.max_cost or 0.0)}"
 
 
 def cost_text(snapshot: Snapshot) -> str:
@@ -641,7 +641,7 @@ def cost_text(snapshot: Snapshot) -> str:
     if snapshot.cost_capped:
         text += f" ({cost_cap_text(snapshot)}: no replacement or scale-out is launched)"
     elif snapshot.max_cost is not None:
-        text += f" of max_cost ${snapshot.max_cost:.2f}"
+        text += f" of max_cost {usd_text(snapshot.max_cost)}"
     return text
 
 

@@ -25,6 +25,7 @@ from airflow_ec2cluster.cost import (
     stale_spot_pools,
     transition_time,
     usage_of,
+    usd_text,
 )
 from airflow_ec2cluster.drain.decisions import decide
 from airflow_ec2cluster.operators.launch import max_cost_problems
@@ -104,6 +105,16 @@ def test_cost_by_pool_with_spot_prices_and_an_unknown_type_said_not_zeroed():
     assert estimate_cost({"m5.large/us-east-1b/spot": 10.0}, {"m5.large": 0.096}, {}).unpriced
 
 
+def test_dollars_are_shown_to_the_cent_or_to_what_a_small_figure_needs():
+    assert [usd_text(v) for v in (0, 0.0123456, 12.5, 1234.5, 1e-9)] == [
+        "$0.0000",
+        "$0.0123",
+        "$12.50",
+        "$1,234.50",
+        "$1e-09",
+    ]
+
+
 def test_cap_is_reached_by_the_priced_estimate():
     estimate = estimate_cost({"m5.large/us-east-1a/on-demand": 3600.0}, {"m5.large": 0.096}, {})
     assert cap_reached(estimate, 0.096) and cap_reached(estimate, 0.05)
@@ -143,7 +154,7 @@ def test_a_reached_cap_stops_replacements_and_scale_out_and_says_so():
     assert decide(snapshot(*live)).launch == 2
     decision = decide(capped(instances=live[0], workers=live[1]))
     assert decision.launch == 0 and decision.failure is None
-    assert "the estimated cost $0.0960 reached max_cost $0.05" in decision.progress
+    assert "the estimated cost $0.0960 reached max_cost $0.0500" in decision.progress
     assert "no replacement or scale-out is launched" in decision.progress
     uncapped = decide(snapshot(*live, cost=capped(instances=[], workers=[]).cost, max_cost=1.0))
     assert "cost ~$0.0960 of max_cost $1.00" in uncapped.progress and uncapped.launch == 2
@@ -152,7 +163,7 @@ def test_a_reached_cap_stops_replacements_and_scale_out_and_says_so():
 def test_a_reached_cap_with_no_worker_left_fails_naming_the_cap():
     decision = decide(capped(instances=[], workers=[], counts=WORK))
     assert decision.launch == 0
-    assert "the estimated cost $0.0960 reached max_cost $0.05" in decision.failure
+    assert "the estimated cost $0.0960 reached max_cost $0.0500" in decision.failure
     assert "raise the launch's max_cost" in decision.failure
 
 
