@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from ec2cluster_localcloud.price_list import with_price_list
+
 READY_PREFIX = "EC2CLUSTER_LOCALCLOUD_READY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 PARENT_CHECK_SECONDS = 1.0
@@ -485,6 +487,7 @@ def serve(
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     ec2_lock = threading.Lock()
     app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES, ec2_lock)
+    app = with_price_list(app)  # moto has no pricing backend
     if enforce_iam:
         from ec2cluster_localcloud.account import ACCOUNT_ID, ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY
         from ec2cluster_localcloud.iam.enforce import IamEnforcer, MotoFacts, MotoIdentities
