@@ -197,8 +197,17 @@ def test_teardown_terminates_every_state_and_deletes_queues(cluster, context):
         .get("QueueUrls", [])
     )
     assert queues == []
+    # The final cost: both instances, ended (one stopped first), at the table's price; META keeps their
+    # usage, so the figure holds once EC2 no longer lists them.
+    cost = result["cost"]
+    (pool,) = cost["instance_seconds_by_pool"]
+    assert (pool["instance_type"], pool["market"], pool["usd_per_hour"]) == ("t3.micro", "on-demand", 0.0104)
+    assert cost["cost_unknown_instance_seconds"] == 0 and cost["instance_seconds"] >= 0
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cid)
+    assert sorted(meta.instance_usage) == sorted(cluster["instance_ids"])
+    assert all(usage["end"] is not None for usage in meta.instance_usage.values())
     again = EC2ClusterTeardownOperator(task_id="teardown2", cluster_id=cid, **COMMON).execute(context)
-    assert again["terminated"] == []
+    assert again["terminated"] == [] and again["cost"]["instance_seconds"] == cost["instance_seconds"]
 
 
 def test_teardown_keeps_queues_that_still_hold_work_for_a_re_run(cluster, context):
