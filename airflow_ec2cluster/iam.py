@@ -63,6 +63,7 @@ CONTROLLER_DESCRIBE_ACTIONS = (
     "ec2:DescribeInstances",
     "ec2:DescribeLaunchTemplates",
     "ec2:DescribeSecurityGroups",
+    "ec2:DescribeSpotPriceHistory",
     "ec2:DescribeSubnets",
     # The launch preflight: where each subnet's traffic goes (airflow_ec2cluster.preflight).
     "ec2:DescribeVpcs",
@@ -317,6 +318,16 @@ def worker_policy(scope: PolicyScope) -> dict[str, Any]:
             },
         ],
     }
+
+
+# The maintainer's `ec2cluster refresh-prices` (not part of a run, so not in the controller's policy): the
+# Price List API takes no resource.
+PRICE_REFRESH_ACTIONS = ("pricing:GetProducts",)
+
+
+def price_refresh_policy() -> dict[str, Any]:
+    """The policy of whoever runs ``ec2cluster refresh-prices``."""
+    return {"Version": POLICY_VERSION, "Statement": [statement("PriceList", PRICE_REFRESH_ACTIONS, "*")]}
 
 
 def leading_keys(patterns: list[str]) -> dict[str, Any]:

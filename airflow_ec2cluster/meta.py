@@ -112,6 +112,12 @@ class ClusterMeta:
     launch_failures: int = 0
     launch_failed_at: float = 0.0
     capacity_wait_since: float = 0.0
+    # Cost (airflow_ec2cluster.cost): the launch's cap on the estimate (USD; None: none), each ended
+    # instance's billed time as EC2 stated it (instance id -> InstanceUsage.to_dict(); EC2 forgets a
+    # terminated instance within the hour), and the spot prices looked up ("type/zone" -> {"price", "at"}).
+    max_cost: float | None = None
+    instance_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spot_prices: dict[str, dict[str, Any]] = field(default_factory=dict)
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] = field(default_factory=list)
     created_at: float | None = None
@@ -168,6 +174,15 @@ class ClusterMeta:
             launch_failures=int(item.get("launch_failures") or 0),
             launch_failed_at=float(item.get("launch_failed_at") or 0.0),
             capacity_wait_since=float(item.get("capacity_wait_since") or 0.0),
+            max_cost=number("max_cost", float) or None,  # 0: a launch without a cap
+            instance_usage={str(k): dict(v) for k, v in dict(item.get("instance_usage") or {}).items()},
+            spot_prices={
+                str(k): {
+                    "price": None if v.get("price") is None else float(v["price"]),
+                    "at": float(v.get("at") or 0.0),
+                }
+                for k, v in dict(item.get("spot_prices") or {}).items()
+            },
             torn_down_at=number("torn_down_at", float),
             terminated_at_teardown=list(item.get("terminated_at_teardown") or []),
             created_at=number(CREATED_AT, float),
@@ -241,6 +256,9 @@ class MetaUpdate:
     launch_failures: int | None = None
     launch_failed_at: float | None = None
     capacity_wait_since: float | None = None
+    max_cost: float | None = None  # 0: no cap (a launch generation's arguments replace the last one's)
+    instance_usage: dict[str, dict[str, Any]] | None = None
+    spot_prices: dict[str, dict[str, Any]] | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] | None = None
     # ADD to reaped_total.

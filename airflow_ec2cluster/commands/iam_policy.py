@@ -7,9 +7,10 @@ import json
 
 from airflow_ec2cluster.cluster import cluster_prefix_for
 from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX, DEFAULT_INSTANCE_PROFILE, DEFAULT_STATE_TABLE
-from airflow_ec2cluster.iam import PolicyScope, controller_policy, worker_policy
+from airflow_ec2cluster.iam import PolicyScope, controller_policy, price_refresh_policy, worker_policy
 
-SIDES = ("controller", "worker", "both")
+# "prices": only for `ec2cluster refresh-prices` (the Price List API), which no run makes; not in "both".
+SIDES = ("controller", "worker", "both", "prices")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +78,9 @@ def scope_from(args: argparse.Namespace) -> PolicyScope:
 def run(args: argparse.Namespace) -> int:
     scope = scope_from(args)
     documents = {"controller": controller_policy(scope), "worker": worker_policy(scope)}
-    if args.side != "both":
+    if args.side == "prices":
+        documents = {"prices": price_refresh_policy()}
+    elif args.side != "both":
         documents = {args.side: documents[args.side]}
     print(json.dumps(documents if len(documents) > 1 else next(iter(documents.values())), indent=2))
     return 0

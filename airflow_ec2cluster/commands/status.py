@@ -34,9 +34,11 @@ from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.aws.dynamodb import TABLE_NOT_FOUND
 from airflow_ec2cluster.aws.sqs import NONEXISTENT_QUEUE_CODES
 from airflow_ec2cluster.commands.common import add_connection_arguments, hook_from
+from airflow_ec2cluster.cost import CostEstimate, stale_spot_pools, usd_text
 from airflow_ec2cluster.defaults import DEFAULT_VISIBILITY_TIMEOUT
 from airflow_ec2cluster.drain.decisions import (
     CAPACITY_STATES,
+    LIVE_STATES,
     WORKER_STOPPED,
     Decision,
     QueueCounts,
@@ -45,7 +47,7 @@ from airflow_ec2cluster.drain.decisions import (
     decide,
     eta_text,
 )
-from airflow_ec2cluster.drain.round import DrainSettings, build_snapshot
+from airflow_ec2cluster.drain.round import DrainSettings, build_snapshot, cluster_cost, spot_pools_in_use
 from airflow_ec2cluster.meta import ClusterMeta
 from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished, tasks_finished
 
@@ -68,12 +70,14 @@ class StatusFacts:
     table: str
     meta: ClusterMeta
     counts: QueueCounts | None  # None: the queues do not exist (deleted, or never created)
-    instances: list[dict[str, Any]]
+    instances: list[dict[str, Any]]  # every state: an ended instance's time is part of the cost
     workers: list[dict[str, Any]]
     now: float
     exact: dict[str, int] | None = None  # the task log's count, made when the queue is empty or gone
     dead_letters: tuple[dict[str, Any], ...] = ()  # [{task_id, error}] of the messages peeked
     dead_letters_peeked: int = 0  # dead-lettered messages peeked
+    # Spot prices looked up for pools META holds no price (younger than an hour) for ("type/zone" -> ...).
+    spot_prices: dict[str, dict[str, Any]] | None = None
 
 
 def gather(
@@ -102,8 +106,11 @@ def gather(
         except ClientError as error:
             if error_code(error) not in NONEXISTENT_QUEUE_CODES:
                 raise
-    instances = hook.list_cluster_instances(cluster_id)
+    instances = hook.list_cluster_instances(cluster_id, None)
     workers = hook.worker_statuses(table, cluster_id)
+    now = time.time() if now is None else now
+    stale = stale_spot_pools(spot_pools_in_use(meta, instances, now), meta.spot_prices, now)
+    spot_prices = hook.current_spot_prices(sorted({p.split("/")[0] for p in stale}), now) if stale else {}
     exact = None
     if counts is None or counts.work == 0:
         exact = hook.count_task_log(table, cluster_id, meta.log_shards)
@@ -120,10 +127,11 @@ def gather(
         counts=counts,
         instances=instances,
         workers=workers,
-        now=time.time() if now is None else now,
+        now=now,
         exact=exact,
         dead_letters=tuple(dead[: max(dead_letter_limit, 0)]),
         dead_letters_peeked=len(keys),
+        spot_prices=spot_prices,
     )
 
 
@@ -144,6 +152,7 @@ class StatusReport:
     held_by_stopped: int  # in-flight messages held by workers that are gone (a lower bound, see below)
     held_at_least: bool
     eta: str
+    cost: CostEstimate | None = None
 
     @property
     def queues_gone(self) -> bool:
@@ -199,7 +208,9 @@ def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TI
     meta = facts.meta
     counts = facts.counts or QueueCounts(0, 0, 0, 0)
     policy = DrainSettings(state_table=facts.table).policy(meta)
-    snapshot = build_snapshot(meta, counts, facts.instances, facts.workers, policy, facts.now)
+    cost = cluster_cost(meta, facts.instances, facts.now, facts.spot_prices).estimate
+    live = [i for i in facts.instances if i["State"]["Name"] in LIVE_STATES]
+    snapshot = build_snapshot(meta, counts, live, facts.workers, policy, facts.now, cost=cost)
     exact = facts.exact is not None
     if facts.exact is not None:
         snapshot = replace(
@@ -259,6 +270,7 @@ def assess(facts: StatusFacts, visibility_timeout: float = DEFAULT_VISIBILITY_TI
         held_by_stopped=held,
         held_at_least=at_least,
         eta=eta,
+        cost=cost,
     )
 
 
@@ -361,6 +373,30 @@ def state_line(report: StatusReport) -> str:
     return "running"
 
 
+def cost_lines(report: StatusReport) -> list[str]:
+    """The estimate, the cap, and instance-seconds by instance type, zone and market."""
+    cost, max_cost = report.cost, report.facts.meta.max_cost
+    if cost is None or not cost.pools:
+        return []
+    cap = ""
+    if max_cost is not None:
+        reached = "reached: no replacement or scale-out" if report.snapshot.cost_capped else "not reached"
+        cap = f"  max_cost {usd_text(max_cost)} ({reached})"
+    rows = [
+        (
+            p.instance_type or "?",
+            p.availability_zone or "?",
+            p.market,
+            f"{p.instance_seconds:.0f}",
+            "?" if p.usd_per_hour is None else f"{p.usd_per_hour:.4f}",
+            "unknown (no price)" if p.usd is None else f"{p.usd:.4f}",
+        )
+        for p in cost.pools
+    ]
+    header = ("instance type", "zone", "market", "instance-s", "USD/hour", "USD")
+    return [f"cost ~{cost.text()} (estimate){cap}", *table(header, rows)]
+
+
 def render(report: StatusReport) -> str:
     facts, snapshot = report.facts, report.snapshot
     meta, stats = facts.meta, report.decision.stats
@@ -390,6 +426,7 @@ def render(report: StatusReport) -> str:
         f" instances launched {len(meta.instance_ids)}, replacements {meta.replacements_launched},"
         f" reaped {meta.reaped_total}"
     )
+    lines.extend(cost_lines(report))
     lines.append("")
     header = ("worker", "ec2", "state", "done", "failed", "last completion", "idle for", "stop reason")
     rows = worker_rows(snapshot)

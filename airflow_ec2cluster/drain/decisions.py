@@ -39,6 +39,7 @@ from typing import Any
 
 from ec2cluster_worker.status import STARTUP_FAILED
 
+from airflow_ec2cluster.cost import CostEstimate, cap_reached, usd_text
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_CAPACITY_TIMEOUT,
@@ -217,6 +218,14 @@ class Snapshot:
     launch_failed_at: float = 0.0
     launch_errors: str = ""
     capacity_wait_since: float = 0.0
+    # The cluster's estimated cost so far (airflow_ec2cluster.cost; None: not estimated), and the launch's
+    # cap on it (USD; None: none): once reached, no replacement and no growth is launched.
+    cost: CostEstimate | None = None
+    max_cost: float | None = None
+
+    @property
+    def cost_capped(self) -> bool:
+        return cap_reached(self.cost, self.max_cost)
 
     @property
     def expected_messages(self) -> int | None:
@@ -486,14 +495,17 @@ def new_stops(snapshot: Snapshot) -> tuple[tuple[str, str], ...]:
 def failure_message(snapshot: Snapshot, reaped: Iterable[Reap], launch: int, capacity: int) -> str | None:
     """A clear reason to fail when work remains that no worker can ever run."""
     counts = snapshot.counts
-    if counts.work == 0 or capacity > 0 or launch > 0:
+    if counts.work == 0 or capacity > 0 or (launch > 0 and not snapshot.cost_capped):
         return None
     policy = snapshot.policy
-    why = (
-        "replace_reaped is off"
-        if not policy.replace_reaped
-        else f"the replacement budget ({policy.replacement_budget} instances) is used up"
-    )
+    if not policy.replace_reaped:
+        why = "replace_reaped is off"
+    elif snapshot.cost_capped:
+        why = (
+            f"{cost_cap_text(snapshot)}, so no replacement is launched (raise the launch's max_cost to go on)"
+        )
+    else:
+        why = f"the replacement budget ({policy.replacement_budget} instances) is used up"
     reasons = sorted({f"{r.reason} ({r.detail})" for r in reaped})
     reaped_text = f"; reaped this check: {', '.join(reasons)}" if reasons else ""
     stopped = stop_reasons_text(snapshot)
@@ -542,8 +554,9 @@ def decide(snapshot: Snapshot) -> Decision:
             capacity += 1
 
     wanted = replacements_to_launch(snapshot, capacity)
-    # After launches short of what they asked (capacity, quotas), the next waits out its backoff.
-    launch = 0 if snapshot.now < snapshot.launch_retry_at else wanted
+    # After launches short of what they asked (capacity, quotas), the next waits out its backoff; once the
+    # estimated cost reaches max_cost, nothing more is launched (replacements and growth alike).
+    launch = 0 if snapshot.now < snapshot.launch_retry_at or snapshot.cost_capped else wanted
     repeated = repeated_startup_failure(snapshot) if snapshot.counts.work else None
     if repeated is not None:
         launch = 0
@@ -610,8 +623,26 @@ def progress_line(snapshot: Snapshot, stats: dict[str, Any]) -> str:
         f"{counts.visible + counts.delayed}, dead-lettered {counts.dead_lettered}; workers "
         f"{stats['busy']} busy/{stats['idle']} idle/{stats['booting']} booting, reaped {stats['reaped']}; "
         f"rate {rate_text}, ETA {eta_text(total, finished, counts.dead_lettered, rate)}"
-        f"{launch_text(snapshot)}"
+        f"{launch_text(snapshot)}{cost_text(snapshot)}"
     )
+
+
+def cost_cap_text(snapshot: Snapshot) -> str:
+    """'the estimated cost $X reached max_cost $Y' (the priced part of the estimate)."""
+    usd = snapshot.cost.usd if snapshot.cost is not None else 0.0
+    return f"the estimated cost {usd_text(usd)} reached max_cost {usd_text(snapshot.max_cost or 0.0)}"
+
+
+def cost_text(snapshot: Snapshot) -> str:
+    """The progress line's cost part: the estimate so far, and the cap when it holds launches back."""
+    if snapshot.cost is None:
+        return ""
+    text = f"; cost ~{snapshot.cost.text()}"
+    if snapshot.cost_capped:
+        text += f" ({cost_cap_text(snapshot)}: no replacement or scale-out is launched)"
+    elif snapshot.max_cost is not None:
+        text += f" of max_cost {usd_text(snapshot.max_cost)}"
+    return text
 
 
 def launch_text(snapshot: Snapshot) -> str:

@@ -40,6 +40,17 @@ from airflow_ec2cluster.capacity import (
     pools_to_avoid,
 )
 from airflow_ec2cluster.cluster import TAG_LAUNCH_TOKEN, launch_client_token
+from airflow_ec2cluster.cost import (
+    CostEstimate,
+    InstanceUsage,
+    cluster_usage,
+    cost_summary,
+    estimate_cost,
+    newly_ended,
+    seconds_by_pool,
+    spot_pools,
+    stale_spot_pools,
+)
 from airflow_ec2cluster.defaults import (
     DEFAULT_BOOT_TIMEOUT,
     DEFAULT_CAPACITY_TIMEOUT,
@@ -55,6 +66,7 @@ from airflow_ec2cluster.defaults import (
 )
 from airflow_ec2cluster.drain.decisions import (
     ENDED_STATES,
+    LIVE_STATES,
     MAX_CONSOLES_PER_ROUND,
     REASON_NEVER_REPORTED,
     WORKER_BOOTING,
@@ -71,6 +83,7 @@ from airflow_ec2cluster.drain.decisions import (
     unexplained_ends,
 )
 from airflow_ec2cluster.meta import ClusterMeta, MetaUpdate, PendingLaunch
+from airflow_ec2cluster.pricing.table import on_demand_table
 from airflow_ec2cluster.tasklog import dead_letter_errors, messages_finished, tasks_finished
 
 # Dead-lettered task ids whose last error is looked up for the summary (BatchGetItem, 100 a call).
@@ -162,14 +175,24 @@ def drain_round(
         )
 
     counts = yield call("queue_counts", meta.queue_url, meta.dlq_url)
-    instances = yield call("list_cluster_instances", cluster_id)
+    # Every state: an ended instance's billed time is part of the cost (EC2 lists it for about an hour).
+    described = yield call("list_cluster_instances", cluster_id, None)
+    instances = [i for i in described if i["State"]["Name"] in LIVE_STATES]
     workers = yield call("worker_statuses", table, cluster_id)
+    costing = yield from cost_round(meta, described, now or time.time())
     new_failures = yield from explain_ends(meta, instances, workers, now or time.time())
     log_boot_failures(new_failures, "ended before its worker wrote a status item", log)
     if new_failures:
         meta = replace(meta, boot_failures={**meta.boot_failures, **new_failures})
     snapshot = build_snapshot(
-        meta, counts, instances, workers, settings.policy(meta), now or time.time(), settings
+        meta,
+        counts,
+        instances,
+        workers,
+        settings.policy(meta),
+        now or time.time(),
+        settings,
+        costing.estimate,
     )
     decision = decide(snapshot)
     exact: dict[str, int] | None = None
@@ -205,7 +228,13 @@ def drain_round(
             cluster_id, table, meta, decision.launch, decision.stats["capacity"], log, snapshot.now, avoid
         )
     yield from record(
-        cluster_id, table, meta, decision, exact_count=exact is not None, boot_failures=bool(new_failures)
+        cluster_id,
+        table,
+        meta,
+        decision,
+        exact_count=exact is not None,
+        boot_failures=bool(new_failures),
+        costing=costing,
     )
     log.info("Cluster %s: %s", cluster_id, decision.progress)
 
@@ -218,8 +247,51 @@ def drain_round(
     if not decision.drained:
         return outcome
     summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards, exact)
+    summary.update(cost_summary(costing.estimate, meta.max_cost, on_demand_table().as_of))
     log.info("Cluster %s drained: %s", cluster_id, json.dumps(summary))
     return replace(outcome, drained=True, summary=summary)
+
+
+@dataclass(frozen=True)
+class Costing:
+    """A round's cost: the estimate, and what META should learn (ended instances, spot prices looked up)."""
+
+    estimate: CostEstimate
+    ended: dict[str, InstanceUsage]
+    spot_prices: dict[str, dict[str, Any]]
+
+
+def cluster_cost(
+    meta: ClusterMeta, described: list[dict[str, Any]], now: float, spot_prices: dict[str, Any] | None = None
+) -> Costing:
+    """The cluster's cost so far from EC2's listing (every state), META's record of ended instances and the
+    spot prices (META's cache, updated by ``spot_prices``). Pure."""
+    recorded = {iid: InstanceUsage.from_dict(iid, data) for iid, data in meta.instance_usage.items()}
+    ended = newly_ended(described, meta.instance_usage, now)
+    usage = cluster_usage(described, {**recorded, **ended}, now)
+    prices = {**meta.spot_prices, **(spot_prices or {})}
+    estimate = estimate_cost(seconds_by_pool(usage, now), on_demand_table().for_region(meta.region), prices)
+    return Costing(estimate, ended, dict(spot_prices or {}))
+
+
+def spot_pools_in_use(meta: ClusterMeta, described: list[dict[str, Any]], now: float) -> set[str]:
+    """The spot pools ("type/zone") of the cluster's instances, listed or recorded in META."""
+    recorded = {iid: InstanceUsage.from_dict(iid, data) for iid, data in meta.instance_usage.items()}
+    return spot_pools(cluster_usage(described, recorded, now))
+
+
+def cost_round(
+    meta: ClusterMeta, described: list[dict[str, Any]], now: float
+) -> Generator[Call, Any, Costing]:
+    """The round's cost; one DescribeSpotPriceHistory only when a spot pool in use has no price younger than
+    an hour in META (so at most once per pool per hour, whatever the job's size)."""
+    stale = stale_spot_pools(spot_pools_in_use(meta, described, now), meta.spot_prices, now)
+    looked_up: dict[str, dict[str, Any]] = {}
+    if stale:
+        found = yield call("current_spot_prices", sorted({pool.split("/")[0] for pool in stale}), now)
+        # A pool EC2 gave no price for is recorded without one: not asked again for an hour.
+        looked_up = {pool: found.get(pool) or {"price": None, "at": now} for pool in stale}
+    return cluster_cost(meta, described, now, looked_up)
 
 
 def explain_ends(
@@ -287,6 +359,7 @@ def build_snapshot(
     policy: Policy,
     now: float,
     settings: DrainSettings | None = None,
+    cost: CostEstimate | None = None,
 ) -> Snapshot:
     settings = settings or DrainSettings()
     return Snapshot(
@@ -313,6 +386,8 @@ def build_snapshot(
         launch_failed_at=meta.launch_failed_at,
         launch_errors=last_errors_text(meta),
         capacity_wait_since=meta.capacity_wait_since,
+        cost=cost,
+        max_cost=meta.max_cost,
     )
 
 
@@ -419,11 +494,18 @@ def record(
     *,
     exact_count: bool = False,
     boot_failures: bool = False,
+    costing: Costing | None = None,
 ) -> Generator[Call, Any, None]:
-    """Write the round's change to META; ``boot_failures``: the round explained new ones (in ``meta``)."""
+    """Write the round's change to META; ``boot_failures``: the round explained new ones (in ``meta``);
+    ``costing``: instances seen ended and spot prices looked up, to keep."""
     update = meta_update(meta, decision, exact_count=exact_count)
     if boot_failures:
         update = replace(update, boot_failures=dict(meta.boot_failures))
+    if costing is not None and costing.ended:
+        ended = {iid: usage.to_dict() for iid, usage in costing.ended.items()}
+        update = replace(update, instance_usage={**meta.instance_usage, **ended})
+    if costing is not None and costing.spot_prices:
+        update = replace(update, spot_prices={**meta.spot_prices, **costing.spot_prices})
     if update:
         yield call("update_meta", table, cluster_id, update)
 
@@ -465,7 +547,6 @@ def build_summary(
         "dead_lettered_task_ids": [entry["task_id"] for entry in dead_letters],
         "dead_letters": dead_letters,
         "workers_used": len(launched),
-        "instance_seconds": instance_seconds(snapshot),
         "replacements_launched": snapshot.replacements_launched,
         "reaped": snapshot.reaped_total,
         "elapsed_seconds": None if not started_at else round(snapshot.now - started_at, 1),
@@ -476,15 +557,3 @@ def build_summary(
         "launches": meta.launch_history[-5:],
         "launch_errors": dict(meta.launch_errors_total),
     }
-
-
-def instance_seconds(snapshot: Snapshot) -> float:
-    """Approximate instance time: per instance from launch (or the worker's start) to now or its last beat.
-
-    Live instances count from their EC2 launch time to now; instances already gone count from their
-    worker's start to its last heartbeat (their boot time and final seconds are not recorded anywhere).
-    """
-    live = {i.instance_id: i for i in snapshot.instances}
-    total = sum(snapshot.now - i.launch_time for i in live.values())
-    total += sum(max(0.0, w.heartbeat_at - w.started_at) for w in snapshot.workers if w.worker_id not in live)
-    return round(total, 1)

@@ -57,6 +57,7 @@ from airflow_ec2cluster.meta import (
     meta_of,
     update_meta_params,
 )
+from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of
 from airflow_ec2cluster.tasklog import tally
 
 if TYPE_CHECKING:
@@ -200,6 +201,13 @@ class AsyncClusterIO:
                 raise
             return {}
         return instance_states_of(instances)
+
+    async def current_spot_prices(self, instance_types: list[str], now: float) -> dict[str, dict[str, Any]]:
+        entries = []
+        paginator = self.ec2.get_paginator("describe_spot_price_history")
+        async for page in paginator.paginate(**spot_price_params(instance_types, now)):
+            entries.extend(page.get("SpotPriceHistory", []))
+        return spot_prices_of(entries, now)
 
     async def console_output(self, instance_id: str) -> str:
         answer = await self.ec2.get_console_output(InstanceId=instance_id, Latest=True)

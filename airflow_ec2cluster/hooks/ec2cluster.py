@@ -109,6 +109,7 @@ from airflow_ec2cluster.meta import (
 )
 from airflow_ec2cluster.packing import OutgoingMessage
 from airflow_ec2cluster.preflight import NetworkFacts
+from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of
 from airflow_ec2cluster.tasklog import log_key_of, tally, task_results_of
 
 DEFAULT_RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
@@ -699,6 +700,13 @@ class EC2ClusterHook(AwsBaseHook):
         except ClientError as error:
             if error_code(error) != "InvalidGroup.NotFound":
                 raise
+
+    def current_spot_prices(self, instance_types: list[str], now: float) -> dict[str, dict[str, Any]]:
+        """ "type/zone" -> {"price", "at"}: the spot price now of ``instance_types`` in every zone
+        (paginated DescribeSpotPriceHistory)."""
+        paginator = self.ec2.get_paginator("describe_spot_price_history")
+        entries = self._items(paginator, "SpotPriceHistory", **spot_price_params(instance_types, now))
+        return spot_prices_of(entries, now)
 
     def instance_states(self, instance_ids: list[str]) -> dict[str, str]:
         """Instance id -> state, for ``instance_ids`` (ids EC2 no longer knows are left out)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
 import time
 import zipfile
@@ -76,6 +77,11 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
     (see :mod:`airflow_ec2cluster.capacity`). A launch short of capacity never fails the task: the drain
     fails the run only when no worker could be launched for its ``capacity_timeout``.
 
+    ``max_cost`` (USD, recorded in META for the drain): once the cluster's estimated cost (instance-seconds
+    by pool from EC2's own times, at the on-demand table's and DescribeSpotPriceHistory's prices; see
+    :mod:`airflow_ec2cluster.cost`) reaches it, the drain launches no replacement and no scale-out and says
+    so; the workers already running finish what they hold, so the final cost can pass it.
+
     Validation comes first and launches nothing when anything is wrong: the worker configuration (with the
     worker's own ``WorkerConfig.from_dict``), the user data size, the AMI, instance type, subnet, security
     groups and instance profile; one error lists every problem with its fix. The launch spec is recorded in
@@ -108,6 +114,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "num_workers",
         "min_workers",
         "max_workers",
+        "max_cost",
         "capacity",
         "on_demand_strategy",
         "spot_strategy",
@@ -148,6 +155,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         num_workers: int,
         min_workers: int | None = None,
         max_workers: int | None = None,
+        max_cost: float | None = None,
         image_id: str,
         instance_type: str | list[str] | None = None,
         instance_requirements: dict[str, Any] | None = None,
@@ -185,6 +193,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.num_workers = num_workers
         self.min_workers = min_workers
         self.max_workers = max_workers
+        self.max_cost = max_cost
         self.capacity = capacity
         self.on_demand_strategy = on_demand_strategy
         self.spot_strategy = spot_strategy
@@ -255,6 +264,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             dlq_url=dlq_url,
             num_workers=num_workers,
             max_workers=int(self.max_workers) if self.max_workers not in (None, "") else num_workers,
+            max_cost=max_cost_of(self.max_cost) or 0.0,  # 0: no cap (replaces an earlier generation's)
             log_shards=int(config.get("log_shards") or DEFAULT_LOG_SHARDS),
             launch_spec=spec,
         )
@@ -450,6 +460,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
                 self.num_workers,
             )
         )
+        problems.extend(max_cost_problems(self.max_cost))
         if image is not None:
             problems.extend(self.bundle_problems(hook, config, image, code_dirs))
         user_data = b""
@@ -928,6 +939,26 @@ def capacity_problems(
                 "a cluster that never grows past num_workers"
             )
     return problems
+
+
+def max_cost_of(max_cost: Any) -> float | None:
+    """``max_cost`` as USD (None or '': no cap); :func:`max_cost_problems` has checked it."""
+    return None if max_cost in (None, "") else float(max_cost)
+
+
+def max_cost_problems(max_cost: Any) -> list[str]:
+    """``max_cost`` must be a positive number of US dollars (or absent)."""
+    try:
+        value = max_cost_of(max_cost)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        return [
+            f"max_cost: {max_cost!r} is not a positive number of US dollars; give the estimated cost at "
+            "which the drain stops launching replacements and growing the cluster (e.g. max_cost=25.0), or "
+            "leave it out for no cap"
+        ]
+    return []
 
 
 # EC2 Fleet's allocation strategies (CreateFleet OnDemandOptions / SpotOptions).

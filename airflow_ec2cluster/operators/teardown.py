@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.amazon.aws.operators.base_aws import AwsBaseOperator
 from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.aws.s3 import cluster_bundles_prefix
+from airflow_ec2cluster.calls import run_sync
 from airflow_ec2cluster.cluster import (
     dead_letter_queue_name,
     task_queue_name,
 )
+from airflow_ec2cluster.cost import cost_summary
 from airflow_ec2cluster.defaults import DEFAULT_STATE_TABLE, DEFAULT_WAITER_DELAY, DEFAULT_WAITER_MAX_ATTEMPTS
 from airflow_ec2cluster.drain.decisions import LIVE_STATES
+from airflow_ec2cluster.drain.round import cost_round
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS
 from airflow_ec2cluster.meta import MetaUpdate
 from airflow_ec2cluster.operators.base import ClusterOperatorMixin
+from airflow_ec2cluster.pricing.table import on_demand_table
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -43,8 +48,10 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
     ``launch >> drain >> teardown.as_teardown(setups=launch)``.
     The security group the launch created for the cluster (when given none) is deleted once the instances
     are terminated. Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool,
-    "security_groups_deleted": [ids], "bundles_deleted": count}``. The cluster's bundle in S3 is deleted
-    then too.
+    "security_groups_deleted": [ids], "bundles_deleted": count, "cost"}``: ``cost`` is the cluster's final
+    estimate once its instances are gone (the fields of the drain summary's cost, see
+    :func:`airflow_ec2cluster.cost.cost_summary`; None when it could not be read). The cluster's bundle in
+    S3 is deleted then too.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -113,7 +120,8 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
                     hook.delete_queue(url)
                     self.log.info("Deleted queue %s", url)
                 queues_deleted = True
-        self.record_teardown(hook, cluster_id, instance_ids)
+        cost, kept = self.final_cost(hook, cluster_id)
+        self.record_teardown(hook, cluster_id, instance_ids, kept)
         return {
             "cluster_id": cluster_id,
             "terminated": instance_ids,
@@ -121,7 +129,35 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             "security_groups_deleted": groups_deleted,
             "bundles_deleted": bundles_deleted,
             "launch_templates_deleted": templates_deleted,
+            "cost": cost,
         }
+
+    def final_cost(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[dict[str, Any] | None, MetaUpdate]:
+        """The cluster's cost once its instances are gone (the drain's summary leaves out its tail: the
+        time until the teardown), and the usage META should keep; None when it cannot be read (never a
+        reason to fail the teardown)."""
+        try:
+            meta = hook.get_meta(self.state_table, cluster_id)
+            if meta is None:
+                return None, MetaUpdate()
+            described = hook.list_cluster_instances(cluster_id, None)
+            costing = run_sync(cost_round(meta, described, time.time()), hook)
+        except (ClientError, BotoCoreError) as error:
+            self.log.warning("Cluster %s: its cost could not be estimated: %s", cluster_id, error)
+            return None, MetaUpdate()
+        summary = cost_summary(costing.estimate, meta.max_cost, on_demand_table().as_of)
+        self.log.info(
+            "Cluster %s cost ~%s for %.0f instance-seconds (estimate)",
+            cluster_id,
+            costing.estimate.text(),
+            costing.estimate.instance_seconds,
+        )
+        ended = {iid: usage.to_dict() for iid, usage in costing.ended.items()}
+        kept = MetaUpdate(
+            instance_usage={**meta.instance_usage, **ended} if ended else None,
+            spot_prices={**meta.spot_prices, **costing.spot_prices} if costing.spot_prices else None,
+        )
+        return summary, kept
 
     def delete_security_groups(self, hook: EC2ClusterHook, cluster_id: str) -> list[str]:
         """Delete the groups the launch made for the cluster, once its instances are gone (an instance's
@@ -164,13 +200,20 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             )
         return deleted
 
-    def record_teardown(self, hook: EC2ClusterHook, cluster_id: str, instance_ids: list[str]) -> None:
-        """Note the teardown in the META item when there is a state table (never fail the teardown on it)."""
+    def record_teardown(
+        self,
+        hook: EC2ClusterHook,
+        cluster_id: str,
+        instance_ids: list[str],
+        kept: MetaUpdate | None = None,
+    ) -> None:
+        """Note the teardown in the META item when there is a state table (never fail the teardown on it),
+        with what ``kept`` adds (the usage of instances that ended, for the cost after EC2 forgets them)."""
         try:
             hook.update_meta(
                 self.state_table,
                 cluster_id,
-                MetaUpdate(torn_down_at=time.time(), terminated_at_teardown=instance_ids),
+                replace(kept or MetaUpdate(), torn_down_at=time.time(), terminated_at_teardown=instance_ids),
             )
         except ClientError as error:
             _ignore_missing_table(error)

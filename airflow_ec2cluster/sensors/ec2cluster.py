@@ -28,7 +28,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_REPEATED_FAILURE_LIMIT,
     DEFAULT_STATE_TABLE,
 )
-from airflow_ec2cluster.drain.round import DrainSettings, drain_round, instance_seconds
+from airflow_ec2cluster.drain.round import DrainSettings, drain_round
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.links import CLUSTER_LINKS, persist_cluster_links, uses_custom_endpoint
 from airflow_ec2cluster.operators.base import as_bool
@@ -41,7 +41,7 @@ from airflow_ec2cluster.triggers.ec2cluster import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-__all__ = ["QueueDrainedSensor", "instance_seconds"]
+__all__ = ["QueueDrainedSensor"]
 
 
 class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
@@ -87,9 +87,15 @@ class QueueDrainedSensor(AwsBaseSensor[EC2ClusterHook]):
 
     Returns (XCom) ``{cluster_id, enqueued, tasks_done, tasks_failed, dead_lettered, dead_lettered_task_ids,
     dead_letters ([{task_id, error}]: the last error in the task log),
-    workers_used, instance_seconds, replacements_launched, reaped, elapsed_seconds, counts_exact,
+    workers_used, replacements_launched, reaped, elapsed_seconds, counts_exact,
     failed_boots, launches (the last 5: requested, launched, per pool, each pool's error), launch_errors
-    ("pool: error code" -> launches that met it)}``.
+    ("pool: error code" -> launches that met it), and the cost
+    (:func:`airflow_ec2cluster.cost.cost_summary`): instance_seconds (from EC2's launch and state-transition
+    times), instance_seconds_by_pool ([{instance_type, availability_zone, market, instance_seconds,
+    usd_per_hour, estimated_cost_usd}]), estimated_cost_usd,
+    cost_unknown_instance_seconds and cost_unknown_instance_types (pools no price covers: left out of the
+    estimate, never counted as 0), max_cost, max_cost_reached, on_demand_prices_as_of}``. The launch's
+    ``max_cost`` stops replacements and growth once the estimate reaches it (the progress line says so).
     ``tasks_done``/``tasks_failed`` are distinct task ids in the task log when ``exact_summary`` (one count at
     the end), else the workers' counters.
 

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from ec2cluster_localcloud.price_list import with_price_list
+
 READY_PREFIX = "EC2CLUSTER_LOCALCLOUD_READY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 PARENT_CHECK_SECONDS = 1.0
@@ -402,6 +404,49 @@ def make_capacity_like_aws(work_dir: Path | None = None) -> None:
     make_create_fleet_instant(lambda backend: capacity.headroom_of(backend, document()))
 
 
+def make_spot_prices_the_price_table() -> None:
+    """DescribeSpotPriceHistory answers the local cloud's spot prices (``prices.py``: what its CreateFleet
+    ranks spot pools by), stamped now, in each zone of the region; moto answers 0.00001 for all, in the
+    zones of its offerings only.
+    So the controller's cost estimate uses the prices the allocation chose by."""
+    from datetime import datetime, timezone
+
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.spot_instances import SpotInstances
+
+    from ec2cluster_localcloud import prices
+
+    original = SpotInstances.describe_spot_price_history
+    if already_patched(original, "ec2cluster_spot_prices"):
+        return
+
+    def describe_spot_price_history(self):
+        # Every zone the region launches in, for each priced type asked (all priced types when none is).
+        filters = self._filters_from_querystring()
+        types = self._get_param("InstanceTypes", []) or sorted(prices.ON_DEMAND_USD_PER_HOUR)
+        types = [t for t in types if t in filters.get("instance-type", [t])]
+        zones = [z.name for z in self.ec2_backend.describe_availability_zones()]
+        zones = [z for z in zones if z in filters.get("availability-zone", [z])]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        history = [
+            {
+                "InstanceType": instance_type,
+                "ProductDescription": "Linux/UNIX",
+                "SpotPrice": f"{price:.6f}",
+                "AvailabilityZone": zone,
+                "Timestamp": now,
+            }
+            for instance_type in types
+            if (price := prices.spot_price(instance_type)) is not None
+            for zone in zones
+        ]
+        return ActionResult({"SpotPriceHistory": history})
+
+    describe_spot_price_history.ec2cluster_spot_prices = True
+    describe_spot_price_history.__wrapped__ = original
+    SpotInstances.describe_spot_price_history = describe_spot_price_history
+
+
 def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
@@ -411,6 +456,7 @@ def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     make_default_vpcs_like_aws()
     make_default_security_groups_admit_their_members()
     make_capacity_like_aws(work_dir)
+    make_spot_prices_the_price_table()
     if work_dir is not None:
         make_console_output_the_instance_log(work_dir)
         make_reboot_reach_the_instance(work_dir)
@@ -441,6 +487,7 @@ def serve(
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     ec2_lock = threading.Lock()
     app = serialised(DomainDispatcherApplication(create_backend_app), SERIALISED_SERVICES, ec2_lock)
+    app = with_price_list(app)  # moto has no pricing backend
     if enforce_iam:
         from ec2cluster_localcloud.account import ACCOUNT_ID, ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY
         from ec2cluster_localcloud.iam.enforce import IamEnforcer, MotoFacts, MotoIdentities

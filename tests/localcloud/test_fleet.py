@@ -537,3 +537,52 @@ def test_iam_launch_templates(cloud):
     message = refused(lambda: ec2.delete_launch_template(LaunchTemplateId=other_id))
     assert f"ec2:DeleteLaunchTemplate on resource: {ec2_arn}:launch-template/{other_id}" in message
     ec2.delete_launch_template(LaunchTemplateId=mine["LaunchTemplate"]["LaunchTemplateId"])
+
+
+def test_spot_price_history_answers_the_price_table_the_allocation_ranks_by(cloud, subnets):
+    """DescribeSpotPriceHistory answers prices.py's spot prices (moto's own: 0.00001 for all), so the
+    controller's cost estimate and the local cloud's spot allocation use the same figures."""
+    from datetime import datetime, timezone
+
+    from ec2cluster_localcloud import prices
+
+    from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of
+
+    now = datetime.now(timezone.utc).timestamp()
+    pages = cloud.client("ec2").get_paginator("describe_spot_price_history")
+    entries = [
+        e
+        for page in pages.paginate(**spot_price_params(["m5.large", "t3.micro"], now))
+        for e in page["SpotPriceHistory"]
+    ]
+    found = spot_prices_of(entries, now)
+    for zone in subnets:
+        assert found[f"m5.large/{zone}"]["price"] == prices.spot_price("m5.large")
+        assert found[f"t3.micro/{zone}"]["price"] == prices.spot_price("t3.micro")
+    assert {e["InstanceType"] for e in entries} == {"m5.large", "t3.micro"}
+
+
+def test_the_price_list_api_serves_the_price_table_to_the_refresh_command(cloud, tmp_path):
+    """GetProducts (moto has no pricing backend) answers prices.py's on-demand prices in the Price List
+    API's shape, pages and all; the refresh command writes them; IAM holds it to `--side prices`."""
+    from botocore.exceptions import ClientError
+    from ec2cluster_localcloud import prices
+
+    from airflow_ec2cluster.commands.refresh_prices import refresh
+    from airflow_ec2cluster.iam import PolicyScope, controller_policy, price_refresh_policy
+    from airflow_ec2cluster.pricing.table import PriceTable, write_table
+
+    table = tmp_path / "prices.json"
+    write_table(PriceTable("2020-01-01", "old", {"eu-west-1": {"m5.large": 0.107}}), table)
+    pricer = cloud.client("pricing", cloud.create_user("price-refresher", price_refresh_policy()))
+    pages = []
+    pricer.meta.events.register("after-call.pricing.GetProducts", lambda parsed, **_: pages.append(parsed))
+    refreshed = refresh(pricer, table, ["us-east-1", "eu-west-1"], "2026-12-03")
+    assert refreshed.regions["us-east-1"] == prices.ON_DEMAND_USD_PER_HOUR
+    assert refreshed.regions["eu-west-1"] == prices.ON_DEMAND_USD_PER_HOUR
+    assert refreshed.as_of == "2026-12-03" and len(pages) == 2  # one page per region (22 types < 100)
+    controller = cloud.client("pricing", cloud.create_user("run-only", controller_policy(PolicyScope())))
+    with pytest.raises(ClientError) as refused:
+        refresh(controller, table, ["us-east-1"], "2026-12-04")
+    assert refused.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "pricing:GetProducts" in str(refused.value)

@@ -62,8 +62,9 @@ def instance_profile(aws):
     return "ec2cluster-worker"
 
 
-def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks: int) -> dict:
-    """A cluster on moto: ``tasks`` tasks enqueued and 2 workers launched; the XComs of both, merged.
+def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks: int, **launch_args) -> dict:
+    """A cluster on moto: ``tasks`` tasks enqueued and 2 workers launched (``launch_args``: the launch's
+    other arguments); the XComs of both, merged.
 
     One task per message: these tests play the workers' part by hand, a message standing for a task.
     """
@@ -85,6 +86,7 @@ def enqueue_and_launch(context, cluster_id: str, ami_id: str, table: str, tasks:
         instance_type="t3.micro",
         handler={"type": "python", "target": "ec2cluster_worker.examples:count_smileys"},
         **common,
+        **launch_args,
     ).execute(context)
     return {**enqueued, **descriptor}
 

@@ -103,6 +103,22 @@ class World:
         instances = self.token_instances if by_token else self.instances
         return {"Reservations": [{"Instances": instances}]}
 
+    def ec2_describe_spot_price_history(self, InstanceTypes: list[str], **kwargs: Any) -> dict[str, Any]:
+        zones = ("us-east-1a", "us-east-1b")
+        return {
+            "SpotPriceHistory": [
+                {
+                    "InstanceType": t,
+                    "AvailabilityZone": z,
+                    "ProductDescription": "Linux/UNIX",
+                    "SpotPrice": "0.0400",
+                    "Timestamp": datetime.fromtimestamp(NOW - 60, tz=timezone.utc),
+                }
+                for t in InstanceTypes
+                for z in zones
+            ]
+        }
+
     def ec2_get_console_output(self, InstanceId: str, Latest: bool) -> dict[str, Any]:
         return {
             "InstanceId": InstanceId,
@@ -189,11 +205,12 @@ class FakeAsyncClient(FakeClient):
         return Paginator()
 
 
-def instance(iid: str, launched: float, state: str = "running") -> dict[str, Any]:
+def instance(iid: str, launched: float, state: str = "running", **fields: Any) -> dict[str, Any]:
     return {
         "InstanceId": iid,
         "State": {"Name": state},
         "LaunchTime": datetime.fromtimestamp(launched, tz=timezone.utc),
+        **fields,
     }
 
 
@@ -317,6 +334,43 @@ def drained_with_a_dead_letter() -> World:
     )
 
 
+def drained_at_a_cost() -> World:
+    """Drained: i-1 ran an hour on-demand, i-2 half an hour on spot (terminated, as EC2 stamped it), i-3 an
+    hour of a type the price table lacks; the spot price is looked up once and kept in META."""
+    task_log = [
+        {**records.task_log_key(CLUSTER, f"t{i:09d}", SHARDS), "task_id": f"t{i:09d}", "status": "done"}
+        for i in range(10)
+    ]
+    where = {"Placement": {"AvailabilityZone": "us-east-1a"}}
+    ended_at = datetime.fromtimestamp(NOW - 1800, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return World(
+        meta=meta(consecutive_empty=1, region="us-east-1", max_cost=5, instance_ids=["i-1", "i-2", "i-3"]),
+        main={"ApproximateNumberOfMessages": "0"},
+        dead={"ApproximateNumberOfMessages": "0"},
+        instances=[
+            instance("i-1", NOW - 3600, InstanceType="t3.micro", **where),
+            instance(
+                "i-2",
+                NOW - 3600,
+                "terminated",
+                InstanceType="m5.large",
+                InstanceLifecycle="spot",
+                StateTransitionReason=f"User initiated ({ended_at} GMT)",
+                **where,
+            ),
+            instance("i-3", NOW - 3600, InstanceType="x9.unpriced", **where),
+        ],
+        workers=[
+            worker("i-1", busy=False, idle_since=int(NOW - 10), tasks_done=5),
+            worker(
+                "i-2", state="stopped", stop_reason="queue-empty", busy=False, heartbeat_at=int(NOW - 1800)
+            ),
+            worker("i-3", busy=False, idle_since=int(NOW - 10), tasks_done=5),
+        ],
+        task_log=task_log,
+    )
+
+
 def run_both(world: World, settings: DrainSettings):
     sync_record, async_record = Recorder(world), Recorder(world)
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
@@ -344,6 +398,7 @@ def run_both(world: World, settings: DrainSettings):
             drained_with_a_dead_letter,
             {"receive_message", "change_message_visibility_batch", "batch_get_item", "update_item"},
         ),
+        (drained_at_a_cost, {"describe_spot_price_history", "update_item"}),
     ],
 )
 def test_sync_and_async_rounds_send_the_same_requests(monkeypatch, world, expected):
@@ -386,3 +441,33 @@ def test_the_rounds_end_as_their_scenarios_say(monkeypatch):
         "Collecting torch",
         "  Downloading torch-2.5.1.whl (906 MB)",
     ]
+
+
+def test_a_drained_summary_states_the_cost_by_pool(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    settings = DrainSettings(state_table=TABLE, heartbeat_timeout=60, drained_checks=2)
+    calls, _, drained, _ = run_both(drained_at_a_cost(), settings)
+    summary = drained.summary
+    assert drained.drained
+    pools = {p["instance_type"]: p for p in summary["instance_seconds_by_pool"]}
+    assert pools["t3.micro"]["instance_seconds"] == 3600 and pools["t3.micro"]["market"] == "on-demand"
+    assert pools["m5.large"]["instance_seconds"] == 1800 and pools["m5.large"]["market"] == "spot"
+    assert pools["m5.large"]["usd_per_hour"] == 0.04  # DescribeSpotPriceHistory's, not the table's
+    # The unpriced type is said, never costed at 0.
+    assert pools["x9.unpriced"]["estimated_cost_usd"] is None
+    assert summary["cost_unknown_instance_types"] == ["x9.unpriced"]
+    assert summary["cost_unknown_instance_seconds"] == 3600
+    assert summary["instance_seconds"] == 3600 + 1800 + 3600
+    assert summary["estimated_cost_usd"] == pytest.approx(0.0104 + 0.02)
+    assert summary["max_cost"] == 5 and summary["max_cost_reached"] is False
+    # META learns the ended instance's usage and the spot price, so neither is asked again.
+    values = [
+        value
+        for _, operation, kwargs in calls
+        if operation == "update_item"
+        for value in deserialize_item(kwargs["ExpressionAttributeValues"]).values()
+    ]
+    (usage,) = [v for v in values if isinstance(v, dict) and "i-2" in v]
+    assert usage["i-2"]["end"] == NOW - 1800 and usage["i-2"]["market"] == "spot"
+    (prices,) = [v for v in values if isinstance(v, dict) and "m5.large/us-east-1a" in v]
+    assert prices == {"m5.large/us-east-1a": {"price": 0.04, "at": NOW}}

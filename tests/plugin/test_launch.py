@@ -112,6 +112,7 @@ def test_bad_fleet_choices_are_validation_errors(queues, context, cluster_id, am
         capacity="cheap",
         on_demand_strategy="random",
         max_workers=1,
+        max_cost="ten dollars",
     )
     runs = record_calls(operator, "CreateFleet")
     with pytest.raises(AirflowException) as raised:
@@ -122,6 +123,7 @@ def test_bad_fleet_choices_are_validation_errors(queues, context, cluster_id, am
         "capacity: 'cheap'",
         "on_demand_strategy",
         "max_workers",
+        "max_cost: 'ten dollars' is not a positive number of US dollars",
     ):
         assert field in message
     assert runs == [] and cluster_instances(cluster_id) == []
@@ -187,6 +189,7 @@ def test_one_fleet_launch_from_a_launch_template_with_the_right_parameters(
     assert context["ti"].pushed["instance_ids"] == descriptor["instance_ids"]
     meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cluster_id)
     assert sorted(meta.instance_ids) == ids and meta.num_workers == 2 and meta.max_workers == 2
+    assert meta.max_cost is None  # no cap given
     assert meta.launch_history[-1]["launched"] == 2 and meta.launch_failures == 0
     assert descriptor["queue_url"] == queues["queue_url"] and descriptor["dlq_url"] == queues["dlq_url"]
     assert descriptor["launch_spec"]["root_device_name"]

@@ -34,7 +34,7 @@ SHARED = (
     | {f.name for f in dataclasses.fields(WorkerConfig)}
     | {"enqueued", "enqueued_messages", "replacements_launched"}
     # Launch arguments of the same name (templated fields).
-    | {"max_workers"}
+    | {"max_workers", "max_cost"}
 )
 SPEC = LaunchSpec(image_id="ami-1", instance_type="t3.micro", user_data_b64="IyE=", extra_tags={"team": "a"})
 

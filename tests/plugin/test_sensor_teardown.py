@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import boto3
@@ -11,7 +12,9 @@ from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException
 from ec2cluster_worker import records
 
+from airflow_ec2cluster.calls import run_sync
 from airflow_ec2cluster.cluster import QUEUE_NAME_PREFIX, TAG_CLUSTER_ID, task_queue_name
+from airflow_ec2cluster.drain.round import drain_round
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.operators import (
     EC2ClusterLaunchOperator,
@@ -80,6 +83,30 @@ def test_hung_worker_is_reaped_and_replaced(cluster, context):
     assert meta.replacements_launched == 1 and meta.reaped_total == 1 and len(meta.instance_ids) == 3
 
 
+def test_a_reached_max_cost_stops_replacements_and_says_so(
+    aws, context, cluster_id, ami_id, instance_profile
+):
+    # A cap any instance-second reaches: the hung worker is reaped and not replaced.
+    capped = enqueue_and_launch(context, cluster_id, ami_id, TABLE, tasks=20, max_cost=1e-9)
+    healthy, hung = capped["instance_ids"]
+    write_status(cluster_id, healthy)
+    write_status(cluster_id, hung, heartbeat_at=int(time.time() - 1000))
+    hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
+    assert hook.get_meta(TABLE, cluster_id).max_cost == 1e-9
+    settings = sensor(cluster_id, heartbeat_timeout=60).settings()
+    outcome = run_sync(drain_round(cluster_id, settings, logging.getLogger(__name__)), hook)
+    assert outcome.failure is None and outcome.launched == ()
+    assert "reached max_cost $1e-09: no replacement or scale-out is launched" in outcome.progress
+    assert live_ids(cluster_id) == {healthy}
+    assert hook.get_meta(TABLE, cluster_id).replacements_launched == 0
+    # Once the last worker is gone too, the work left can never run: the drain fails, naming the cap.
+    write_status(cluster_id, healthy, heartbeat_at=int(time.time() - 1000))
+    with pytest.raises(
+        AirflowFailException, match=r"reached max_cost \$1e-09, .*raise the launch's max_cost"
+    ):
+        sensor(cluster_id, heartbeat_timeout=60).poke(context)
+
+
 def test_fails_fast_when_no_worker_can_run_the_work(cluster, context):
     for iid in cluster["instance_ids"]:
         write_status(cluster["cluster_id"], iid, heartbeat_at=int(time.time() - 1000))
@@ -106,6 +133,13 @@ def test_drained_after_consecutive_empty_checks_returns_the_summary(cluster, con
     assert summary["tasks_done"] == 19 and summary["dead_lettered"] == 1 and summary["enqueued"] == 20
     assert summary["dead_lettered_task_ids"] == ["t000000019"]
     assert summary["workers_used"] == 2 and summary["instance_seconds"] > 0
+    # What it cost: the two t3.micro on-demand instances' EC2 time at the price table's figure.
+    (pool,) = summary["instance_seconds_by_pool"]
+    assert (pool["instance_type"], pool["market"], pool["usd_per_hour"]) == ("t3.micro", "on-demand", 0.0104)
+    assert pool["instance_seconds"] == summary["instance_seconds"]
+    assert summary["estimated_cost_usd"] == round(summary["instance_seconds"] / 3600 * 0.0104, 4)
+    assert summary["cost_unknown_instance_seconds"] == 0 and summary["on_demand_prices_as_of"]
+    assert summary["max_cost"] is None and summary["max_cost_reached"] is False
 
 
 def test_execute_returns_the_summary_as_xcom(cluster, context):
@@ -163,8 +197,17 @@ def test_teardown_terminates_every_state_and_deletes_queues(cluster, context):
         .get("QueueUrls", [])
     )
     assert queues == []
+    # The final cost: both instances, ended (one stopped first), at the table's price; META keeps their
+    # usage, so the figure holds once EC2 no longer lists them.
+    cost = result["cost"]
+    (pool,) = cost["instance_seconds_by_pool"]
+    assert (pool["instance_type"], pool["market"], pool["usd_per_hour"]) == ("t3.micro", "on-demand", 0.0104)
+    assert cost["cost_unknown_instance_seconds"] == 0 and cost["instance_seconds"] >= 0
+    meta = EC2ClusterHook(aws_conn_id=None, region_name=REGION).get_meta(TABLE, cid)
+    assert sorted(meta.instance_usage) == sorted(cluster["instance_ids"])
+    assert all(usage["end"] is not None for usage in meta.instance_usage.values())
     again = EC2ClusterTeardownOperator(task_id="teardown2", cluster_id=cid, **COMMON).execute(context)
-    assert again["terminated"] == []
+    assert again["terminated"] == [] and again["cost"]["instance_seconds"] == cost["instance_seconds"]
 
 
 def test_teardown_keeps_queues_that_still_hold_work_for_a_re_run(cluster, context):

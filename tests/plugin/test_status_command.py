@@ -91,6 +91,11 @@ def test_status_output_on_a_known_cluster(known_cluster, capsys):
     assert idle.split()[1:5] == ["running", "running", "1", "0"] and 40 <= int(idle.split()[-2][:-1]) < 120
     assert "t000000007  ZeroDivisionError: division by zero at line 3" in out
     assert f"ec2cluster redrive {known_cluster['cluster_id']}" in out
+    # The cost: the two t3.micro instances' time from their EC2 launch, at the table's on-demand price.
+    cost = next(line for line in lines if line.startswith("cost ~$"))
+    assert cost.endswith("(estimate)")
+    (row,) = [line.split() for line in lines if line.startswith("t3.micro ")]
+    assert row[2] == "on-demand" and row[3].isdigit() and row[4] == "0.0104"
 
 
 def test_status_of_an_unknown_cluster_fails(aws, capsys):
@@ -190,6 +195,9 @@ def test_a_finished_job_reads_100_percent_exactly_and_no_eta(finished_cluster, c
     assert "state job finished" in out
     stopped = [line for line in lines if line.startswith(tuple(finished_cluster["instance_ids"]))]
     assert len(stopped) == 2 and all(line.endswith("idle for 300s") for line in stopped)
+    # Terminated instances still count, up to the time EC2 stamped on their termination.
+    (row,) = [line.split() for line in lines if line.startswith("t3.micro ")]
+    assert row[2] == "on-demand" and row[4] == "0.0104"
 
 
 def test_status_after_a_teardown_that_deleted_the_queues(finished_cluster, context, capsys):

@@ -13,6 +13,7 @@ import math
 
 import pytest
 from airflow.sdk.exceptions import AirflowException
+from ec2cluster_localcloud import prices
 
 from .harness import Job
 
@@ -90,7 +91,23 @@ def test_an_empty_spot_pool_at_launch_the_fleet_takes_other_pools_then_on_demand
     assert {e["code"] for e in first["errors"]} == {"InsufficientInstanceCapacity"}
     assert any("c5.large" in e["pool"] and "(spot)" in e["pool"] for e in first["errors"])
     assert job.xcom["teardown"]["launch_templates_deleted"], job.xcom["teardown"]
-    print(f"\nRELIABILITY spot pool empty at launch: pools={pools} launches={summary['launches']}")
+    # What it cost, by pool: spot at DescribeSpotPriceHistory's price (the local cloud's, which its spot
+    # allocation ranks by), on-demand at the provider's table, every instance-second priced.
+    costed = {
+        (p["instance_type"], p["availability_zone"], p["market"]): p
+        for p in summary["instance_seconds_by_pool"]
+    }
+    assert set(costed) == set(pools)
+    for (instance_type, _, market), pool in costed.items():
+        assert pool["usd_per_hour"] == prices.price(instance_type, market) and pool["instance_seconds"] > 0
+    assert summary["cost_unknown_instance_seconds"] == 0
+    assert summary["estimated_cost_usd"] == pytest.approx(
+        sum(p["instance_seconds"] / 3600 * p["usd_per_hour"] for p in costed.values()), abs=1e-3
+    )
+    print(
+        f"\nRELIABILITY spot pool empty at launch: pools={pools} launches={summary['launches']} "
+        f"cost=${summary['estimated_cost_usd']} for {summary['instance_seconds']} instance-seconds"
+    )
 
 
 @pytest.mark.e2e

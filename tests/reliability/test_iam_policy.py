@@ -11,10 +11,16 @@ import botocore.session
 from botocore import xform_name
 
 from airflow_ec2cluster.commands.iam_policy import register
-from airflow_ec2cluster.iam import PolicyScope, controller_policy, policy_actions, worker_policy
+from airflow_ec2cluster.iam import (
+    PolicyScope,
+    controller_policy,
+    policy_actions,
+    price_refresh_policy,
+    worker_policy,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("sqs", "ec2", "dynamodb", "s3", "iam")
+SERVICES = ("sqs", "ec2", "dynamodb", "s3", "iam", "pricing")
 # IAM action names that differ from the API's (batch calls are authorised as their single form).
 ACTION_NAMES = {
     "sqs:SendMessageBatch": "sqs:SendMessage",
@@ -36,8 +42,10 @@ IMPLIED = {
     "ec2:CreateFleet": {"ec2:RunInstances", "ec2:CreateTags", "iam:PassRole", "iam:CreateServiceLinkedRole"},
     "ec2:CreateLaunchTemplate": {"ec2:CreateTags"},  # TagSpecifications=
 }
-# Files of each side (the local cloud and the demo live outside the provider, in localcloud/).
-CONTROLLER_EXCLUDED: tuple[str, ...] = ()
+# Files of each side (the local cloud and the demo live outside the provider, in localcloud/); the price
+# table's refresh is a maintainer's command with a policy of its own (`iam-policy --side prices`).
+PRICE_REFRESH = REPO_ROOT / "airflow_ec2cluster" / "commands" / "refresh_prices.py"
+CONTROLLER_EXCLUDED: tuple[str, ...] = (PRICE_REFRESH.name,)
 
 
 @cache
@@ -159,6 +167,11 @@ def test_the_analysis_finds_known_calls():
 
 def test_controller_policy_is_exactly_what_the_airflow_side_calls():
     assert policy_actions(controller_policy(PolicyScope())) == actions_called(controller_files())
+
+
+def test_the_price_refresh_policy_is_exactly_what_the_refresh_calls():
+    refresh = actions_called([PRICE_REFRESH])
+    assert policy_actions(price_refresh_policy()) == refresh == {"pricing:GetProducts"}
 
 
 def test_worker_policy_is_exactly_what_the_worker_calls():

@@ -73,6 +73,13 @@ def test_status_tells_the_truth_after_the_job_and_after_the_teardown(cloud_env):
     assert "Traceback" not in after.stdout + after.stderr
     assert "queues deleted" in after.stdout and "state torn down" in after.stdout
     assert "120/120 finished (done 90, failed 30: task log, exact)" in after.stdout
+    # What it cost, after the fact: every instance priced; the teardown's final figure covers the drain's.
+    final = job.xcom["teardown"]["cost"]
+    assert final["cost_unknown_instance_seconds"] == 0 and final["estimated_cost_usd"] > 0
+    # (less by at most a second an instance: the drain counted a just-ending instance to its own clock,
+    # EC2's termination stamp is to the second)
+    assert final["instance_seconds"] >= summary["instance_seconds"] - summary["workers_used"] * 1.0 > 0
+    assert re.search(r"^cost ~\$\d+\.\d{4} \(estimate\)$", after.stdout, re.M), after.stdout
     print(f"\nSTATUS after the fact:\n{finished.stdout}\n{after.stdout}")
 
 

@@ -48,7 +48,7 @@ AUTHORIZATION_RE = re.compile(
     r"/aws4_request,"
     r"\s*SignedHeaders=(?P<signed>[^,]+),\s*Signature=(?P<signature>[0-9a-f]+)"
 )
-JSON_SERVICES = frozenset({"sqs", "dynamodb"})
+JSON_SERVICES = frozenset({"sqs", "dynamodb", "pricing"})
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,7 @@ def error_response(
         type_name = {
             ("sqs", "AccessDenied"): "com.amazon.coral.service#AccessDeniedException",
             ("dynamodb", "AccessDenied"): "com.amazon.coral.service#AccessDeniedException",
+            ("pricing", "AccessDenied"): "com.amazon.coral.service#AccessDeniedException",
         }.get((service, code), f"com.amazon.coral.service#{code}")
         if service == "dynamodb" and code == "AccessDenied":
             status, reason = 400, "Bad Request"
