@@ -30,6 +30,7 @@ from ec2cluster_worker.reachability import failure_from_console
 from ec2cluster_worker.status import STARTUP_FAILED
 
 from airflow_ec2cluster.aws.fleet import LaunchOutcome
+from airflow_ec2cluster.aws.logs import LogCursor, failure_text, next_failures
 from airflow_ec2cluster.calls import Call, call
 from airflow_ec2cluster.capacity import (
     after_launch,
@@ -164,6 +165,7 @@ def drain_round(
     counts = yield call("queue_counts", meta.queue_url, meta.dlq_url)
     instances = yield call("list_cluster_instances", cluster_id)
     workers = yield call("worker_statuses", table, cluster_id)
+    logs_cursor = yield from show_failed_tasks(cluster_id, meta, log, now or time.time())
     new_failures = yield from explain_ends(meta, instances, workers, now or time.time())
     log_boot_failures(new_failures, "ended before its worker wrote a status item", log)
     if new_failures:
@@ -205,7 +207,13 @@ def drain_round(
             cluster_id, table, meta, decision.launch, decision.stats["capacity"], log, snapshot.now, avoid
         )
     yield from record(
-        cluster_id, table, meta, decision, exact_count=exact is not None, boot_failures=bool(new_failures)
+        cluster_id,
+        table,
+        meta,
+        decision,
+        exact_count=exact is not None,
+        boot_failures=bool(new_failures),
+        logs_cursor=logs_cursor,
     )
     log.info("Cluster %s: %s", cluster_id, decision.progress)
 
@@ -220,6 +228,31 @@ def drain_round(
     summary = yield from build_summary(cluster_id, settings, meta, snapshot, shards, exact)
     log.info("Cluster %s drained: %s", cluster_id, json.dumps(summary))
     return replace(outcome, drained=True, summary=summary)
+
+
+def show_failed_tasks(
+    cluster_id: str, meta: ClusterMeta, log: Any, now: float
+) -> Generator[Call, Any, LogCursor | None]:
+    """Log the errors of tasks that failed since the last round, from the workers' log group (one
+    FilterLogEvents, a few at most; the oldest first); the cursor after them, None when nothing new was
+    shown. What a worker wrote is shown only: no decision reads it."""
+    log_group = meta.launch_spec.log_group if meta.launch_spec else None
+    if not log_group:
+        return None
+    cursor = LogCursor(meta.logs_read_from or int((meta.launched_at or 0) * 1000), meta.logs_shown)
+    read = yield call("failed_task_events", log_group, cursor)
+    if read.error:
+        log.warning("Cannot read failed tasks' errors from %s: %s", log_group, read.error)
+    shown, after, more = next_failures(read.events, cursor, int(now * 1000))
+    for event in shown:
+        log.warning("%s", failure_text(event))
+    if more:
+        log.warning(
+            "More tasks failed; every worker's log: ec2cluster logs %s (CloudWatch Logs group %s)",
+            cluster_id,
+            log_group,
+        )
+    return after if shown else None
 
 
 def explain_ends(
@@ -419,11 +452,15 @@ def record(
     *,
     exact_count: bool = False,
     boot_failures: bool = False,
+    logs_cursor: LogCursor | None = None,
 ) -> Generator[Call, Any, None]:
-    """Write the round's change to META; ``boot_failures``: the round explained new ones (in ``meta``)."""
+    """Write the round's change to META; ``boot_failures``: the round explained new ones (in ``meta``);
+    ``logs_cursor``: where the reading of failed tasks' errors is after the ones the round showed."""
     update = meta_update(meta, decision, exact_count=exact_count)
     if boot_failures:
         update = replace(update, boot_failures=dict(meta.boot_failures))
+    if logs_cursor is not None:
+        update = replace(update, logs_read_from=logs_cursor.read_from, logs_shown=dict(logs_cursor.shown))
     if update:
         yield call("update_meta", table, cluster_id, update)
 

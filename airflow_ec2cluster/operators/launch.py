@@ -17,6 +17,7 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.aws.fleet import requirement_problems, types_matching
+from airflow_ec2cluster.aws.logs import retention_problems
 from airflow_ec2cluster.aws.s3 import bundle_object_key
 from airflow_ec2cluster.bundle import Bundle, BundleError, Target, build_bundle, module_code_path
 from airflow_ec2cluster.calls import run_sync
@@ -30,6 +31,7 @@ from airflow_ec2cluster.cluster import (
     LaunchSpec,
     dead_letter_queue_name,
     launch_client_token,
+    log_group_name,
     task_queue_name,
 )
 from airflow_ec2cluster.defaults import (
@@ -37,6 +39,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_BUNDLE_BUCKET_FORMAT,
     DEFAULT_BUNDLE_PREFIX,
     DEFAULT_INSTANCE_PROFILE,
+    DEFAULT_LOG_RETENTION_DAYS,
     DEFAULT_LOG_SHARDS,
     DEFAULT_METADATA_HOP_LIMIT,
     DEFAULT_ON_DEMAND_STRATEGY,
@@ -137,6 +140,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "spot_max_price",
         "metadata_hop_limit",
         "volume_size_gb",
+        "log_retention_days",
     )
     template_fields_renderers = {"handler": "json", "worker_options": "json"}
     operator_extra_links = CLUSTER_LINKS
@@ -179,6 +183,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         max_lifetime: int | None = None,
         tags: dict[str, str] | None = None,
         terminate_on_failure: bool = True,
+        log_retention_days: int | None = DEFAULT_LOG_RETENTION_DAYS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -218,6 +223,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self._bundle_location: tuple[str, str] | None = None
         self.tags = tags or {}
         self.terminate_on_failure = terminate_on_failure
+        self.log_retention_days = log_retention_days
         self._launched_ids: list[str] = []
         self._vpc_id: str | None = None
         self._subnet_zones: dict[str, str] = {}
@@ -238,6 +244,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         queue_url, dlq_url = self.resolve_queues(hook, cluster_id)
         config = self.worker_config(cluster_id, hook.region, queue_url)
         spec = self.validated_spec(hook, config, code_search_dirs(context))
+        if spec.log_group:
+            hook.ensure_log_group(spec.log_group, cluster_id, int(self.log_retention_days), dict(self.tags))
+            self.log.info(
+                "Cluster %s: the workers' logs go to CloudWatch Logs group %s (kept %s days; read them with "
+                "`ec2cluster logs %s`)",
+                cluster_id,
+                spec.log_group,
+                self.log_retention_days,
+                cluster_id,
+            )
         if not spec.security_group_ids:
             spec = replace(spec, security_group_ids=[self.cluster_security_group(hook, cluster_id, spec)])
         spec = replace(spec, launch_template_id=hook.ensure_launch_template(cluster_id, spec))
@@ -384,6 +400,8 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         return queue_url, dlq_url
 
     def worker_config(self, cluster_id: str, region: str, queue_url: str) -> dict[str, Any]:
+        # The log group is the cluster's (the policies allow no other); log_retention_days=None: none.
+        shipping = self.log_retention_days is not None
         return {
             **self.worker_options,
             "cluster_id": cluster_id,
@@ -391,6 +409,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             "queue_url": queue_url,
             "state_table": self.state_table,
             "handler": self.handler,
+            "log_group": log_group_name(cluster_id) if shipping else None,
         }
 
     def validated_spec(
@@ -423,6 +442,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             problems.append(f"worker configuration: {error}")
             config_ok = False
         problems.extend(lifetime_problems(self.boot_timeout, self.max_lifetime))
+        problems.extend(retention_problems(self.log_retention_days))
         if not 1 <= int(self.metadata_hop_limit) <= 64:
             problems.append("metadata_hop_limit: use 1 (2 when containers on the instance need metadata)")
         image = hook.describe_image(self.image_id)
@@ -507,6 +527,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             extra_tags=dict(self.tags),
             bundle_bucket=self._bundle_location[0] if self._bundle_location else None,
             bundle_prefix=self.bundle_prefix,
+            log_group=config.get("log_group"),
         )
 
     def matched_types(

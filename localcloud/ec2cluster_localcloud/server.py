@@ -402,6 +402,13 @@ def make_capacity_like_aws(work_dir: Path | None = None) -> None:
     make_create_fleet_instant(lambda backend: capacity.headroom_of(backend, document()))
 
 
+def make_logs_like_aws() -> None:
+    """CloudWatch Logs' JSON filter patterns (the drain reads failed tasks' events with one)."""
+    from ec2cluster_localcloud.logs_filter import make_logs_like_aws as patch
+
+    patch()
+
+
 def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
@@ -437,6 +444,7 @@ def serve(
 
         speedup.apply()
     make_ec2_like_aws(work_dir)
+    make_logs_like_aws()
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     ec2_lock = threading.Lock()
