@@ -19,6 +19,7 @@ from airflow_ec2cluster.cluster import TAG_CLUSTER_ID
 RETENTION_DAYS = (
     1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653,
 )  # fmt: skip
+LOGS_SERVICE = "logs"  # botocore's name, and the VPC endpoint's: com.amazonaws.<region>.logs
 ALREADY_EXISTS = "ResourceAlreadyExistsException"
 NOT_FOUND = "ResourceNotFoundException"
 FAILED_TASK_EVENT = "task.failed"

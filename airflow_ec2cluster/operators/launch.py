@@ -17,7 +17,7 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.aws.fleet import requirement_problems, types_matching
-from airflow_ec2cluster.aws.logs import retention_problems
+from airflow_ec2cluster.aws.logs import LOGS_SERVICE, retention_problems
 from airflow_ec2cluster.aws.s3 import bundle_object_key
 from airflow_ec2cluster.bundle import Bundle, BundleError, Target, build_bundle, module_code_path
 from airflow_ec2cluster.calls import run_sync
@@ -629,12 +629,21 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             network=self.network,
             security_group_ids=list(self.security_group_ids),
             services=services,
+            # The workers' logs: without a way to CloudWatch Logs the job still runs (their lines stay on
+            # the consoles), so that is said, not refused.
+            optional_services=[LOGS_SERVICE] if config.get("log_group") else [],
         )
         self._vpc_id = found.vpc_id
         self._subnet_zones = found.subnet_zones
         for report in found.reports:
             if report.ok:
                 self.log.info("Preflight: %s", report_line(report))
+        for warning in found.warnings:
+            self.log.warning(
+                "Preflight: the workers' logs will not reach CloudWatch Logs (their lines stay on the "
+                "consoles; or set log_retention_days=None): %s",
+                warning,
+            )
         return found.subnet_ids, found.problems
 
 
@@ -645,6 +654,7 @@ class NetworkCheck:
     reports: list[SubnetReport]
     vpc_id: str | None
     subnet_zones: dict[str, str] = dataclass_field(default_factory=dict)
+    warnings: list[str] = dataclass_field(default_factory=list)  # what only the optional services lack
 
 
 def check_network(
@@ -656,8 +666,10 @@ def check_network(
     security_group_ids: list[str],
     services: list[str],
     internet_why: str = "",
+    optional_services: list[str] | None = None,
 ) -> NetworkCheck:
-    """Resolve the launch's subnets, read their VPC, and judge each subnet (the launch and ``doctor``)."""
+    """Resolve the launch's subnets, read their VPC, and judge each subnet (the launch and ``doctor``);
+    what only ``optional_services`` lack is a warning, not a problem."""
     chosen, problems = resolve_subnets(hook, subnet_ids, subnet_id, network)
     missing_groups = hook.missing_security_groups(security_group_ids)
     if missing_groups:
@@ -674,7 +686,18 @@ def check_network(
         internet_why=internet_why,
     )
     zones = {sid: str(facts.subnets[sid].get("AvailabilityZone") or "") for sid in chosen}
-    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"], zones)
+    warnings: list[str] = []
+    if optional_services:
+        with_optional, _ = launch_reports(
+            facts,
+            chosen,
+            mode=network,
+            services=[*services, *optional_services],
+            group_ids=security_group_ids,
+            internet_why=internet_why,
+        )
+        warnings = [problem for problem in with_optional if problem not in found]
+    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"], zones, warnings)
 
 
 def report_line(report: SubnetReport) -> str:
