@@ -113,9 +113,10 @@ class ClusterMeta:
     launch_failed_at: float = 0.0
     capacity_wait_since: float = 0.0
     # The drain's reading of failed tasks in the workers' log group (aws.logs.LogCursor): from this time
-    # (ms) on, less the events already shown (event id -> their time).
+    # (ms) on, less the events already shown (event id -> their time), and how many it has shown.
     logs_read_from: int = 0
     logs_shown: dict[str, int] = field(default_factory=dict)
+    logs_failures_shown: int = 0
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] = field(default_factory=list)
     created_at: float | None = None
@@ -174,6 +175,7 @@ class ClusterMeta:
             capacity_wait_since=float(item.get("capacity_wait_since") or 0.0),
             logs_read_from=int(item.get("logs_read_from") or 0),
             logs_shown={str(k): int(v) for k, v in dict(item.get("logs_shown") or {}).items()},
+            logs_failures_shown=int(item.get("logs_failures_shown") or 0),
             torn_down_at=number("torn_down_at", float),
             terminated_at_teardown=list(item.get("terminated_at_teardown") or []),
             created_at=number(CREATED_AT, float),
@@ -249,6 +251,7 @@ class MetaUpdate:
     capacity_wait_since: float | None = None
     logs_read_from: int | None = None
     logs_shown: dict[str, int] | None = None
+    logs_failures_shown: int | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] | None = None
     # ADD to reaped_total.

@@ -88,10 +88,12 @@ def task_pattern(task_id: str) -> str:
 @dataclass(frozen=True)
 class LogCursor:
     """Where the drain's reading of failed tasks stands: from ``read_from`` (ms) on, less the events
-    already shown (event id -> timestamp, those within ``LOOKBACK_MS`` of it)."""
+    already shown (event id -> timestamp, those within ``LOOKBACK_MS`` of it); ``failures_shown`` counts
+    every failure shown so far (a round reads only while the workers count more)."""
 
     read_from: int = 0
     shown: dict[str, int] = field(default_factory=dict)
+    failures_shown: int = 0
 
     def start_ms(self) -> int:
         return max(0, self.read_from - LOOKBACK_MS) if self.read_from else 0
@@ -115,7 +117,7 @@ def next_failures(
     remembered = {**cursor.shown, **{str(e["eventId"]): int(e["timestamp"]) for e in shown}}
     kept = {i: t for i, t in remembered.items() if t >= read_from - LOOKBACK_MS}
     newest = dict(sorted(kept.items(), key=lambda item: item[1])[-MAX_SHOWN_REMEMBERED:])
-    return shown, LogCursor(read_from, newest), more
+    return shown, LogCursor(read_from, newest, cursor.failures_shown + len(shown)), more
 
 
 def parsed(event: dict[str, Any]) -> dict[str, Any] | None:

@@ -165,7 +165,7 @@ def drain_round(
     counts = yield call("queue_counts", meta.queue_url, meta.dlq_url)
     instances = yield call("list_cluster_instances", cluster_id)
     workers = yield call("worker_statuses", table, cluster_id)
-    logs_cursor = yield from show_failed_tasks(cluster_id, meta, log, now or time.time())
+    logs_cursor = yield from show_failed_tasks(cluster_id, meta, workers, log, now or time.time())
     new_failures = yield from explain_ends(meta, instances, workers, now or time.time())
     log_boot_failures(new_failures, "ended before its worker wrote a status item", log)
     if new_failures:
@@ -231,15 +231,19 @@ def drain_round(
 
 
 def show_failed_tasks(
-    cluster_id: str, meta: ClusterMeta, log: Any, now: float
+    cluster_id: str, meta: ClusterMeta, worker_items: list[dict[str, Any]], log: Any, now: float
 ) -> Generator[Call, Any, LogCursor | None]:
     """Log the errors of tasks that failed since the last round, from the workers' log group (one
     FilterLogEvents, a few at most; the oldest first); the cursor after them, None when nothing new was
-    shown. What a worker wrote is shown only: no decision reads it."""
+    shown. Only while the workers' status items count more failed tasks than were shown: a round
+    without a new failure makes no call. What a worker wrote is shown only: no decision reads it."""
     log_group = meta.launch_spec.log_group if meta.launch_spec else None
-    if not log_group:
+    failed = sum(int(item.get("tasks_failed") or 0) for item in worker_items)
+    if not log_group or failed <= meta.logs_failures_shown:
         return None
-    cursor = LogCursor(meta.logs_read_from or int((meta.launched_at or 0) * 1000), meta.logs_shown)
+    cursor = LogCursor(
+        meta.logs_read_from or int((meta.launched_at or 0) * 1000), meta.logs_shown, meta.logs_failures_shown
+    )
     read = yield call("failed_task_events", log_group, cursor)
     if read.error:
         log.warning("Cannot read failed tasks' errors from %s: %s", log_group, read.error)
@@ -460,7 +464,12 @@ def record(
     if boot_failures:
         update = replace(update, boot_failures=dict(meta.boot_failures))
     if logs_cursor is not None:
-        update = replace(update, logs_read_from=logs_cursor.read_from, logs_shown=dict(logs_cursor.shown))
+        update = replace(
+            update,
+            logs_read_from=logs_cursor.read_from,
+            logs_shown=dict(logs_cursor.shown),
+            logs_failures_shown=logs_cursor.failures_shown,
+        )
     if update:
         yield call("update_meta", table, cluster_id, update)
 

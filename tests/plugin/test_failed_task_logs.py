@@ -43,6 +43,7 @@ def test_each_failure_is_shown_once_the_oldest_first_and_a_few_a_round():
     again, after, more = next_failures([late, *events], cursor, now_ms)
     # ... and what was shown is not shown again.
     assert [e["eventId"] for e in again] == ["e99", "e5", "e6", "e7"] and not more
+    assert after.failures_shown == FAILURES_PER_ROUND + 4
     assert set(after.shown) >= {"e99", "e7"} and after.read_from == events[7]["timestamp"]
     assert next_failures(events, after, now_ms)[0] == []
     # Lines that are not a failed task's (or not JSON) are never shown.
@@ -89,3 +90,15 @@ def test_the_drains_log_shows_the_errors_and_remembers_where_it_is(monkeypatch, 
     ]
     (shown,) = [v for update in values for v in update.values() if isinstance(v, dict) and "e0" in v]
     assert sorted(shown) == [f"e{n}" for n in range(FAILURES_PER_ROUND)]
+    assert any(FAILURES_PER_ROUND in update.values() for update in values)  # logs_failures_shown
+
+
+def test_a_round_without_a_new_failure_makes_no_cloudwatch_call(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: NOW)
+    settings = DrainSettings(state_table=TABLE, heartbeat_timeout=60, drained_checks=2)
+    world = show_failed_tasks()
+    # Every failure the workers counted (5 + 3) was shown already.
+    world.meta = {**world.meta, "logs_failures_shown": 8, "logs_read_from": int(NOW * 1000)}
+    calls, _, outcome, _ = run_both(world, settings)
+    assert not outcome.failure
+    assert "filter_log_events" not in {operation for _, operation, _ in calls}

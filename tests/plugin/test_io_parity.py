@@ -324,7 +324,7 @@ def show_failed_tasks() -> World:
         main={"ApproximateNumberOfMessages": "5"},
         dead={"ApproximateNumberOfMessages": "0"},
         instances=[instance("i-1", NOW - 1000), instance("i-2", NOW - 1000)],
-        workers=[worker("i-1"), worker("i-2")],
+        workers=[worker("i-1", tasks_failed=5), worker("i-2", tasks_failed=3)],  # what they counted
         log_events=[failed_task_event(n, NOW - 30 + n, f"t{n:09d}") for n in range(8)],
     )
 
