@@ -236,7 +236,8 @@ def show_failed_tasks(
     """Log the errors of tasks that failed since the last round, from the workers' log group (one
     FilterLogEvents, a few at most; the oldest first); the cursor after them, None when nothing new was
     shown. Only while the workers' status items count more failed tasks than were shown: a round
-    without a new failure makes no call. What a worker wrote is shown only: no decision reads it."""
+    without a new failure makes no call (a worker that overstates its count costs one call a round, no
+    more). The lines a worker wrote are shown only: no decision about the cluster reads them."""
     log_group = meta.launch_spec.log_group if meta.launch_spec else None
     failed = sum(int(item.get("tasks_failed") or 0) for item in worker_items)
     if not log_group or failed <= meta.logs_failures_shown:
