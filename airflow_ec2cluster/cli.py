@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from airflow_ec2cluster.commands import doctor, iam_policy, redrive, refresh_prices, status
+from airflow_ec2cluster.commands import doctor, iam_policy, logs, redrive, refresh_prices, status
 from airflow_ec2cluster.commands.common import configure_logging
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "iam-policy": iam_policy.register,
     "doctor": doctor.register,
     "refresh-prices": refresh_prices.register,
+    "logs": logs.register,
 }
 VERBOSE_HELP = "log INFO lines (the provider's, botocore's) to stderr, and a failure's traceback"
 EXIT_FAILED = 1

@@ -34,6 +34,8 @@ CAPACITY_CHOICES = (ON_DEMAND, SPOT, SPOT_THEN_ON_DEMAND)
 QUEUE_NAME_PREFIX = "ec2cluster-"
 TASK_QUEUE_SUFFIX = "-tasks"
 DEAD_LETTER_QUEUE_SUFFIX = "-dlq"
+# The workers' CloudWatch Logs group: /ec2cluster/<cluster>, a stream per worker (its instance id).
+LOG_GROUP_PREFIX = "/ec2cluster/"
 
 
 def cluster_id_for(dag_id: str, run_id: str) -> str:
@@ -65,6 +67,10 @@ def task_queue_name(cluster_id: str) -> str:
 
 def dead_letter_queue_name(cluster_id: str) -> str:
     return f"{QUEUE_NAME_PREFIX}{cluster_id}{DEAD_LETTER_QUEUE_SUFFIX}"
+
+
+def log_group_name(cluster_id: str) -> str:
+    return f"{LOG_GROUP_PREFIX}{cluster_id}"
 
 
 def cluster_prefix_for(dag_id: str) -> str:
@@ -138,6 +144,8 @@ class LaunchSpec:
     min_workers: int = 1
     # Each subnet's availability zone (a pool's zone, for a worker that names only its zone).
     subnet_zones: dict[str, str] = field(default_factory=dict)
+    # The CloudWatch Logs group the workers ship their lines to (made by the launch); None: no shipping.
+    log_group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

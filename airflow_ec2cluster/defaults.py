@@ -21,6 +21,9 @@ DEFAULT_RETENTION_SECONDS = records.DEFAULT_RETENTION_SECONDS
 # Task-log partitions, when the launch's worker configuration does not say.
 DEFAULT_LOG_SHARDS = records.DEFAULT_LOG_SHARDS
 
+# The workers' CloudWatch Logs group keeps their lines this many days (one of CloudWatch's retentions).
+DEFAULT_LOG_RETENTION_DAYS = 30
+
 # -- enqueue -------------------------------------------------------------------------------------------------
 # Ten tasks a message: one task-log item and a tenth of the SQS requests per task, and a slow task holds
 # back at most nine others.

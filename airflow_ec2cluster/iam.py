@@ -25,6 +25,7 @@ from ec2cluster_worker import records
 
 from airflow_ec2cluster.cluster import (
     DEAD_LETTER_QUEUE_SUFFIX,
+    LOG_GROUP_PREFIX,
     QUEUE_NAME_PREFIX,
     TAG_CLUSTER_ID,
     TASK_QUEUE_SUFFIX,
@@ -72,6 +73,16 @@ CONTROLLER_DESCRIBE_ACTIONS = (
     "ec2:DescribeNatGateways",
     "ec2:DescribeVpcEndpoints",
 )
+# The cluster's CloudWatch Logs group: made (tagged: TagResource) with a retention by the launch, its
+# failed tasks' events read by the drain and every event by ``ec2cluster logs``.
+CONTROLLER_LOG_ACTIONS = (
+    "logs:CreateLogGroup",
+    "logs:TagResource",
+    "logs:PutRetentionPolicy",
+    "logs:FilterLogEvents",
+)
+# Each worker's stream in it, and its lines.
+WORKER_LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
 WORKER_QUEUE_ACTIONS = (
     "sqs:GetQueueAttributes",  # an idle worker's one look before it stops (stop_when_queue_empty)
     "sqs:ReceiveMessage",
@@ -130,6 +141,10 @@ class PolicyScope:
             for suffix in (TASK_QUEUE_SUFFIX, DEAD_LETTER_QUEUE_SUFFIX)
         ]
 
+    def log_group_arn(self) -> str:
+        """The clusters' log groups and, the ``*`` covering ``:log-stream:<name>``, their streams."""
+        return self.arn("logs", f"log-group:{LOG_GROUP_PREFIX}{self.cluster_prefix}*")
+
     def table_arn(self, table: str | None = None) -> str:
         return self.arn("dynamodb", f"table/{table or self.state_table}")
 
@@ -159,6 +174,7 @@ def controller_policy(scope: PolicyScope) -> dict[str, Any]:
         "Statement": [
             statement("ClusterQueues", CONTROLLER_QUEUE_ACTIONS, scope.queue_arns()),
             statement("StateTable", CONTROLLER_TABLE_ACTIONS, scope.table_arn()),
+            statement("ClusterLogGroups", CONTROLLER_LOG_ACTIONS, scope.log_group_arn()),
             *output_table,
             statement("DescribeEC2", CONTROLLER_DESCRIBE_ACTIONS, "*"),
             # Workers are launched by EC2 Fleet (CreateFleet, instant), which authorises RunInstances too.
@@ -304,6 +320,7 @@ def worker_policy(scope: PolicyScope) -> dict[str, Any]:
                 Condition=leading_keys(writes),
             ),
             *output_table,
+            statement("ShipLogs", WORKER_LOG_ACTIONS, scope.log_group_arn()),
             statement("S3Output", ["s3:PutObject"], scope.s3_arn(scope.output_bucket, "*")),
             # The boot loader fetches the cluster's bundle (airflow_ec2cluster.bundle) before the worker runs.
             statement("ReadClusterBundle", ["s3:GetObject"], scope.bundle_arn()),

@@ -118,6 +118,11 @@ class ClusterMeta:
     max_cost: float | None = None
     instance_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     spot_prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The drain's reading of failed tasks in the workers' log group (aws.logs.LogCursor): from this time
+    # (ms) on, less the events already shown (event id -> their time), and how many it has shown.
+    logs_read_from: int = 0
+    logs_shown: dict[str, int] = field(default_factory=dict)
+    logs_failures_shown: int = 0
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] = field(default_factory=list)
     created_at: float | None = None
@@ -183,6 +188,9 @@ class ClusterMeta:
                 }
                 for k, v in dict(item.get("spot_prices") or {}).items()
             },
+            logs_read_from=int(item.get("logs_read_from") or 0),
+            logs_shown={str(k): int(v) for k, v in dict(item.get("logs_shown") or {}).items()},
+            logs_failures_shown=int(item.get("logs_failures_shown") or 0),
             torn_down_at=number("torn_down_at", float),
             terminated_at_teardown=list(item.get("terminated_at_teardown") or []),
             created_at=number(CREATED_AT, float),
@@ -259,6 +267,9 @@ class MetaUpdate:
     max_cost: float | None = None  # 0: no cap (a launch generation's arguments replace the last one's)
     instance_usage: dict[str, dict[str, Any]] | None = None
     spot_prices: dict[str, dict[str, Any]] | None = None
+    logs_read_from: int | None = None
+    logs_shown: dict[str, int] | None = None
+    logs_failures_shown: int | None = None
     torn_down_at: float | None = None
     terminated_at_teardown: list[str] | None = None
     # ADD to reaped_total.

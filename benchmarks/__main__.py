@@ -19,7 +19,7 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, workers
+    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, logs_cost, workers
 
     return {
         "worker-calls": costs.worker_calls,
@@ -36,6 +36,7 @@ def registry() -> dict[str, Callable[[str], Result]]:
         "bundle-size": boot.bundle_size,
         "scale-in": capacity.scale_in,
         "interruption-replacement": capacity.interruption_replacement,
+        "logs-cost": logs_cost.logs_cost,
     }
 
 
@@ -54,6 +55,7 @@ NAMES = (
     "bundle-size",
     "scale-in",
     "interruption-replacement",
+    "logs-cost",
 )
 
 

@@ -19,3 +19,10 @@ def request_charges_usd(sqs_requests: float, write_units: float) -> dict[str, fl
     sqs = sqs_requests * SQS_STANDARD_USD_PER_MILLION_REQUESTS / 1e6
     dynamodb = write_units * DYNAMODB_ON_DEMAND_USD_PER_MILLION_WRU / 1e6
     return {"sqs_usd": sqs, "dynamodb_usd": dynamodb, "total_usd": sqs + dynamodb}
+
+
+# CloudWatch Logs (Standard log class): ingestion per GB (each event's bytes plus 26 bytes of metadata, as
+# PutLogEvents counts them) and storage per GB-month (compressed: an upper bound). PutLogEvents and
+# FilterLogEvents carry no per-request charge; vended and Infrequent Access classes are cheaper.
+CLOUDWATCH_LOGS_INGESTION_USD_PER_GB = 0.50
+CLOUDWATCH_LOGS_STORAGE_USD_PER_GB_MONTH = 0.03

@@ -26,10 +26,11 @@ def moto_server():
 
     State is shared by the whole session: tests use unique cluster ids and resource names.
     """
-    from ec2cluster_localcloud.server import make_ec2_like_aws
+    from ec2cluster_localcloud.server import make_ec2_like_aws, make_logs_like_aws
     from moto.server import ThreadedMotoServer
 
     make_ec2_like_aws()  # AWS's EC2 behaviours the local cloud adds to moto (a default VPC's gateway...)
+    make_logs_like_aws()  # CloudWatch Logs' JSON filter patterns
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Three processes on a 2-core machine, balanced by their time at the tiny size (~20-40 s each alone).
 GROUPS = (
     ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream", "bundle-size"),
-    ("poke-calls", "worker-throughput", "worker-memory"),
+    ("poke-calls", "worker-throughput", "worker-memory", "logs-cost"),
     ("drain-latency", "localcloud-sqs", "boot-time"),
     ("scale-in", "interruption-replacement"),
 )
@@ -138,3 +138,11 @@ def test_rebalance_replacement_goes_to_another_pool(results):
     assert figures["rebalance replacement in another pool (DescribeInstances: type, zone)"]["value"] is True
     assert figures["stop_reason of the recommended worker"]["value"] == "rebalance-recommendation"
     assert any(w.startswith("s from spot notice posted") for w in figures)
+
+
+def test_logs_cost_ships_every_line_in_few_calls(results):
+    figures = {row["what"]: row for row in results["logs-cost"]["rows"]}
+    (calls,) = [row for what, row in figures.items() if what.startswith("PutLogEvents calls (")]
+    assert calls["met"] and calls["value"] >= 1
+    assert figures["CloudWatch Logs events per task"]["value"] >= 1  # a task.done line each, and a few more
+    assert figures["bytes of one failed task's line (3-frame traceback)"]["value"] > 300

@@ -30,6 +30,7 @@ from ec2cluster_worker.reachability import failure_from_console
 from ec2cluster_worker.status import STARTUP_FAILED
 
 from airflow_ec2cluster.aws.fleet import LaunchOutcome
+from airflow_ec2cluster.aws.logs import LogCursor, failure_text, next_failures
 from airflow_ec2cluster.calls import Call, call
 from airflow_ec2cluster.capacity import (
     after_launch,
@@ -180,6 +181,7 @@ def drain_round(
     instances = [i for i in described if i["State"]["Name"] in LIVE_STATES]
     workers = yield call("worker_statuses", table, cluster_id)
     costing = yield from cost_round(meta, described, now or time.time())
+    logs_cursor = yield from show_failed_tasks(cluster_id, meta, workers, log, now or time.time())
     new_failures = yield from explain_ends(meta, instances, workers, now or time.time())
     log_boot_failures(new_failures, "ended before its worker wrote a status item", log)
     if new_failures:
@@ -235,6 +237,7 @@ def drain_round(
         exact_count=exact is not None,
         boot_failures=bool(new_failures),
         costing=costing,
+        logs_cursor=logs_cursor,
     )
     log.info("Cluster %s: %s", cluster_id, decision.progress)
 
@@ -292,6 +295,36 @@ def cost_round(
         # A pool EC2 gave no price for is recorded without one: not asked again for an hour.
         looked_up = {pool: found.get(pool) or {"price": None, "at": now} for pool in stale}
     return cluster_cost(meta, described, now, looked_up)
+
+
+def show_failed_tasks(
+    cluster_id: str, meta: ClusterMeta, worker_items: list[dict[str, Any]], log: Any, now: float
+) -> Generator[Call, Any, LogCursor | None]:
+    """Log the errors of tasks that failed since the last round, from the workers' log group (one
+    FilterLogEvents, a few at most; the oldest first); the cursor after them, None when nothing new was
+    shown. Only while the workers' status items count more failed tasks than were shown: a round
+    without a new failure makes no call (a worker that overstates its count costs one call a round, no
+    more). The lines a worker wrote are shown only: no decision about the cluster reads them."""
+    log_group = meta.launch_spec.log_group if meta.launch_spec else None
+    failed = sum(int(item.get("tasks_failed") or 0) for item in worker_items)
+    if not log_group or failed <= meta.logs_failures_shown:
+        return None
+    cursor = LogCursor(
+        meta.logs_read_from or int((meta.launched_at or 0) * 1000), meta.logs_shown, meta.logs_failures_shown
+    )
+    read = yield call("failed_task_events", log_group, cursor)
+    if read.error:
+        log.warning("Cannot read failed tasks' errors from %s: %s", log_group, read.error)
+    shown, after, more = next_failures(read.events, cursor, int(now * 1000))
+    for event in shown:
+        log.warning("%s", failure_text(event))
+    if more:
+        log.warning(
+            "More tasks failed; every worker's log: ec2cluster logs %s (CloudWatch Logs group %s)",
+            cluster_id,
+            log_group,
+        )
+    return after if shown else None
 
 
 def explain_ends(
@@ -495,9 +528,11 @@ def record(
     exact_count: bool = False,
     boot_failures: bool = False,
     costing: Costing | None = None,
+    logs_cursor: LogCursor | None = None,
 ) -> Generator[Call, Any, None]:
     """Write the round's change to META; ``boot_failures``: the round explained new ones (in ``meta``);
-    ``costing``: instances seen ended and spot prices looked up, to keep."""
+    ``costing``: instances seen ended and spot prices looked up, to keep; ``logs_cursor``: where the
+    reading of failed tasks' errors is after the ones the round showed."""
     update = meta_update(meta, decision, exact_count=exact_count)
     if boot_failures:
         update = replace(update, boot_failures=dict(meta.boot_failures))
@@ -506,6 +541,13 @@ def record(
         update = replace(update, instance_usage={**meta.instance_usage, **ended})
     if costing is not None and costing.spot_prices:
         update = replace(update, spot_prices={**meta.spot_prices, **costing.spot_prices})
+    if logs_cursor is not None:
+        update = replace(
+            update,
+            logs_read_from=logs_cursor.read_from,
+            logs_shown=dict(logs_cursor.shown),
+            logs_failures_shown=logs_cursor.failures_shown,
+        )
     if update:
         yield call("update_meta", table, cluster_id, update)
 

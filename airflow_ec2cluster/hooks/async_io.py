@@ -38,6 +38,7 @@ from airflow_ec2cluster.aws.fleet import (
     fleet_outcome,
     refused_outcome,
 )
+from airflow_ec2cluster.aws.logs import NOT_FOUND, FailuresRead, LogCursor, failures_params, read_more
 from airflow_ec2cluster.aws.sqs import (
     counts_from_attributes,
     dlq_counts_params,
@@ -63,7 +64,7 @@ from airflow_ec2cluster.tasklog import tally
 if TYPE_CHECKING:
     from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 
-ASYNC_SERVICES = ("sqs", "ec2", "dynamodb")
+ASYNC_SERVICES = ("sqs", "ec2", "dynamodb", "logs")
 
 
 class AsyncClusterIO:
@@ -78,6 +79,7 @@ class AsyncClusterIO:
         self.sqs = clients["sqs"]
         self.ec2 = clients["ec2"]
         self.dynamodb = clients["dynamodb"]
+        self.logs = clients["logs"]
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -232,6 +234,21 @@ class AsyncClusterIO:
         except ClientError as error:
             return refused_outcome(error_code(error), str(error), requested, market)
         return fleet_outcome(response, requested, market)
+
+    async def failed_task_events(self, log_group: str, cursor: LogCursor) -> FailuresRead:
+        events: list[dict[str, Any]] = []
+        token, pages = None, 0
+        try:
+            while True:
+                pages += 1
+                page = await self.logs.filter_log_events(**failures_params(log_group, cursor, token))
+                token = read_more(events, page, cursor, pages)
+                if token is None:
+                    return FailuresRead(events)
+        except ClientError as error:
+            if error_code(error) == NOT_FOUND:
+                return FailuresRead(events)
+            return FailuresRead(events, f"{error_code(error)}: {error}")
 
     async def terminate_instances(self, instance_ids: Iterable[str], *, wait: bool = False) -> list[str]:
         # The drain round never waits for termination: teardown does, in the sync hook.

@@ -54,6 +54,17 @@ from airflow_ec2cluster.aws.fleet import (
     launch_template_filters,
     refused_outcome,
 )
+from airflow_ec2cluster.aws.logs import (
+    ALREADY_EXISTS,
+    NOT_FOUND,
+    FailuresRead,
+    LogCursor,
+    create_log_group_params,
+    failures_params,
+    filter_params,
+    read_more,
+    retention_params,
+)
 from airflow_ec2cluster.aws.s3 import (
     BLOCK_PUBLIC_ACCESS,
     bundle_bucket_problem,
@@ -185,6 +196,10 @@ class EC2ClusterHook(AwsBaseHook):
     @property
     def iam(self):
         return self.client("iam")
+
+    @property
+    def logs(self):
+        return self.client("logs")
 
     @property
     def region(self) -> str:
@@ -335,6 +350,51 @@ class EC2ClusterHook(AwsBaseHook):
                 found.update(batch_get_found(response, table))
                 request = unprocessed_keys(response)
         return found
+
+    # -- CloudWatch Logs (the workers' lines) ------------------------------------------------------------
+
+    def ensure_log_group(
+        self, log_group: str, cluster_id: str, retention_days: int, tags: dict[str, str] | None = None
+    ) -> None:
+        """The cluster's log group, tagged with the cluster, with ``retention_days`` (made once; a retry or
+        a re-run finds it and sets the retention again)."""
+        try:
+            self.logs.create_log_group(**create_log_group_params(log_group, cluster_id, tags or {}))
+        except ClientError as error:
+            if error_code(error) != ALREADY_EXISTS:
+                raise
+        self.logs.put_retention_policy(**retention_params(log_group, retention_days))
+
+    def failed_task_events(self, log_group: str, cursor: LogCursor) -> FailuresRead:
+        """Failed tasks' events from ``cursor`` on: FilterLogEvents, at most ``FILTER_PAGES`` calls. Never
+        raises on an AWS error: the drain goes on without them, saying why."""
+        events: list[dict[str, Any]] = []
+        token, pages = None, 0
+        try:
+            while True:
+                pages += 1
+                page = self.logs.filter_log_events(**failures_params(log_group, cursor, token))
+                token = read_more(events, page, cursor, pages)
+                if token is None:
+                    return FailuresRead(events)
+        except ClientError as error:
+            if error_code(error) == NOT_FOUND:  # no worker has written yet
+                return FailuresRead(events)
+            return FailuresRead(events, f"{error_code(error)}: {error}")
+
+    def log_events(
+        self,
+        log_group: str,
+        *,
+        start_ms: int | None = None,
+        pattern: str | None = None,
+        streams: list[str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Every event of the group from ``start_ms`` (paginated FilterLogEvents), in time order."""
+        paginator = self.logs.get_paginator("filter_log_events")
+        params = filter_params(log_group, start_ms=start_ms, pattern=pattern, streams=streams)
+        for page in paginator.paginate(**params):
+            yield from page.get("events", [])
 
     # -- SQS ------------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from airflow.providers.amazon.aws.utils.mixins import aws_template_fields
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ec2cluster.aws.fleet import requirement_problems, types_matching
+from airflow_ec2cluster.aws.logs import LOGS_SERVICE, retention_problems
 from airflow_ec2cluster.aws.s3 import bundle_object_key
 from airflow_ec2cluster.bundle import Bundle, BundleError, Target, build_bundle, module_code_path
 from airflow_ec2cluster.calls import run_sync
@@ -31,6 +32,7 @@ from airflow_ec2cluster.cluster import (
     LaunchSpec,
     dead_letter_queue_name,
     launch_client_token,
+    log_group_name,
     task_queue_name,
 )
 from airflow_ec2cluster.defaults import (
@@ -38,6 +40,7 @@ from airflow_ec2cluster.defaults import (
     DEFAULT_BUNDLE_BUCKET_FORMAT,
     DEFAULT_BUNDLE_PREFIX,
     DEFAULT_INSTANCE_PROFILE,
+    DEFAULT_LOG_RETENTION_DAYS,
     DEFAULT_LOG_SHARDS,
     DEFAULT_METADATA_HOP_LIMIT,
     DEFAULT_ON_DEMAND_STRATEGY,
@@ -144,6 +147,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "spot_max_price",
         "metadata_hop_limit",
         "volume_size_gb",
+        "log_retention_days",
     )
     template_fields_renderers = {"handler": "json", "worker_options": "json"}
     operator_extra_links = CLUSTER_LINKS
@@ -187,6 +191,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         max_lifetime: int | None = None,
         tags: dict[str, str] | None = None,
         terminate_on_failure: bool = True,
+        log_retention_days: int | None = DEFAULT_LOG_RETENTION_DAYS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -227,6 +232,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self._bundle_location: tuple[str, str] | None = None
         self.tags = tags or {}
         self.terminate_on_failure = terminate_on_failure
+        self.log_retention_days = log_retention_days
         self._launched_ids: list[str] = []
         self._vpc_id: str | None = None
         self._subnet_zones: dict[str, str] = {}
@@ -247,6 +253,16 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         queue_url, dlq_url = self.resolve_queues(hook, cluster_id)
         config = self.worker_config(cluster_id, hook.region, queue_url)
         spec = self.validated_spec(hook, config, code_search_dirs(context))
+        if spec.log_group:
+            hook.ensure_log_group(spec.log_group, cluster_id, int(self.log_retention_days), dict(self.tags))
+            self.log.info(
+                "Cluster %s: the workers' logs go to CloudWatch Logs group %s (kept %s days; read them with "
+                "`ec2cluster logs %s`)",
+                cluster_id,
+                spec.log_group,
+                self.log_retention_days,
+                cluster_id,
+            )
         if not spec.security_group_ids:
             spec = replace(spec, security_group_ids=[self.cluster_security_group(hook, cluster_id, spec)])
         spec = replace(spec, launch_template_id=hook.ensure_launch_template(cluster_id, spec))
@@ -394,6 +410,8 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         return queue_url, dlq_url
 
     def worker_config(self, cluster_id: str, region: str, queue_url: str) -> dict[str, Any]:
+        # The log group is the cluster's (the policies allow no other); log_retention_days=None: none.
+        shipping = self.log_retention_days is not None
         return {
             **self.worker_options,
             "cluster_id": cluster_id,
@@ -401,6 +419,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             "queue_url": queue_url,
             "state_table": self.state_table,
             "handler": self.handler,
+            "log_group": log_group_name(cluster_id) if shipping else None,
         }
 
     def validated_spec(
@@ -433,6 +452,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             problems.append(f"worker configuration: {error}")
             config_ok = False
         problems.extend(lifetime_problems(self.boot_timeout, self.max_lifetime))
+        problems.extend(retention_problems(self.log_retention_days))
         if not 1 <= int(self.metadata_hop_limit) <= 64:
             problems.append("metadata_hop_limit: use 1 (2 when containers on the instance need metadata)")
         image = hook.describe_image(self.image_id)
@@ -518,6 +538,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             extra_tags=dict(self.tags),
             bundle_bucket=self._bundle_location[0] if self._bundle_location else None,
             bundle_prefix=self.bundle_prefix,
+            log_group=config.get("log_group"),
         )
 
     def matched_types(
@@ -619,12 +640,21 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
             network=self.network,
             security_group_ids=list(self.security_group_ids),
             services=services,
+            # The workers' logs: without a way to CloudWatch Logs the job still runs (their lines stay on
+            # the consoles), so that is said, not refused.
+            optional_services=[LOGS_SERVICE] if config.get("log_group") else [],
         )
         self._vpc_id = found.vpc_id
         self._subnet_zones = found.subnet_zones
         for report in found.reports:
             if report.ok:
                 self.log.info("Preflight: %s", report_line(report))
+        for warning in found.warnings:
+            self.log.warning(
+                "Preflight: the workers' logs will not reach CloudWatch Logs (their lines stay on the "
+                "consoles; or set log_retention_days=None): %s",
+                warning,
+            )
         return found.subnet_ids, found.problems
 
 
@@ -635,6 +665,7 @@ class NetworkCheck:
     reports: list[SubnetReport]
     vpc_id: str | None
     subnet_zones: dict[str, str] = dataclass_field(default_factory=dict)
+    warnings: list[str] = dataclass_field(default_factory=list)  # what only the optional services lack
 
 
 def check_network(
@@ -646,8 +677,10 @@ def check_network(
     security_group_ids: list[str],
     services: list[str],
     internet_why: str = "",
+    optional_services: list[str] | None = None,
 ) -> NetworkCheck:
-    """Resolve the launch's subnets, read their VPC, and judge each subnet (the launch and ``doctor``)."""
+    """Resolve the launch's subnets, read their VPC, and judge each subnet (the launch and ``doctor``);
+    what only ``optional_services`` lack is a warning, not a problem."""
     chosen, problems = resolve_subnets(hook, subnet_ids, subnet_id, network)
     missing_groups = hook.missing_security_groups(security_group_ids)
     if missing_groups:
@@ -664,7 +697,18 @@ def check_network(
         internet_why=internet_why,
     )
     zones = {sid: str(facts.subnets[sid].get("AvailabilityZone") or "") for sid in chosen}
-    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"], zones)
+    warnings: list[str] = []
+    if optional_services:
+        with_optional, _ = launch_reports(
+            facts,
+            chosen,
+            mode=network,
+            services=[*services, *optional_services],
+            group_ids=security_group_ids,
+            internet_why=internet_why,
+        )
+        warnings = [problem for problem in with_optional if problem not in found]
+    return NetworkCheck(chosen, found, reports, facts.subnets[chosen[0]]["VpcId"], zones, warnings)
 
 
 def report_line(report: SubnetReport) -> str:

@@ -15,6 +15,7 @@ from airflow_ec2cluster.aws import error_code
 from airflow_ec2cluster.aws.s3 import cluster_bundles_prefix
 from airflow_ec2cluster.calls import run_sync
 from airflow_ec2cluster.cluster import (
+    LaunchSpec,
     dead_letter_queue_name,
     task_queue_name,
 )
@@ -48,10 +49,11 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
     ``launch >> drain >> teardown.as_teardown(setups=launch)``.
     The security group the launch created for the cluster (when given none) is deleted once the instances
     are terminated. Returns ``{"cluster_id", "terminated": [ids], "queues_deleted": bool,
-    "security_groups_deleted": [ids], "bundles_deleted": count, "cost"}``: ``cost`` is the cluster's final
-    estimate once its instances are gone (the fields of the drain summary's cost, see
-    :func:`airflow_ec2cluster.cost.cost_summary`; None when it could not be read). The cluster's bundle in
-    S3 is deleted then too.
+    "security_groups_deleted": [ids], "bundles_deleted": count, "cost", "log_group": name or None}``:
+    ``cost`` is the cluster's final estimate once its instances are gone (the fields of the drain summary's
+    cost, see :func:`airflow_ec2cluster.cost.cost_summary`; None when it could not be read). The cluster's
+    bundle in S3 is deleted then too; the workers' CloudWatch Logs group is kept (its retention ends it),
+    and the log says where it is.
     """
 
     aws_hook_class = EC2ClusterHook
@@ -99,7 +101,21 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             waiter_max_attempts=self.waiter_max_attempts,
         )
         groups_deleted = self.delete_security_groups(hook, cluster_id)
-        bundles_deleted = self.delete_bundles(hook, cluster_id)
+        meta = hook.find_meta(self.state_table, cluster_id)
+        spec = meta.launch_spec if meta is not None else None
+        bundles_deleted = self.delete_bundles(hook, cluster_id, spec)
+        log_group = spec.log_group if spec is not None else None
+        if log_group:
+            # Kept: the workers' logs outlive the cluster, until the group's retention removes them.
+            self.log.info(
+                "Cluster %s: the workers' logs stay in CloudWatch Logs group %s (region %s), a stream per "
+                "instance, until its retention; read them with `ec2cluster logs %s [--instance ID] "
+                "[--task ID]`",
+                cluster_id,
+                log_group,
+                hook.region,
+                cluster_id,
+            )
         queues_deleted = False
         if self.delete_queues:
             urls = [
@@ -130,6 +146,7 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             "bundles_deleted": bundles_deleted,
             "launch_templates_deleted": templates_deleted,
             "cost": cost,
+            "log_group": log_group,
         }
 
     def final_cost(self, hook: EC2ClusterHook, cluster_id: str) -> tuple[dict[str, Any] | None, MetaUpdate]:
@@ -178,11 +195,9 @@ class EC2ClusterTeardownOperator(ClusterOperatorMixin, AwsBaseOperator[EC2Cluste
             self.log.info("Deleted security group %s", group_id)
         return group_ids
 
-    def delete_bundles(self, hook: EC2ClusterHook, cluster_id: str) -> int:
+    def delete_bundles(self, hook: EC2ClusterHook, cluster_id: str, spec: LaunchSpec | None) -> int:
         """Delete the cluster's bundles from S3 (where META's launch spec says the launch stored them), once
         no instance can still be booting from them."""
-        meta = hook.find_meta(self.state_table, cluster_id)
-        spec = meta.launch_spec if meta is not None else None
         if spec is None or not spec.bundle_bucket:
             return 0
         if not self.wait_for_termination:

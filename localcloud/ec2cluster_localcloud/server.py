@@ -447,6 +447,13 @@ def make_spot_prices_the_price_table() -> None:
     SpotInstances.describe_spot_price_history = describe_spot_price_history
 
 
+def make_logs_like_aws() -> None:
+    """CloudWatch Logs' JSON filter patterns (the drain reads failed tasks' events with one)."""
+    from ec2cluster_localcloud.logs_filter import make_logs_like_aws as patch
+
+    patch()
+
+
 def make_ec2_like_aws(work_dir: Path | None = None) -> None:
     """The EC2 behaviours of AWS that moto lacks and the cluster relies on."""
     make_terminate_idempotent()
@@ -483,6 +490,7 @@ def serve(
 
         speedup.apply()
     make_ec2_like_aws(work_dir)
+    make_logs_like_aws()
     # One log line per request would flood the server log of a busy cluster.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     ec2_lock = threading.Lock()

@@ -175,3 +175,32 @@ def test_s3_iam_sts():
         )
     ]
     assert asks("sts", "GetCallerIdentity") == []
+
+
+def test_cloudwatch_logs_groups_streams_and_tags():
+    group = f"arn:aws:logs:us-east-1:{ACCOUNT}:log-group:/ec2cluster/etl-1"
+    tags = {"ec2cluster:cluster-id": "etl-1"}
+    assert asks("logs", "CreateLogGroup", {"logGroupName": "/ec2cluster/etl-1", "tags": tags}) == [
+        AuthorizationRequest(
+            "logs:CreateLogGroup",
+            group,
+            {"aws:RequestTag/ec2cluster:cluster-id": ["etl-1"], "aws:TagKeys": ["ec2cluster:cluster-id"]},
+        ),
+        AuthorizationRequest(
+            "logs:TagResource",
+            group,
+            {"aws:RequestTag/ec2cluster:cluster-id": ["etl-1"], "aws:TagKeys": ["ec2cluster:cluster-id"]},
+        ),
+    ]
+    for operation in ("PutRetentionPolicy", "CreateLogStream", "FilterLogEvents"):
+        params = {"logGroupName": "/ec2cluster/etl-1", "logStreamName": "i-1"}
+        assert asks("logs", operation, params) == [AuthorizationRequest(f"logs:{operation}", group)]
+    put = asks("logs", "PutLogEvents", {"logGroupName": "/ec2cluster/etl-1", "logStreamName": "i-1"})
+    assert put == [AuthorizationRequest("logs:PutLogEvents", f"{group}:log-stream:i-1")]
+    assert asks("logs", "FilterLogEvents", {"logGroupIdentifier": f"{group}:*"}) == [
+        AuthorizationRequest("logs:FilterLogEvents", group)
+    ]
+    assert asks("logs", "TagResource", {"resourceArn": group}) == [
+        AuthorizationRequest("logs:TagResource", group)
+    ]
+    assert asks("logs", "DescribeLogGroups", {}) == [AuthorizationRequest("logs:DescribeLogGroups", "*")]

@@ -7,7 +7,7 @@ import uuid
 
 import boto3
 import pytest
-from ec2cluster_localcloud.server import make_ec2_like_aws
+from ec2cluster_localcloud.server import make_ec2_like_aws, make_logs_like_aws
 from moto import mock_aws
 
 REGION = "us-east-1"
@@ -30,6 +30,7 @@ def aws(monkeypatch):
     """moto's in-process AWS, with the EC2 behaviours of AWS the local cloud adds; never the shared server."""
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     make_ec2_like_aws()
+    make_logs_like_aws()  # CloudWatch Logs' JSON filter patterns
     with mock_aws():
         yield
 

@@ -61,7 +61,8 @@ def test_the_async_peek_lists_them_too(dead_letter_queue):
 
             return call
 
-    clients = {s: SyncAsAsync(boto3.client(s, region_name=REGION)) for s in ("sqs", "ec2", "dynamodb")}
+    services = ("sqs", "ec2", "dynamodb", "logs")
+    clients = {s: SyncAsAsync(boto3.client(s, region_name=REGION)) for s in services}
     io = AsyncClusterIO(clients)
     assert len(asyncio.run(io.peek_dead_letters(dead_letter_queue, 50))) == 30
     assert visible(dead_letter_queue) == 30

@@ -54,7 +54,9 @@ class World:
         dead_letters: list[dict[str, Any]] = (),
         ended: list[dict[str, Any]] = (),
         consoles: dict[str, str] | None = None,
+        log_events: list[dict[str, Any]] = (),
     ) -> None:
+        self.log_events = list(log_events)
         self.ended, self.consoles = list(ended), dict(consoles or {})
         self.meta, self.main, self.dead = meta, main, dead
         self.instances, self.token_instances = instances, list(token_instances)
@@ -90,6 +92,11 @@ class World:
 
     def sqs_change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
         return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
+
+    # CloudWatch Logs (events with timestamps at or after startTime, at most limit)
+    def logs_filter_log_events(self, **kwargs: Any) -> dict[str, Any]:
+        found = [e for e in self.log_events if e["timestamp"] >= kwargs.get("startTime", 0)]
+        return {"events": found[: kwargs["limit"]]}
 
     # EC2
     def ec2_describe_instances(
@@ -230,9 +237,12 @@ def worker(iid: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def meta(**fields: Any) -> dict[str, Any]:
+def meta(log_group: str | None = None, **fields: Any) -> dict[str, Any]:
     spec = LaunchSpec(
-        image_id="ami-1", instance_type="t3.micro", user_data_b64=base64.b64encode(b"#!").decode()
+        image_id="ami-1",
+        instance_type="t3.micro",
+        user_data_b64=base64.b64encode(b"#!").decode(),
+        log_group=log_group,
     )
     # The attribute names as the item holds them in the table (this test sees the wire, not the record).
     return {
@@ -305,6 +315,37 @@ def reap_a_never_booted_instance() -> World:
     )
 
 
+def failed_task_event(n: int, at: float, task_id: str) -> dict[str, Any]:
+    line = {
+        "ts": at,
+        "level": "warning",
+        "event": "task.failed",
+        "worker_id": "i-1",
+        "task_id": task_id,
+        "attempt": 1,
+        "error": f"ValueError: bad payload {n}",
+        "detail": f'Traceback (most recent call last):\n  File "h.py", line 3\nValueError: bad payload {n}',
+    }
+    return {
+        "eventId": f"e{n}",
+        "logStreamName": "i-1",
+        "timestamp": int(at * 1000),
+        "message": json.dumps(line),
+    }
+
+
+def show_failed_tasks() -> World:
+    """Tasks failed since the last round: the drain's log shows their errors from the log group."""
+    return World(
+        meta=meta(log_group=f"/ec2cluster/{CLUSTER}"),
+        main={"ApproximateNumberOfMessages": "5"},
+        dead={"ApproximateNumberOfMessages": "0"},
+        instances=[instance("i-1", NOW - 1000), instance("i-2", NOW - 1000)],
+        workers=[worker("i-1", tasks_failed=5), worker("i-2", tasks_failed=3)],  # what they counted
+        log_events=[failed_task_event(n, NOW - 30 + n, f"t{n:09d}") for n in range(8)],
+    )
+
+
 def drained_with_a_dead_letter() -> World:
     dead_id = "t000000009"
     task_log = [
@@ -374,12 +415,11 @@ def drained_at_a_cost() -> World:
 def run_both(world: World, settings: DrainSettings):
     sync_record, async_record = Recorder(world), Recorder(world)
     hook = EC2ClusterHook(aws_conn_id=None, region_name=REGION)
-    fakes = {service: FakeClient(service, sync_record) for service in ("sqs", "ec2", "dynamodb")}
+    services = ("sqs", "ec2", "dynamodb", "logs")
+    fakes = {service: FakeClient(service, sync_record) for service in services}
     hook.client = fakes.__getitem__  # the hook's clients, without a session
     sync_outcome = run_sync(drain_round(CLUSTER, settings, log), hook)
-    io = AsyncClusterIO(
-        {service: FakeAsyncClient(service, async_record) for service in ("sqs", "ec2", "dynamodb")}
-    )
+    io = AsyncClusterIO({service: FakeAsyncClient(service, async_record) for service in services})
     async_outcome = asyncio.run(run_async(drain_round(CLUSTER, settings, log), io))
     return sync_record.calls, async_record.calls, sync_outcome, async_outcome
 
@@ -394,6 +434,7 @@ def run_both(world: World, settings: DrainSettings):
         (finish_a_claimed_launch, {"update_item", "get_console_output"}),
         (explain_a_boot_failure, {"describe_instances", "get_console_output", "update_item"}),
         (reap_a_never_booted_instance, {"terminate_instances", "get_console_output", "update_item"}),
+        (show_failed_tasks, {"filter_log_events", "update_item"}),
         (
             drained_with_a_dead_letter,
             {"receive_message", "change_message_visibility_batch", "batch_get_item", "update_item"},

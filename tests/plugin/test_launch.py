@@ -80,15 +80,18 @@ def test_validation_errors_launch_nothing_and_name_every_field(queues, context, 
         handler={"type": "python"},
         instance_profile="no-such-profile",
         security_group_ids=["sg-12345678"],
+        log_retention_days=10,
     )
     runs = record_calls(operator, "CreateFleet")
     templates = record_calls(operator, "CreateLaunchTemplate")
     with pytest.raises(AirflowException) as raised:
         operator.execute(context)
     message = str(raised.value)
-    for field in ("image_id", "instance_type", "handler.target", "instance_profile", "security_group_ids"):
+    fields = ("image_id", "instance_type", "handler.target", "instance_profile", "security_group_ids")
+    for field in (*fields, "log_retention_days: 10 is not a retention CloudWatch Logs offers"):
         assert field in message
     assert runs == [] and templates == []
+    assert boto3.client("logs", region_name=REGION).describe_log_groups()["logGroups"] == []
     assert cluster_instances(cluster_id, ("pending", "running", "stopped")) == []
 
 
@@ -181,6 +184,17 @@ def test_one_fleet_launch_from_a_launch_template_with_the_right_parameters(
     assert ebs["Encrypted"] is True and ebs["VolumeSize"] == 20
     script = parse_user_data(base64.b64decode(data["UserData"]))
     assert cluster_id in script and queues["queue_url"] in script
+    # The workers' log group, made before they start: tagged with the cluster, kept 30 days by default;
+    # the workers are told it in their configuration, the drain in the launch spec.
+    logs = boto3.client("logs", region_name=REGION)
+    (group,) = logs.describe_log_groups(logGroupNamePrefix=f"/ec2cluster/{cluster_id}")["logGroups"]
+    assert group["logGroupName"] == f"/ec2cluster/{cluster_id}" and group["retentionInDays"] == 30
+    assert logs.list_tags_for_resource(resourceArn=group["arn"].removesuffix(":*"))["tags"] == {
+        "team": "data",
+        TAG_CLUSTER_ID: cluster_id,
+    }
+    assert f'"log_group": "/ec2cluster/{cluster_id}"' in script
+    assert descriptor["launch_spec"]["log_group"] == f"/ec2cluster/{cluster_id}"
 
     instances = cluster_instances(cluster_id)
     ids = sorted(i["InstanceId"] for i in instances)

@@ -10,6 +10,7 @@ test, so a statement added later must come with the path that needs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ from ec2cluster_localcloud import LocalCloud
 from ec2cluster_localcloud.project import CONTROLLER_USER, apply_project_policies, iam_policy_documents
 from ec2cluster_worker import boot, records
 from ec2cluster_worker.aws import AwsClients
+from ec2cluster_worker.cloudwatch import LogShipper
 from ec2cluster_worker.config import S3OutputSpec
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.results import TaskResult
@@ -36,7 +38,7 @@ from airflow_ec2cluster.aws.fleet import create_launch_template_params
 from airflow_ec2cluster.aws.s3 import bundle_object_key, cluster_bundles_prefix
 from airflow_ec2cluster.calls import run_sync
 from airflow_ec2cluster.capacity import launch_workers
-from airflow_ec2cluster.cluster import LaunchSpec, cluster_tags
+from airflow_ec2cluster.cluster import LaunchSpec, cluster_tags, log_group_name
 from airflow_ec2cluster.defaults import DEFAULT_BUNDLE_PREFIX
 from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 from airflow_ec2cluster.meta import MetaUpdate
@@ -180,6 +182,13 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
     def check_profile() -> None:
         assert hook.instance_profile_exists(cloud.instance_profile_name)
 
+    def make_and_read_log_group() -> None:
+        # The launch makes the cluster's log group (tagged, with a retention); the drain and
+        # `ec2cluster logs` read it.
+        group = log_group_name(cluster)
+        hook.ensure_log_group(group, cluster, 7)
+        list(hook.log_events(group))
+
     return {
         "ClusterQueues": lambda: hook.ensure_queues(cluster),
         "StateTable": lambda: hook.update_meta(STATE_TABLE, cluster, MetaUpdate(num_workers=1)),
@@ -205,6 +214,7 @@ def probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable[[], No
         "CheckInstanceProfile": check_profile,
         "SpotServiceLinkedRole": spot_launch_in_a_new_account,
         "ReadManifests": lambda: list(hook.iter_s3_lines(MANIFEST)),
+        "ClusterLogGroups": make_and_read_log_group,
     }
 
 
@@ -237,6 +247,19 @@ def worker_probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable
 
         return write
 
+    def ship_logs() -> None:
+        # The worker's shipper: its stream in the cluster's log group (made by the launch), and its lines.
+        group = log_group_name(cluster)
+        with contextlib.suppress(cloud.client("logs").exceptions.ResourceAlreadyExistsException):
+            cloud.client("logs").create_log_group(logGroupName=group)
+
+        def denied(event: str, error: str) -> None:
+            raise Denied(f"{event}: {error}")
+
+        shipper = LogShipper(clients.client("logs"), group, "i-necessity", on_error=denied)
+        shipper.add(time.time(), "a line")
+        shipper.flush()
+
     task_log = TaskLog(
         clients.dynamodb,
         STATE_TABLE,
@@ -249,6 +272,7 @@ def worker_probes(cloud: LocalCloud, hook: EC2ClusterHook) -> dict[str, Callable
             max_messages=1, wait_time_seconds=0, visibility_timeout=30
         ),
         "ReadClusterRecords": lambda: task_log.done_before(["t1"]),
+        "ShipLogs": ship_logs,
         "WriteStatusAndTaskLog": status,
         "OutputTable": sink(lambda: DynamoDBTableSink(OUTPUT_TABLE, context)),
         "S3Output": sink(lambda: S3Sink(S3OutputSpec(bucket=BUCKET, prefix="out"), context)),

@@ -20,7 +20,7 @@ from airflow_ec2cluster.iam import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("sqs", "ec2", "dynamodb", "s3", "iam", "pricing")
+SERVICES = ("sqs", "ec2", "dynamodb", "s3", "iam", "pricing", "logs")
 # IAM action names that differ from the API's (batch calls are authorised as their single form).
 ACTION_NAMES = {
     "sqs:SendMessageBatch": "sqs:SendMessage",
@@ -41,6 +41,7 @@ IMPLIED = {
     # CreateFleet launches each pool as RunInstances, with the same implications.
     "ec2:CreateFleet": {"ec2:RunInstances", "ec2:CreateTags", "iam:PassRole", "iam:CreateServiceLinkedRole"},
     "ec2:CreateLaunchTemplate": {"ec2:CreateTags"},  # TagSpecifications=
+    "logs:CreateLogGroup": {"logs:TagResource"},  # tags=
 }
 # Files of each side (the local cloud and the demo live outside the provider, in localcloud/); the price
 # table's refresh is a maintainer's command with a policy of its own (`iam-policy --side prices`).
@@ -193,6 +194,8 @@ def test_policies_are_scoped_to_the_clusters_names_and_tag():
     writes = worker["WriteStatusAndTaskLog"]["Condition"]
     assert writes["ForAllValues:StringLike"]["dynamodb:LeadingKeys"] == ["C#etl-*#W", "C#etl-*#T#*"]
     assert writes["Null"] == {"dynamodb:LeadingKeys": "false"}
+    groups = "arn:aws:logs:eu-west-1:123456789012:log-group:/ec2cluster/etl-*"
+    assert controller["ClusterLogGroups"]["Resource"] == worker["ShipLogs"]["Resource"] == groups
     terminate = controller["TerminateClusterInstances"]
     assert terminate["Condition"] == {"StringLike": {"aws:ResourceTag/ec2cluster:cluster-id": "etl-*"}}
     assert controller["LaunchTaggedWorkers"]["Condition"] == {

@@ -38,7 +38,7 @@ def cluster_groups(cloud, cluster_id: str) -> list[str]:
     return [g["GroupId"] for g in found["SecurityGroups"]]
 
 
-def test_a_private_subnet_with_endpoints_and_no_internet_runs_the_job(cloud_env):
+def test_a_private_subnet_with_endpoints_and_no_internet_runs_the_job(cloud_env, capsys):
     layout = private_vpc(cloud_env.client("ec2"))
     add_endpoints(cloud_env.client("ec2"), layout, cloud_env.region)
     job = Job(cloud_env, "net-private")
@@ -46,6 +46,8 @@ def test_a_private_subnet_with_endpoints_and_no_internet_runs_the_job(cloud_env)
     launched = job.launch(
         WORKERS, HANDLER, launch_options={"network": "private", "subnet_ids": [layout.private_subnet]}
     )
+    # No endpoint for CloudWatch Logs: said by the preflight, and the job runs all the same.
+    assert "Preflight: the workers' logs will not reach CloudWatch Logs" in capsys.readouterr().out
     summary = job.drain(timeout=180)
     processes = cloud_env.worker_processes()
     instances = {i for i in launched["instance_ids"]}

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_ec2cluster.cli import main as ec2cluster
+from airflow_ec2cluster.cluster import log_group_name
+from tests.localcloud.helpers import wait_for
 
 from .harness import Job
 
@@ -22,13 +28,30 @@ def poison_ids() -> set[str]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-def test_poison_messages_are_dead_lettered_and_reported(cloud_env):
+def test_poison_messages_are_dead_lettered_and_reported(cloud_env, capsys):
     job = Job(cloud_env, "poison")
     job.enqueue(poison_tasks(), max_receive_count=MAX_RECEIVE_COUNT)
     job.launch(2, "handlers:poison_if_asked")
+    # The workers ship their lines every few seconds: once every poison task's failure is in CloudWatch
+    # Logs, the drain's rounds show them (a few a round), however fast the job drains.
+    wait_for(lambda: failed_in_cloudwatch(job) >= poison_ids(), 60, "the failures in CloudWatch Logs")
     summary = job.drain(timeout=90)
-    job.teardown()
+    teardown = job.teardown()
     job.assert_nothing_left()
+    drain_log = capsys.readouterr().out
+
+    # A failed task's traceback, in the Airflow UI (the drain task's log)...
+    shown = [task_id for task_id in sorted(poison_ids()) if f"Task {task_id} failed on i-" in drain_log]
+    assert shown, drain_log
+    assert f"RuntimeError: poison task {shown[0]}" in drain_log
+    assert "in poison_if_asked" in drain_log and "Traceback (most recent call last):" in drain_log
+    assert teardown["log_group"] == log_group_name(job.cluster_id)
+    assert f"the workers' logs stay in CloudWatch Logs group {log_group_name(job.cluster_id)}" in drain_log
+    # ... and from `ec2cluster logs`, as the controller (its policy's FilterLogEvents), after the teardown.
+    assert ec2cluster(["logs", job.cluster_id, "--task", "t000000007", "--aws-conn-id", "aws_default"]) == 0
+    printed = capsys.readouterr().out
+    assert '"event":"task.failed"' in printed and "RuntimeError: poison task t000000007" in printed
+    assert "Traceback (most recent call last):" in printed and "in poison_if_asked" in printed
 
     assert summary["dead_lettered"] == len(POISON)
     assert set(summary["dead_lettered_task_ids"]) == poison_ids()
@@ -45,6 +68,16 @@ def test_poison_messages_are_dead_lettered_and_reported(cloud_env):
         f"dead_lettered={summary['dead_lettered']} reported={len(summary['dead_lettered_task_ids'])} "
         f"done={summary['tasks_done']} lost=0"
     )
+
+
+def failed_in_cloudwatch(job: Job) -> set[str]:
+    """The task ids of the cluster's task.failed lines in its log group (read as the account's root)."""
+    pages = (
+        job.cloud.client("logs")
+        .get_paginator("filter_log_events")
+        .paginate(logGroupName=log_group_name(job.cluster_id), filterPattern='{ $.event = "task.failed" }')
+    )
+    return {json.loads(e["message"])["task_id"] for page in pages for e in page["events"]}
 
 
 @pytest.mark.e2e

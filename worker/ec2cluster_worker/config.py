@@ -21,6 +21,8 @@ CONFIG_ENV = "EC2CLUSTER_WORKER_CONFIG"
 CLUSTER_ID_RE = re.compile(r"^[a-z0-9-]{1,40}$")
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
 TABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
+# CloudWatch Logs' log group names: 1-512 of these characters.
+LOG_GROUP_RE = re.compile(r"^[A-Za-z0-9_./#-]{1,512}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # "package.module:attribute" (the attribute may be dotted, e.g. "pkg.mod:Class.method").
 IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -113,6 +115,9 @@ class WorkerConfig:
     # Stop ("queue-empty") as soon as the worker holds nothing and a receive found nothing, the queue
     # confirming it holds no visible or delayed message; else only after idle_shutdown_seconds (loop.py).
     stop_when_queue_empty: bool = True
+    # The CloudWatch Logs group the worker ships its log lines to, in a stream named by its worker id
+    # (cloudwatch.py); None: the console only. The launch makes the group, with its retention.
+    log_group: str | None = None
 
     @classmethod
     def from_dict(cls, document: Any) -> WorkerConfig:
@@ -180,6 +185,7 @@ FIELD_NAMES = (
     "startup_check_timeout_seconds",
     "stop_on_rebalance",
     "stop_when_queue_empty",
+    "log_group",
 )
 REQUIRED_FIELDS = ("cluster_id", "region", "queue_url", "handler")
 
@@ -220,6 +226,8 @@ def parse_config(document: Any) -> WorkerConfig:
     for name, check in numbers.items():
         if name in document:
             values[name] = check(document[name])
+    if document.get("log_group") is not None:
+        values["log_group"] = _log_group(document["log_group"])
     for name in ("startup_check", "stop_on_rebalance", "stop_when_queue_empty"):
         if name in document:
             values[name] = _boolean(name, document[name])
@@ -252,6 +260,15 @@ def _table_name(name: str, value: Any) -> str:
     if not isinstance(value, str) or not TABLE_NAME_RE.match(value):
         raise ConfigError(
             f"{name}: {value!r} is not a DynamoDB table name; use 3-255 letters, digits, '_', '-' or '.'"
+        )
+    return value
+
+
+def _log_group(value: Any) -> str:
+    if not isinstance(value, str) or not LOG_GROUP_RE.match(value):
+        raise ConfigError(
+            f"log_group: {value!r} is not a CloudWatch Logs group name; use 1-512 letters, digits and "
+            "'_', '-', '/', '.', '#' (or null for no CloudWatch Logs)"
         )
     return value
 

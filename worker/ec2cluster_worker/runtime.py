@@ -20,6 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from . import reachability, records
 from .aws import AwsClients
+from .cloudwatch import LogShipper
 from .config import WorkerConfig
 from .handlers import HandlerError, build_handler
 from .identity import InstanceMetadata, explicit_imds_url, imds_base_url, read_placement, resolve_worker_id
@@ -43,8 +44,36 @@ def run_worker(
     environ = os.environ if environ is None else environ
     worker_id, id_source = resolve_worker_id(environ)
     log = (log or EventLog()).bind(worker_id=worker_id, cluster_id=config.cluster_id)
-    log.info("worker.starting", id_source=id_source, region=config.region, handler=config.handler.to_dict())
     clients = AwsClients(config.region, session=session)
+    shipper = None
+    if config.log_group:
+        # From here on every line also goes to the cluster's log group (this worker's stream); what goes
+        # wrong with CloudWatch is said on the console only.
+        console = log
+        shipper = LogShipper(
+            clients.client("logs"),
+            config.log_group,
+            worker_id,
+            on_error=lambda event, error: console.warning(event, error=error, log_group=config.log_group),
+        )
+        shipper.start()
+        log = log.with_sink(shipper.add)
+    try:
+        return _run(config, worker_id, id_source, environ, clients, log)
+    finally:
+        if shipper is not None:
+            shipper.close()
+
+
+def _run(
+    config: WorkerConfig,
+    worker_id: str,
+    id_source: str,
+    environ: Mapping[str, str],
+    clients: AwsClients,
+    log: EventLog,
+) -> int:
+    log.info("worker.starting", id_source=id_source, region=config.region, handler=config.handler.to_dict())
     status = WorkerStatus()
     status_writer = StatusWriter(
         clients.dynamodb,

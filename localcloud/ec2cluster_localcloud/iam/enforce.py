@@ -48,7 +48,7 @@ AUTHORIZATION_RE = re.compile(
     r"/aws4_request,"
     r"\s*SignedHeaders=(?P<signed>[^,]+),\s*Signature=(?P<signature>[0-9a-f]+)"
 )
-JSON_SERVICES = frozenset({"sqs", "dynamodb", "pricing"})
+JSON_SERVICES = frozenset({"sqs", "dynamodb", "pricing", "logs"})
 
 
 @dataclass(frozen=True)
@@ -266,8 +266,9 @@ def error_response(
             ("sqs", "AccessDenied"): "com.amazon.coral.service#AccessDeniedException",
             ("dynamodb", "AccessDenied"): "com.amazon.coral.service#AccessDeniedException",
             ("pricing", "AccessDenied"): "com.amazon.coral.service#AccessDeniedException",
+            ("logs", "AccessDenied"): "AccessDeniedException",
         }.get((service, code), f"com.amazon.coral.service#{code}")
-        if service == "dynamodb" and code == "AccessDenied":
+        if service in ("dynamodb", "logs") and code == "AccessDenied":
             status, reason = 400, "Bad Request"
         body = json.dumps({"__type": type_name, "message": message, "Message": message}).encode()
         headers = [("Content-Type", "application/x-amz-json-1.0"), ("x-amzn-RequestId", request_id)]

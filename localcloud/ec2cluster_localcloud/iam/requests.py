@@ -24,6 +24,10 @@ Notable rules that it models:
   ``ec2:CreateAction=CreateLaunchTemplate`` when tagged); DeleteLaunchTemplate, CreateLaunchTemplateVersion,
   ModifyLaunchTemplate and DeleteFleets on the resource's ARN with its tags.
 - Calls on existing instances carry their tags as ``aws:ResourceTag/<key>``.
+- CloudWatch Logs: calls on a log group (CreateLogGroup, PutRetentionPolicy, CreateLogStream,
+  FilterLogEvents, DescribeLogStreams...) on ``log-group:<name>``, on one stream (PutLogEvents,
+  GetLogEvents) on ``log-group:<name>:log-stream:<stream>``, tagging on the ``resourceArn``; CreateLogGroup
+  with tags also needs logs:TagResource with the request's tags.
 - CreateQueue with tags also needs sqs:TagQueue; StartMessageMoveTask needs receive, delete and attribute
   reads on the source and SendMessage on the destination.
 """
@@ -146,6 +150,7 @@ def authorizations(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
         "iam": _iam,
         "sts": _sts,
         "s3": _s3,
+        "logs": _logs,
     }.get(call.service)
     if handler is None:
         return [AuthorizationRequest(f"{call.service}:{call.operation}", "*")]
@@ -632,6 +637,36 @@ FLEET_RESOURCES = frozenset({"instance", "volume", "image", "subnet"})
 def _arn_type(arn: str) -> str:
     """``instance`` of ``arn:aws:ec2:us-east-1:123456789012:instance/*``."""
     return arn.rsplit(":", 1)[-1].split("/", 1)[0]
+
+
+# -- CloudWatch Logs ------------------------------------------------------------------------------------
+
+LOG_STREAM_OPERATIONS = frozenset({"PutLogEvents", "GetLogEvents"})
+LOG_TAGGING_OPERATIONS = frozenset({"TagResource", "UntagResource", "ListTagsForResource"})
+
+
+def _logs(call: ApiCall, facts: Facts) -> list[AuthorizationRequest]:
+    params, operation, action = call.params, call.operation, f"logs:{call.operation}"
+    if operation in LOG_TAGGING_OPERATIONS:
+        return [AuthorizationRequest(action, str(params.get("resourceArn") or "*"))]
+    group = params.get("logGroupName") or params.get("logGroupIdentifier")
+    if not group:
+        return [AuthorizationRequest(action, "*")]
+    if str(group).startswith("arn:"):
+        group_arn = str(group).removesuffix(":*")
+    else:
+        group_arn = call.arn("logs", f"log-group:{group}")
+    stream = params.get("logStreamName")
+    if operation in LOG_STREAM_OPERATIONS and stream:
+        return [AuthorizationRequest(action, f"{group_arn}:log-stream:{stream}")]
+    tags = params.get("tags") or {}
+    if operation == "CreateLogGroup" and tags:
+        context = request_tag_context(tags)
+        return [
+            AuthorizationRequest(action, group_arn, context),
+            AuthorizationRequest("logs:TagResource", group_arn, context),
+        ]
+    return [AuthorizationRequest(action, group_arn)]
 
 
 # -- IAM and STS ----------------------------------------------------------------------------------------
