@@ -58,7 +58,8 @@ from airflow_ec2cluster.meta import (
     meta_of,
     update_meta_params,
 )
-from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of
+from airflow_ec2cluster.pricing.spot import REFUSED_CODES as SPOT_PRICES_REFUSED_CODES
+from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of, spot_prices_refused
 from airflow_ec2cluster.tasklog import tally
 
 if TYPE_CHECKING:
@@ -207,8 +208,13 @@ class AsyncClusterIO:
     async def current_spot_prices(self, instance_types: list[str], now: float) -> dict[str, dict[str, Any]]:
         entries = []
         paginator = self.ec2.get_paginator("describe_spot_price_history")
-        async for page in paginator.paginate(**spot_price_params(instance_types, now)):
-            entries.extend(page.get("SpotPriceHistory", []))
+        try:
+            async for page in paginator.paginate(**spot_price_params(instance_types, now)):
+                entries.extend(page.get("SpotPriceHistory", []))
+        except ClientError as error:
+            if error_code(error) not in SPOT_PRICES_REFUSED_CODES:
+                raise
+            return spot_prices_refused(error_code(error), str(error))
         return spot_prices_of(entries, now)
 
     async def console_output(self, instance_id: str) -> str:

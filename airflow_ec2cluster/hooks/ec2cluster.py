@@ -120,7 +120,8 @@ from airflow_ec2cluster.meta import (
 )
 from airflow_ec2cluster.packing import OutgoingMessage
 from airflow_ec2cluster.preflight import NetworkFacts
-from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of
+from airflow_ec2cluster.pricing.spot import REFUSED_CODES as SPOT_PRICES_REFUSED_CODES
+from airflow_ec2cluster.pricing.spot import spot_price_params, spot_prices_of, spot_prices_refused
 from airflow_ec2cluster.tasklog import log_key_of, tally, task_results_of
 
 DEFAULT_RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
@@ -765,7 +766,12 @@ class EC2ClusterHook(AwsBaseHook):
         """ "type/zone" -> {"price", "at"}: the spot price now of ``instance_types`` in every zone
         (paginated DescribeSpotPriceHistory)."""
         paginator = self.ec2.get_paginator("describe_spot_price_history")
-        entries = self._items(paginator, "SpotPriceHistory", **spot_price_params(instance_types, now))
+        try:
+            entries = self._items(paginator, "SpotPriceHistory", **spot_price_params(instance_types, now))
+        except ClientError as error:
+            if error_code(error) not in SPOT_PRICES_REFUSED_CODES:
+                raise
+            return spot_prices_refused(error_code(error), str(error))
         return spot_prices_of(entries, now)
 
     def instance_states(self, instance_ids: list[str]) -> dict[str, str]:

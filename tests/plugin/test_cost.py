@@ -249,3 +249,21 @@ def test_the_provider_table_has_a_date_and_agrees_with_the_local_clouds_prices()
     # The local cloud ranks CreateFleet's pools by its own table: the estimate must use the same figures.
     assert table.for_region("us-east-1") == localcloud_prices.ON_DEMAND_USD_PER_HOUR
     assert table.for_region("xx-nowhere-1") == {}
+
+
+def test_a_controller_that_may_not_read_spot_prices_gets_no_price_and_a_fix(monkeypatch, caplog):
+    from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    hook = EC2ClusterHook(aws_conn_id=None, region_name="us-east-1")
+    with Stubber(hook.ec2) as stub:
+        stub.add_client_error(
+            "describe_spot_price_history", "UnauthorizedOperation", "You are not authorized", 403
+        )
+        assert hook.current_spot_prices(["c5.large"], NOW) == {}
+    assert "ec2:DescribeSpotPriceHistory" in caplog.text and "cost is unknown" in caplog.text
+    with Stubber(hook.ec2) as stub:  # any other error is the caller's
+        stub.add_client_error("describe_spot_price_history", "RequestLimitExceeded", "slow down", 503)
+        with pytest.raises(Exception, match="RequestLimitExceeded"):
+            hook.current_spot_prices(["c5.large"], NOW)
