@@ -1,9 +1,10 @@
 """Running one task: a Python function ``fn(payload, context)`` or a command (argv, never a shell).
 
 Both get a per-task timeout. A Python handler is interrupted with SIGALRM in the main thread (TaskTimeout is a
-BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread it runs in a
-daemon thread that is abandoned at the deadline. A command runs in its own process group, killed whole at the
-deadline.
+BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread (the worker's
+slots, ``slots.py``) it runs in a daemon thread that is abandoned at the deadline. With ``isolation:
+"process"`` it runs in a child process instead (``isolation.py``), killed at the deadline. A command runs in
+its own process group, killed whole at the deadline.
 
 A failed task's ``error`` is what a person reads in a report: the exception's type and message, or a
 command's exit status and the last line it wrote on stderr (``error_summary``, ``command_error``). The whole
@@ -245,6 +246,11 @@ def build_handler(spec: HandlerSpec) -> Handler:
                 f"handler.target: {spec.target!r} is a {type(function).__name__}, not a function; "
                 "give the import path of a function fn(payload, context)"
             )
+        if spec.in_processes:
+            from .isolation import ProcessHandler  # imports this module
+
+            # Loaded here too: a bad target stops the worker at start, as in thread isolation.
+            return ProcessHandler(spec.target)
         return PythonHandler(function)
     if isinstance(spec, CommandHandlerSpec):
         program = spec.argv[0]
