@@ -19,7 +19,7 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, workers
+    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, slots, workers
 
     return {
         "worker-calls": costs.worker_calls,
@@ -36,6 +36,8 @@ def registry() -> dict[str, Callable[[str], Result]]:
         "bundle-size": boot.bundle_size,
         "scale-in": capacity.scale_in,
         "interruption-replacement": capacity.interruption_replacement,
+        "slot-throughput": slots.slot_throughput,
+        "receive-sizing": slots.receive_sizing,
     }
 
 
@@ -54,6 +56,8 @@ NAMES = (
     "bundle-size",
     "scale-in",
     "interruption-replacement",
+    "slot-throughput",
+    "receive-sizing",
 )
 
 
