@@ -6,8 +6,9 @@
 - ``receive-sizing``: AWS calls per task for short tasks (what a receive of 10 messages of 10 tasks brings),
   and the effect of sizing receives on a mix of short and long tasks run by two workers: how long the job
   takes against the ideal (its work spread evenly over the slots) and calls per task, with the receive
-  sized (the worker's rule), with the rule before slots (``max_messages // tasks per message``: one message
-  of 10 tasks a receive) and with every receive taking 10 messages.
+  sized (the worker's rule), with the rule before slots (``max_messages // tasks in the last message``: 10
+  messages on the first receive, then one message of 10 tasks a receive) and with every receive taking 10
+  messages.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def rule_always_ten(mean, free_slots, visibility, tasks_per_message, max_message
 
 RULES = {
     "sized (the worker's rule)": None,
-    "before slots: 1 message": rule_before_slots,
+    "before slots (10 // tasks in the last message)": rule_before_slots,
     "always 10 messages": rule_always_ten,
 }
 
