@@ -81,12 +81,12 @@ def test_duration_stats_follow_recent_tasks():
 # -- configuration -----------------------------------------------------------------------------------------
 
 
-def base(**fields):
+def base(handler):
     return {
         "cluster_id": "c-1",
         "region": REGION,
         "queue_url": "https://sqs/q",
-        "handler": fields.pop("handler"),
+        "handler": handler,
     }
 
 
