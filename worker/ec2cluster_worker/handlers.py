@@ -2,7 +2,8 @@
 
 Both get a per-task timeout. A Python handler is interrupted with SIGALRM in the main thread (TaskTimeout is a
 BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread (the worker's
-slots, ``slots.py``) it runs in a daemon thread that is abandoned at the deadline. With ``isolation:
+slots, ``slots.py``) it runs on a daemon thread kept per slot, abandoned at the deadline (a thread cannot
+be killed) and replaced for the slot's next task. With ``isolation:
 "process"`` it runs in a child process instead (``isolation.py``), killed at the deadline. A command runs in
 its own process group, killed whole at the deadline.
 
