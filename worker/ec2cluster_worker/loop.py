@@ -115,7 +115,7 @@ class Worker:
         self.exit_code = EXIT_OK
         self._receive_errors = 0
         # The slots: tasks start only while no stop is requested (the rest are handed back).
-        self.slots = SlotPool(slots, should_start=lambda: not self.stop.requested)
+        self.slots = SlotPool(slots, should_start=lambda: not self.stop.requested, inline=slots == 1)
         self.status.set_slots(slots)
         self.durations = DurationStats()
         # Messages whose tasks have all ended, waiting to be finished (written, deleted) together; filled by

@@ -7,6 +7,10 @@ loop queues the tasks of the messages it receives and receives again only when a
 waits for one (``free()``), so what a worker holds is what its slots run, plus at most one receive's worth
 (``sizing.py``).
 
+One slot is the loop's own thread (``inline``): the tasks run where the loop waits for a free slot, as before
+slots, with no hand-over between threads, and a Python handler's time limit is SIGALRM's (which interrupts a
+task; a thread can only abandon one).
+
 A stop: the slots finish the task at hand, start nothing more (``should_start``), and the loop hands the
 tasks not started back with their messages (``cancel_pending``).
 """
@@ -26,10 +30,13 @@ class Job(Protocol):
 
 
 class SlotPool:
-    def __init__(self, count: int, should_start: Callable[[], bool] = lambda: True) -> None:
-        if count < 1:
-            raise ValueError(f"a pool needs at least one slot, not {count}")
+    def __init__(
+        self, count: int, should_start: Callable[[], bool] = lambda: True, *, inline: bool = False
+    ) -> None:
+        if count < 1 or (inline and count != 1):
+            raise ValueError(f"a pool needs at least one slot (one inline), not {count}")
         self.count = count
+        self.inline = inline
         self.should_start = should_start
         self._jobs: deque[Job] = deque()
         self._running = 0
@@ -41,7 +48,7 @@ class SlotPool:
         with self._changed:
             if self._closed:
                 raise RuntimeError("the slot pool is closed")
-            if not self._threads:
+            if not self._threads and not self.inline:
                 self._threads = [
                     threading.Thread(target=self._slot, name=f"ec2cluster-slot-{index}", daemon=True)
                     for index in range(self.count)
@@ -66,11 +73,16 @@ class SlotPool:
             return not self._running and not self._jobs
 
     def wait_free(self, timeout: float) -> bool:
-        """Wait until a slot is free (``free() > 0``) or ``timeout`` s pass; True when one is."""
+        """Wait until a slot is free (``free() > 0``) or ``timeout`` s pass; True when one is. Inline: run
+        the queued jobs first, in this thread."""
+        if self.inline:
+            self._run_inline()
         with self._changed:
             return self._changed.wait_for(lambda: self.count - self._running - len(self._jobs) > 0, timeout)
 
-    def wait_idle(self, timeout: float) -> bool:
+    def wait_idle(self, timeout: float | None) -> bool:
+        if self.inline:
+            self._run_inline()
         with self._changed:
             return self._changed.wait_for(lambda: not self._running and not self._jobs, timeout)
 
@@ -87,6 +99,22 @@ class SlotPool:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+    def _run_inline(self) -> None:
+        while True:
+            with self._changed:
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._running += 1
+            try:
+                if self.should_start():
+                    job.run()
+                else:
+                    job.skip()
+            finally:
+                with self._changed:
+                    self._running -= 1
 
     def _slot(self) -> None:
         while True:
