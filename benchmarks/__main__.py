@@ -19,7 +19,7 @@ from .result import Result
 
 
 def registry() -> dict[str, Callable[[str], Result]]:
-    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, logs_cost, workers
+    from . import boot, capacity, controller, costs, enqueue, localcloud_sqs, logs_cost, slots, workers
 
     return {
         "worker-calls": costs.worker_calls,
@@ -37,6 +37,8 @@ def registry() -> dict[str, Callable[[str], Result]]:
         "scale-in": capacity.scale_in,
         "interruption-replacement": capacity.interruption_replacement,
         "logs-cost": logs_cost.logs_cost,
+        "slot-throughput": slots.slot_throughput,
+        "receive-sizing": slots.receive_sizing,
     }
 
 
@@ -56,6 +58,8 @@ NAMES = (
     "scale-in",
     "interruption-replacement",
     "logs-cost",
+    "slot-throughput",
+    "receive-sizing",
 )
 
 

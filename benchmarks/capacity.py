@@ -144,6 +144,7 @@ def scale_in_run(local: Any, table: str, size: str, fast: bool) -> dict[str, Any
         image_id=local.ami_id,
         instance_type=INSTANCE_TYPE,
         handler=SLEEP_HANDLER,
+        slots_per_instance=1,  # one task at a time per worker, as issue 15 measured (slots: issue 16)
         worker_options={
             "stop_when_queue_empty": fast,
             "idle_shutdown_seconds": idle_seconds,
@@ -330,6 +331,7 @@ def interruption_replacement(size: str) -> Result:
             capacity="spot",
             subnet_ids=subnets,
             handler=SLEEP_HANDLER,
+            slots_per_instance=1,  # as issue 15 measured
             worker_options={"wait_time_seconds": WAIT_TIME_SECONDS},
             **common,
         )

@@ -21,10 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # their time waiting: they run in a process of their own, beside the others.
 # Three processes on a 2-core machine, balanced by their time at the tiny size (~20-40 s each alone).
 GROUPS = (
-    ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream", "bundle-size"),
-    ("poke-calls", "worker-throughput", "worker-memory", "logs-cost"),
+    ("worker-calls", "request-cost", "enqueue", "launch-calls", "enqueue-stream", "bundle-size", "logs-cost"),
+    ("poke-calls", "worker-throughput", "worker-memory", "receive-sizing"),
     ("drain-latency", "localcloud-sqs", "boot-time"),
-    ("scale-in", "interruption-replacement"),
+    ("scale-in", "interruption-replacement", "slot-throughput"),
 )
 
 
@@ -69,6 +69,19 @@ def test_worker_calls_per_task(results):
     assert "10 tasks/message" in packed["what"] and "1 task/message" in single["what"]
     assert packed["met"] and packed["value"] <= 0.4 and single["value"] <= 0.4
     assert packed["reference"] >= 4
+
+
+def test_receive_sizing_meets_its_call_target_and_compares_the_rules(results):
+    figures = rows(results["receive-sizing"])
+    (short,) = [row for what, row in figures.items() if what.startswith("AWS calls per task (")]
+    assert short["met"] and 0 < short["value"] <= 0.05
+    for rule in ("sized", "before slots", "always 10"):
+        assert any(what.startswith(f"mix, {rule}") and row["value"] > 0 for what, row in figures.items())
+
+
+def test_slot_throughput_reports_each_slot_count(results):
+    figures = rows(results["slot-throughput"])
+    assert any(what.startswith("tasks/s, 1 slot") and row["value"] > 0 for what, row in figures.items())
 
 
 def test_request_cost_counts_items(results):

@@ -102,7 +102,9 @@ class WorkerStatus:
     started_at: float
     heartbeat_at: float
     last_completion_at: float | None = None
-    busy: bool = False
+    busy: bool = False  # any slot runs a task
+    busy_slots: int = 0  # how many (a worker writing only ``busy``: 1 when busy)
+    slots: int = 1
     busy_task_id: str | None = None
     busy_since: float | None = None
     idle_since: float | None = None
@@ -137,13 +139,19 @@ class WorkerStatus:
             return None if value is None else float(value)
 
         started_at = number("started_at") or 0.0
+        # A worker with slots writes busy_slots beside busy; an older one only busy. Either says busy when
+        # any slot is.
+        busy_slots = int(item.get("busy_slots") or 0)
+        busy = bool(item.get("busy", False)) or busy_slots > 0
         return cls(
             worker_id=str(item.get("worker_id") or item.get("sk")),
             state=str(item.get("state", "")),
             started_at=started_at,
             heartbeat_at=number("heartbeat_at") or started_at,
             last_completion_at=number("last_completion_at"),
-            busy=bool(item.get("busy", False)),
+            busy=busy,
+            busy_slots=max(busy_slots, 1) if busy else 0,
+            slots=int(item.get("slots") or 1),
             busy_task_id=item.get("busy_task_id"),
             busy_since=number("busy_since"),
             idle_since=number("idle_since"),

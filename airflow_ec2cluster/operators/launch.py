@@ -107,6 +107,8 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
     boot; ``python`` names the image's interpreters to try, ``boot_timeout`` and ``max_lifetime`` arm each
     instance's own watchdog.
 
+    ``slots_per_instance`` tasks run at once on each instance (default: the instance's vCPUs for a command
+    handler or a Python handler with ``"isolation": "process"``, else 1; see DESIGN.md "Slots").
     ``worker_options`` holds any other worker configuration field (``output``, ``task_timeout_seconds``,
     ``idle_shutdown_seconds``...; see DESIGN.md). Returns the :class:`ClusterDescriptor` as a dict.
     """
@@ -126,6 +128,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         "instance_requirements",
         "handler",
         "worker_options",
+        "slots_per_instance",
         "subnet_ids",
         "subnet_id",
         "network",
@@ -168,6 +171,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         spot_strategy: str = DEFAULT_SPOT_STRATEGY,
         handler: dict[str, Any],
         worker_options: dict[str, Any] | None = None,
+        slots_per_instance: int | None = None,
         cluster_id: str | None = None,
         state_table: str = DEFAULT_STATE_TABLE,
         queue_url: str | None = None,
@@ -207,6 +211,7 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
         self.instance_requirements = instance_requirements
         self.handler = handler
         self.worker_options = worker_options or {}
+        self.slots_per_instance = slots_per_instance
         self.cluster_id = cluster_id
         self.state_table = state_table
         self.queue_url = queue_url
@@ -412,8 +417,12 @@ class EC2ClusterLaunchOperator(ClusterOperatorMixin, AwsBaseOperator[EC2ClusterH
     def worker_config(self, cluster_id: str, region: str, queue_url: str) -> dict[str, Any]:
         # The log group is the cluster's (the policies allow no other); log_retention_days=None: none.
         shipping = self.log_retention_days is not None
+        slots = self.slots_per_instance
+        if isinstance(slots, str) and slots.strip().isdigit():  # a rendered template
+            slots = int(slots)
         return {
             **self.worker_options,
+            **({} if slots in (None, "") else {"slots_per_instance": slots}),
             "cluster_id": cluster_id,
             "region": region,
             "queue_url": queue_url,

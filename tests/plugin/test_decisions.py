@@ -313,6 +313,21 @@ def test_worker_status_from_item():
     item = {"worker_id": "i-9", "state": "running", "started_at": 10, "heartbeat_at": 20, "busy": False}
     status = WorkerStatus.from_item(item)
     assert status.heartbeat_at == 20.0 and status.last_completion_at is None and status.last_activity == 10
+    assert (status.busy, status.busy_slots, status.slots) == (False, 0, 1)
+
+
+def test_a_worker_with_any_busy_slot_is_busy():
+    base = {"worker_id": "i-9", "state": "running", "started_at": 10, "heartbeat_at": 20}
+    slotted = WorkerStatus.from_item({**base, "busy": True, "busy_slots": 3, "slots": 4})
+    assert (slotted.busy, slotted.busy_slots, slotted.slots) == (True, 3, 4)
+    # busy_slots alone says busy too; an older worker's busy flag alone is one busy slot.
+    assert WorkerStatus.from_item({**base, "busy_slots": 1}).busy
+    older = WorkerStatus.from_item({**base, "busy": True})
+    assert (older.busy, older.busy_slots, older.slots) == (True, 1, 1)
+    # A busy worker is not idle, however long ago its last task ended: the drain does not reap it.
+    idle_long = {**base, "busy": False, "busy_slots": 2, "slots": 2, "busy_since": NOW - 5, "idle_since": 11}
+    busy = replace(WorkerStatus.from_item(idle_long), heartbeat_at=NOW)
+    assert not decide(snapshot([instance("i-9")], [busy])).reap
 
 
 def test_default_is_two_empty_reads_with_the_task_log_agreeing():

@@ -116,6 +116,7 @@ def test_bad_fleet_choices_are_validation_errors(queues, context, cluster_id, am
         on_demand_strategy="random",
         max_workers=1,
         max_cost="ten dollars",
+        slots_per_instance=0,
     )
     runs = record_calls(operator, "CreateFleet")
     with pytest.raises(AirflowException) as raised:
@@ -127,9 +128,18 @@ def test_bad_fleet_choices_are_validation_errors(queues, context, cluster_id, am
         "on_demand_strategy",
         "max_workers",
         "max_cost: 'ten dollars' is not a positive number of US dollars",
+        "slots_per_instance: 0 is not a number of slots",
     ):
         assert field in message
     assert runs == [] and cluster_instances(cluster_id) == []
+
+
+def test_slots_per_instance_goes_into_the_worker_configuration(ami_id):
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/ec2cluster-c-tasks"
+    assert (
+        launch("c", ami_id, slots_per_instance="4").worker_config("c", REGION, url)["slots_per_instance"] == 4
+    )
+    assert "slots_per_instance" not in launch("c", ami_id).worker_config("c", REGION, url)
 
 
 def template_data(template_id: str) -> dict:

@@ -73,3 +73,39 @@ def fail_first_attempt(payload: Any, context: Any) -> Any:
     if isinstance(payload, dict) and payload.get("fail_once") and context.attempt == 1:
         raise ValueError("fails on the first attempt only")
     return fail_if_asked(payload, context)
+
+
+def hold_until_released(payload: Any, context: Any) -> Any:
+    """Says it started (a file ``<dir>/<task id>.started``), then waits for ``<dir>/release``: a test holds
+    tasks running for as long as it needs to observe them."""
+    import os
+    from pathlib import Path
+
+    folder = Path(payload["dir"])
+    (folder / f"{context.task_id}.started").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while not (folder / "release").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.02)
+    return {"pid": os.getpid()}
+
+
+_meetings: dict[str, Any] = {}
+_meetings_lock = __import__("threading").Lock()
+
+
+def meet(payload: Any, context: Any) -> Any:
+    """Returns only when ``payload["parties"]`` tasks are inside it at once (fails after 30 s): tasks that
+    ran one after another could never all get through."""
+    import threading
+
+    with _meetings_lock:
+        barrier = _meetings.setdefault(payload["name"], threading.Barrier(payload["parties"], timeout=30))
+    barrier.wait()
+    return {"met": payload["parties"]}
+
+
+def chatty(payload: Any, context: Any) -> Any:
+    print("a handler printing to stdout", payload)
+    return {"pid": __import__("os").getpid(), "attempt": context.attempt}

@@ -9,7 +9,6 @@ from ec2cluster_worker import records
 from ec2cluster_worker.messages import Delivery, group_body, task_body
 from ec2cluster_worker.results import done_result
 from ec2cluster_worker.tasklog import MAX_INLINE_RESULT_BYTES, MessageRun, fit_inline_results
-from ec2cluster_worker.taskqueue import messages_to_request
 
 from ..localcloud.helpers import wait_for
 from .cloud import (
@@ -99,11 +98,6 @@ def test_a_redelivered_group_runs_only_what_is_not_done(cluster, state_table, tm
     # moves it): nothing lost.
     dead = wait_for(lambda: receive_all(queue_url) or receive_all(dlq_url), 15, "the message in the DLQ")
     assert [message["Body"] for message in dead] == [group_body(group)]
-
-
-def test_messages_to_request_aims_at_the_same_number_of_tasks():
-    assert [messages_to_request(10, k) for k in (1, 2, 3, 10, 50)] == [10, 5, 3, 1, 1]
-    assert messages_to_request(4, 1) == 4 and messages_to_request(1, 10) == 1
 
 
 def test_results_that_overflow_the_group_item_fail_with_the_fix():

@@ -128,12 +128,22 @@ def test_signals_request_a_stop_once():
 def test_status_item_fields():
     status = WorkerStatus(started_at=100.0)
     status.set_state(records.STATE_RUNNING)
-    status.task_started("t-9", 105.0)
+    status.set_slots(2)
+    first = status.task_started("t-9", 105.0)
     busy = status_item(status.snapshot(), cluster_id="c-1", worker_id="w-1", now=106.0, retention_seconds=10)
     assert busy["pk"] == "C#c-1#W" and busy["sk"] == "w-1"
     assert busy["busy"] is True and busy["busy_task_id"] == "t-9" and "idle_since" not in busy
+    assert (busy["busy_slots"], busy["slots"]) == (1, 2)
     assert "last_completion_at" not in busy and busy["expires_at"] == 116
-    status.task_finished(107.0)
+    # A second slot: both count; the task running longest is the one named (a hung-task check's).
+    second = status.task_started("t-10", 106.0)
+    both = status_item(status.snapshot(), cluster_id="c-1", worker_id="w-1", now=106.5, retention_seconds=10)
+    assert (both["busy_slots"], both["busy_task_id"], both["busy_since"]) == (2, "t-9", 105)
+    status.task_finished(first, 106.8)
+    one = status_item(status.snapshot(), cluster_id="c-1", worker_id="w-1", now=107.0, retention_seconds=10)
+    assert (one["busy"], one["busy_slots"], one["busy_task_id"]) == (True, 1, "t-10")
+    assert "idle_since" not in one  # a slot still works
+    status.task_finished(second, 107.0)
     status.count(3, 1, 107.0)
     status.set_state(records.STATE_STOPPED, stop_reason="idle")
     status.set_state(records.STATE_STOPPED, stop_reason="later reason")  # the first reason is kept

@@ -34,13 +34,28 @@ class ConfigError(ValueError):
     """A configuration document that the worker cannot run with; the message names the field and the fix."""
 
 
+ISOLATION_THREAD = "thread"
+ISOLATION_PROCESS = "process"
+
+
 @dataclass(frozen=True)
 class PythonHandlerSpec:
     target: str
+    # "thread": the function runs in the worker's own process (one interpreter, one GIL: a CPU-bound
+    # function uses one core whatever the slots); "process": each slot runs it in a child process of its own
+    # (isolation.py), so slots use as many cores, and a task past its time limit is killed, not abandoned.
+    isolation: str = ISOLATION_THREAD
     type: str = "python"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "target": self.target}
+        document = {"type": self.type, "target": self.target}
+        if self.isolation != ISOLATION_THREAD:
+            document["isolation"] = self.isolation
+        return document
+
+    @property
+    def in_processes(self) -> bool:
+        return self.isolation == ISOLATION_PROCESS
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class CommandHandlerSpec:
     argv: tuple[str, ...]
     payload: str  # "stdin" or "argv"
     type: str = "command"
+    in_processes = True  # every task is a process of its own
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, "argv": list(self.argv), "payload": self.payload}
@@ -118,6 +134,9 @@ class WorkerConfig:
     # The CloudWatch Logs group the worker ships its log lines to, in a stream named by its worker id
     # (cloudwatch.py); None: the console only. The launch makes the group, with its retention.
     log_group: str | None = None
+    # Tasks run at once on the instance (slots.py); None: default_slots() (the instance's vCPUs when tasks
+    # run in processes, else 1).
+    slots_per_instance: int | None = None
 
     @classmethod
     def from_dict(cls, document: Any) -> WorkerConfig:
@@ -186,6 +205,7 @@ FIELD_NAMES = (
     "stop_on_rebalance",
     "stop_when_queue_empty",
     "log_group",
+    "slots_per_instance",
 )
 REQUIRED_FIELDS = ("cluster_id", "region", "queue_url", "handler")
 
@@ -231,7 +251,46 @@ def parse_config(document: Any) -> WorkerConfig:
     for name in ("startup_check", "stop_on_rebalance", "stop_when_queue_empty"):
         if name in document:
             values[name] = _boolean(name, document[name])
+    if document.get("slots_per_instance") is not None:
+        values["slots_per_instance"] = slots_per_instance(document["slots_per_instance"])
     return WorkerConfig(**values)
+
+
+MAX_SLOTS = 1024
+
+
+def slots_per_instance(value: Any, field_name: str = "slots_per_instance") -> int:
+    """A valid ``slots_per_instance`` (a positive integer), or ConfigError naming the field and the fix."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
+        raise ConfigError(
+            f"{field_name}: {value!r} is not a number of slots; give a whole number from 1 to {MAX_SLOTS} "
+            "(tasks run at once on each instance), or leave it out for the default (the instance's vCPUs "
+            "for command handlers and Python handlers with isolation 'process', else 1)"
+        )
+    return value
+
+
+def default_slots(handler: HandlerSpec, vcpus: int) -> int:
+    """Slots when ``slots_per_instance`` is not given: one per vCPU when tasks run in processes (a command,
+    or a Python handler with isolation "process"); 1 when they share the worker's interpreter, whose GIL lets
+    only one thread compute at a time (more slots would only help a handler that waits on I/O: say so)."""
+    return max(1, vcpus) if handler.in_processes else 1
+
+
+def instance_vcpus() -> int:
+    """The vCPUs this process may run on: on EC2 the instance type's vCPUs as the OS sees them.
+
+    Read from the OS, not instance metadata: metadata names the instance type but not its vCPU count (that
+    takes DescribeInstanceTypes, another permission), and the OS count is the one that matters: it follows
+    CPU options (one thread per core halves it) and a container's or cgroup's CPU set (sched_getaffinity),
+    which os.cpu_count() would not.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _cluster_id(value: Any) -> str:
@@ -284,7 +343,7 @@ def _import_path(name: str, value: Any, example: str) -> str:
 def _handler(value: Any) -> HandlerSpec:
     kind = _object_with_type("handler", value, ("python", "command"))
     if kind == "python":
-        _reject_unknown("handler", value, ("type", "target"))
+        _reject_unknown("handler", value, ("type", "target", "isolation"))
         if "target" not in value:
             raise ConfigError(
                 "handler.target: missing; give the import path of a function like 'mypkg.tasks:run'"
@@ -295,7 +354,13 @@ def _handler(value: Any) -> HandlerSpec:
                 f"handler.target: {target!r} is not 'module:function'; "
                 "give the import path of a function like 'mypkg.tasks:run'"
             )
-        return PythonHandlerSpec(target=target)
+        isolation = value.get("isolation", ISOLATION_THREAD)
+        if isolation not in (ISOLATION_THREAD, ISOLATION_PROCESS):
+            raise ConfigError(
+                f"handler.isolation: {isolation!r} is not 'thread' or 'process'; use 'process' to run the "
+                "function in a child process per slot (CPU-bound work on several cores), or leave it out"
+            )
+        return PythonHandlerSpec(target=target, isolation=isolation)
     _reject_unknown("handler", value, ("type", "argv", "payload"))
     argv = value.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(arg, str) for arg in argv) or not argv[0]:

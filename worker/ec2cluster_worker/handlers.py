@@ -1,9 +1,11 @@
 """Running one task: a Python function ``fn(payload, context)`` or a command (argv, never a shell).
 
 Both get a per-task timeout. A Python handler is interrupted with SIGALRM in the main thread (TaskTimeout is a
-BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread it runs in a
-daemon thread that is abandoned at the deadline. A command runs in its own process group, killed whole at the
-deadline.
+BaseException so that a handler's ``except Exception`` cannot swallow it); off the main thread (the worker's
+slots, ``slots.py``) it runs on a daemon thread kept per slot, abandoned at the deadline (a thread cannot
+be killed) and replaced for the slot's next task. With ``isolation:
+"process"`` it runs in a child process instead (``isolation.py``), killed at the deadline. A command runs in
+its own process group, killed whole at the deadline.
 
 A failed task's ``error`` is what a person reads in a report: the exception's type and message, or a
 command's exit status and the last line it wrote on stderr (``error_summary``, ``command_error``). The whole
@@ -16,6 +18,7 @@ import contextlib
 import importlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -99,23 +102,48 @@ def _run_with_alarm(call: Callable[[], Any], timeout: float) -> Any:
         signal.signal(signal.SIGALRM, previous)
 
 
+class _Runner:
+    """A daemon thread that runs calls for one caller thread (a slot), so that a call past its time limit can
+    be abandoned: the caller stops waiting, and a new runner serves its next call. One thread per slot,
+    not one per task: starting a thread costs ten times the hand-over."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Lock]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._run, name="ec2cluster-task", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            call, outcome, done = self._requests.get()
+            try:
+                outcome.append((True, call()))
+            except BaseException as error:  # handed to the caller's thread
+                outcome.append((False, error))
+            done.release()
+
+    def call(self, call: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+        """(True, result) or (False, the exception); raises TaskTimeout after ``timeout`` s."""
+        outcome: list[Any] = []
+        done = threading.Lock()
+        done.acquire()
+        self._requests.put((call, outcome, done))
+        if not done.acquire(timeout=timeout):
+            raise TaskTimeout()
+        return outcome[0]
+
+
+_runners = threading.local()
+
+
 def _run_in_thread(call: Callable[[], Any], timeout: float) -> Any:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = call()
-        except BaseException as error:  # handed to the caller's thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, name="ec2cluster-task", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TaskTimeout()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("result")
+    runner = getattr(_runners, "runner", None) or _Runner()
+    _runners.runner = None  # abandoned if the call times out
+    succeeded, value = runner.call(call, timeout)
+    _runners.runner = runner
+    if succeeded:
+        return value
+    raise value
 
 
 class PythonHandler:
@@ -245,6 +273,11 @@ def build_handler(spec: HandlerSpec) -> Handler:
                 f"handler.target: {spec.target!r} is a {type(function).__name__}, not a function; "
                 "give the import path of a function fn(payload, context)"
             )
+        if spec.in_processes:
+            from .isolation import ProcessHandler  # imports this module
+
+            # Loaded here too: a bad target stops the worker at start, as in thread isolation.
+            return ProcessHandler(spec.target)
         return PythonHandler(function)
     if isinstance(spec, CommandHandlerSpec):
         program = spec.argv[0]

@@ -1,4 +1,11 @@
-"""The worker loop: receive a batch, run its tasks, store results, log them, delete what is done.
+"""The worker loop: receive messages, run their tasks on the slots, store results, log them, delete what is
+done.
+
+The loop receives only when a slot is free and no task waits for one, sizing the receive by what the free
+slots can finish soon (``sizing.py``); the slots (``slots.py``) run the tasks, several at once with
+``slots_per_instance`` > 1; the messages whose tasks have all ended are finished together just before the
+next receive (or when the first of them has waited a quarter of the visibility timeout), so one task-log
+write and one delete serve up to a receive's worth of messages.
 
 Per received batch of messages (each one task or a group of tasks) the loop makes three AWS calls
 (ReceiveMessage, one BatchWriteItem for every message's task-log item, one DeleteMessageBatch), plus a
@@ -37,12 +44,14 @@ from .lifecycle import (
 )
 from .logs import EventLog
 from .messages import Delivery, Malformed, Parsed, Task, TaskMessage, delivery_of, parse_message
-from .receiver import Receiver
+from .receiver import STOP_CHECK_SECONDS, Receiver
 from .results import TaskResult, done_result, failed_result
 from .sinks import Sink, write_results
+from .sizing import RECEIVE_BUDGET_FRACTION, DurationStats, receive_size
+from .slots import SlotPool
 from .status import Heartbeat, StatusWriter, WorkerStatus
 from .tasklog import MessageRun, TaskLog, fit_inline_results
-from .taskqueue import TaskQueue, messages_to_request
+from .taskqueue import TaskQueue
 from .visibility import VisibilityKeeper
 
 MAX_RETRY_DELAY_SECONDS = 60
@@ -74,6 +83,7 @@ class Worker:
         spot_watcher: SpotWatcher | None = None,
         stop: StopRequest | None = None,
         clock: Callable[[], float] = time.monotonic,
+        slots: int = 1,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -104,7 +114,16 @@ class Worker:
         self._queue_check = config.stop_when_queue_empty  # off for good when GetQueueAttributes is denied
         self.exit_code = EXIT_OK
         self._receive_errors = 0
-        self._tasks_per_message = 1  # the largest message of the last batch
+        # The slots: tasks start only while no stop is requested (the rest are handed back).
+        self.slots = SlotPool(slots, should_start=lambda: not self.stop.requested, inline=slots == 1)
+        self.status.set_slots(slots)
+        self.durations = DurationStats()
+        # Messages whose tasks have all ended, waiting to be finished (written, deleted) together; filled by
+        # the slot threads, emptied by the loop.
+        self._ended_lock = threading.Lock()
+        self._ended: list[MessageRun] = []
+        self._ended_since = 0.0  # when the oldest of them ended (monotonic)
+        self._finish_after = config.visibility_timeout_seconds * RECEIVE_BUDGET_FRACTION
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -118,14 +137,22 @@ class Worker:
         self.log.info("worker.running", queue_url=self.config.queue_url)
         try:
             while not self._stopping():
-                messages = self._receive()
+                self._finish_due(before_receive=False)
+                free = self.slots.free()
+                if free <= 0:
+                    self.slots.wait_free(STOP_CHECK_SECONDS)
+                    continue
+                self._finish_due(before_receive=True)
+                messages = self._receive(free)
                 if messages:
-                    self.process_batch(messages)
+                    self.dispatch(messages)
+            self._wind_down()
         except Exception as error:  # a bug, not a task's failure: say so on the status item, exit 1
             self.exit_code = EXIT_ERROR
             self.stop.request(f"error: {type(error).__name__}: {error}")
             self.log.error("worker.crashed", error=traceback.format_exc())
         finally:
+            self.slots.close()
             self._shut_down()
             restore_signals()
         return self.exit_code
@@ -134,18 +161,18 @@ class Worker:
         threads: list[Any] = [self.heartbeat, self.keeper, self.receiver]
         return threads + ([self.spot_watcher] if self.spot_watcher else [])
 
-    def _stopping(self, *, between_batches: bool = True) -> bool:
+    def _stopping(self) -> bool:
         """True when the worker must stop; on the first such answer, records and announces it."""
         if not self.stop.requested:
             reason = due_stop_reason(
                 now=self.clock(),
                 started_at=self.started_at,
-                last_activity_at=self.last_activity_at if between_batches else self.clock(),
+                last_activity_at=self.last_activity_at,
                 polled_empty=self.polled_empty,
                 idle_shutdown_seconds=self.config.idle_shutdown_seconds,
                 max_lifetime_seconds=self.config.max_lifetime_seconds,
             )
-            if reason is None and between_batches and self._queue_empty():
+            if reason is None and self._queue_empty():
                 reason = STOP_QUEUE_EMPTY
             if reason is not None:
                 self.stop.request(reason)
@@ -222,13 +249,19 @@ class Worker:
         if visible_at:
             self._returns_at = max(self._returns_at, visible_at + RETURN_MARGIN_SECONDS)
 
-    def _receive(self) -> list[dict[str, Any]]:
+    def _receive(self, free_slots: int) -> list[dict[str, Any]]:
         """One long poll, cut short by a stop request (SIGTERM, spot notice): [] then."""
         self._empty_receive = False
         try:
             messages = self.receiver.receive(
                 lambda: self.stop.requested,
-                max_messages=messages_to_request(self.config.max_messages, self._tasks_per_message),
+                max_messages=receive_size(
+                    self.durations.mean(),
+                    free_slots,
+                    self.config.visibility_timeout_seconds,
+                    self.durations.tasks_per_message,
+                    self.config.max_messages,
+                ),
                 wait_time_seconds=self.config.wait_time_seconds,
                 visibility_timeout=self.config.visibility_timeout_seconds,
             )
@@ -238,9 +271,15 @@ class Worker:
         self._receive_errors = 0
         if messages:
             self.last_activity_at = self.clock()
-        self.polled_empty = not messages and not self.stop.requested
+        # Idle only when nothing is running or waiting to be finished either.
+        self.polled_empty = not messages and not self.stop.requested and self._holds_nothing()
         self._empty_receive = self.polled_empty
         return messages
+
+    def _holds_nothing(self) -> bool:
+        with self._ended_lock:
+            ended = bool(self._ended)
+        return not ended and self.slots.idle()
 
     def _receive_failed(self, error: Exception) -> None:
         if error_code(error) in QUEUE_GONE_CODES:
@@ -253,16 +292,24 @@ class Worker:
             self.exit_code = EXIT_ERROR
             self.stop.request(f"error: ReceiveMessage failed {self._receive_errors} times: {error}")
 
-    # -- one batch ------------------------------------------------------------------------------------
+    # -- messages on the slots ------------------------------------------------------------------------------
 
     def process_batch(self, messages: list[dict[str, Any]]) -> None:
+        """Run these messages' tasks and finish them (one batch, start to end: for tests and tools)."""
+        self.dispatch(messages)
+        self.slots.wait_idle(timeout=None)
+        self._finish_ended()
+
+    def dispatch(self, messages: list[dict[str, Any]]) -> None:
+        """Hold the messages, queue their tasks on the slots (not those an earlier delivery logged done)."""
         parsed = [parse_message(message) for message in messages]
-        self._tasks_per_message = max(
-            len(item.tasks) if isinstance(item, TaskMessage) else 1 for item in parsed
+        self.durations.saw_messages(
+            [len(item.tasks) if isinstance(item, TaskMessage) else 1 for item in parsed]
         )
         self.keeper.hold([item.delivery for item in parsed], self.clock())
+        self.polled_empty = False
         done_before = self._done_before(parsed)
-        runs: list[MessageRun] = []
+        jobs: list[TaskJob] = []
         for item in parsed:
             run = MessageRun(
                 key=item.log_key,
@@ -271,14 +318,71 @@ class Worker:
                 task_count=len(item.tasks) if isinstance(item, TaskMessage) else 1,
                 kept=done_before.get(item.log_key, {}),
             )
-            self.run_message(item, run)
-            runs.append(run)
+            if isinstance(item, Malformed):
+                run.results.append(self.malformed_result(item))
+                self._ended_run(run)
+                continue
+            to_run = [task for task in item.tasks if task.task_id not in run.kept]
+            if not to_run:  # every task logged done before: only the delete is left
+                self._ended_run(run)
+                continue
+            run.outstanding = len(to_run)
+            order = {task.task_id: index for index, task in enumerate(item.tasks)}
+            jobs.extend(TaskJob(self, task, run, order) for task in to_run)
+        if jobs:
+            self.slots.submit(jobs)
+
+    def task_ended(self, job: TaskJob, result: TaskResult | None) -> None:
+        """A slot ran a task (``result``) or skipped it for a stop (None)."""
+        run = job.message
+        with self._ended_lock:
+            if result is None:
+                run.not_run += 1
+            else:
+                run.results.append(result)
+            run.outstanding -= 1
+            ended = run.outstanding == 0
+        if ended:
+            run.results.sort(key=lambda result: job.order[result.task_id])
+            self._ended_run(run)
+
+    def _ended_run(self, run: MessageRun) -> None:
+        with self._ended_lock:
+            if not self._ended:
+                self._ended_since = self.clock()
+            self._ended.append(run)
+
+    def _finish_due(self, *, before_receive: bool) -> None:
+        """Finish the ended messages before a receive, or once the first has waited long enough (a
+        quarter of the visibility timeout: results are not kept from the task log for long while every slot
+        is busy)."""
+        with self._ended_lock:
+            due = bool(self._ended) and (
+                before_receive or self.clock() - self._ended_since >= self._finish_after
+            )
+        if due:
+            self._finish_ended()
+
+    def _finish_ended(self) -> None:
+        with self._ended_lock:
+            runs, self._ended = self._ended, []
+        if not runs:
+            return
         not_started = [run.delivery for run in runs if run.not_run and not run.results and not run.kept]
         if not_started:
             refused = self.keeper.set_visibility(not_started, 0)
             self.log.info("batch.released", messages=len(not_started), refused=len(refused))
         self.finish([run for run in runs if run.delivery not in not_started])
         self.last_activity_at = self.clock()
+
+    def _wind_down(self) -> None:
+        """A stop: the slots finish the tasks at hand, start none of the others (handed back with their
+        messages), and every message ended is finished."""
+        for job in self.slots.cancel_pending():
+            job.skip()
+        while not self.slots.wait_idle(STOP_CHECK_SECONDS):
+            pass
+        self._finish_ended()
 
     def _done_before(self, parsed: list[Parsed]) -> dict[str, dict[str, dict[str, Any]]]:
         """Tasks an earlier delivery logged done: one read, for redelivered or redriven messages only."""
@@ -292,32 +396,20 @@ class Worker:
             self.log.warning("tasklog.read_failed", error=str(error), messages=len(keys))
             return {}
 
-    def run_message(self, item: Parsed, run: MessageRun) -> None:
-        """Run the message's tasks in order, skipping those done before; stop starting new ones on a stop."""
-        if isinstance(item, Malformed):
-            now = time.time()
-            self.log.warning(
-                "message.malformed", task_id=item.task_id, error=item.error, attempt=item.delivery.attempt
-            )
-            run.results.append(
-                failed_result(
-                    task_id=item.task_id,
-                    attempt=item.delivery.attempt,
-                    worker_id=self.worker_id,
-                    message_id=item.delivery.message_id,
-                    started_at=now,
-                    finished_at=now,
-                    error=f"malformed message: {item.error}",
-                )
-            )
-            return
-        for task in item.tasks:
-            if task.task_id in run.kept:
-                continue
-            if self._stopping(between_batches=False):
-                run.not_run += 1
-                continue
-            run.results.append(self.run_task(task))
+    def malformed_result(self, item: Malformed) -> TaskResult:
+        now = time.time()
+        self.log.warning(
+            "message.malformed", task_id=item.task_id, error=item.error, attempt=item.delivery.attempt
+        )
+        return failed_result(
+            task_id=item.task_id,
+            attempt=item.delivery.attempt,
+            worker_id=self.worker_id,
+            message_id=item.delivery.message_id,
+            started_at=now,
+            finished_at=now,
+            error=f"malformed message: {item.error}",
+        )
 
     def run_task(self, task: Task) -> TaskResult:
         delivery = task.delivery
@@ -328,7 +420,7 @@ class Worker:
             message_id=delivery.message_id,
         )
         started_at = time.time()
-        self.status.task_started(task.task_id, started_at)
+        token = self.status.task_started(task.task_id, started_at)
         context = TaskContext(task.task_id, delivery.attempt, self.worker_id, self.config.cluster_id)
         detail = None
         try:
@@ -345,7 +437,8 @@ class Worker:
             error = None
         finally:
             finished_at = time.time()
-            self.status.task_finished(finished_at)
+            self.status.task_finished(token, finished_at)
+            self.durations.add(finished_at - started_at)
         if error is None:
             result = done_result(started_at=started_at, finished_at=finished_at, result=value, **common)
         else:
@@ -465,3 +558,22 @@ class Worker:
             tasks_failed=snapshot.tasks_failed,
             exit_code=self.exit_code,
         )
+
+
+class TaskJob:
+    """One task of a received message, queued for a slot."""
+
+    __slots__ = ("worker", "task", "message", "order")
+
+    def __init__(self, worker: Worker, task: Task, message: MessageRun, order: dict[str, int]) -> None:
+        self.worker = worker
+        self.task = task
+        self.message = message
+        self.order = order  # task id -> place in its message: the task log lists them in that order
+
+    def run(self) -> None:
+        result = self.worker.run_task(self.task)
+        self.worker.task_ended(self, result)
+
+    def skip(self) -> None:
+        self.worker.task_ended(self, None)

@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from . import reachability, records
 from .aws import AwsClients
 from .cloudwatch import LogShipper
-from .config import WorkerConfig
+from .config import WorkerConfig, default_slots, instance_vcpus
 from .handlers import HandlerError, build_handler
 from .identity import InstanceMetadata, explicit_imds_url, imds_base_url, read_placement, resolve_worker_id
 from .lifecycle import SpotWatcher, StopRequest
@@ -137,6 +137,9 @@ def _run(
             write_status=True,
             traceback="".join(traceback.format_exception(type(cause), cause, cause.__traceback__)),
         )
+    vcpus = instance_vcpus()
+    slots = config.slots_per_instance or default_slots(config.handler, vcpus)
+    log.info("worker.slots", slots=slots, vcpus=vcpus, given=config.slots_per_instance is not None)
     stop = StopRequest()
     # Spot notices (and rebalance recommendations) are watched where metadata is used: off EC2, never.
     spot_watcher = (
@@ -153,13 +156,15 @@ def _run(
         status_writer=status_writer,
         spot_watcher=spot_watcher,
         stop=stop,
+        slots=slots,
     )
     try:
         return worker.run()
     finally:
-        close = getattr(sink, "close", None)
-        if callable(close):
-            close()
+        for closable in (sink, handler):  # a custom sink's resources; process isolation's children
+            close = getattr(closable, "close", None)
+            if callable(close):
+                close()
 
 
 def check_reachability(config: WorkerConfig, clients: AwsClients, log: EventLog) -> dict[str, str]:

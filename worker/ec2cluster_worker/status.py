@@ -47,7 +47,7 @@ def startup_failure_reason(error: str, worker_id: str = "") -> str:
 class StatusSnapshot:
     state: str
     started_at: float
-    busy_task_id: str | None
+    busy_task_id: str | None  # the task running longest (what a hung-task check looks at)
     busy_since: float | None
     idle_since: float | None
     last_completion_at: float | None
@@ -59,6 +59,8 @@ class StatusSnapshot:
     # Where the worker runs (identity.read_placement): instance_type, availability_zone, lifecycle, each
     # absent when unknown (no instance metadata, or metadata that does not say).
     placement: dict[str, str] = field(default_factory=dict)
+    busy_slots: int = 0  # tasks running now
+    slots: int = 1  # tasks the worker runs at once (slots_per_instance)
 
 
 class WorkerStatus:
@@ -68,8 +70,9 @@ class WorkerStatus:
         self.started_at = time.time() if started_at is None else started_at
         self._lock = threading.Lock()
         self._state = records.STATE_STARTING
-        self._busy_task_id: str | None = None
-        self._busy_since: float | None = None
+        self._busy: dict[int, tuple[str, float]] = {}  # per running task: (task id, since)
+        self._next_token = 0
+        self._slots = 1
         self._idle_since: float | None = self.started_at
         self._last_completion_at: float | None = None
         self._tasks_done = 0
@@ -89,13 +92,23 @@ class WorkerStatus:
             if stop_reason is not None and self._stop_reason is None:
                 self._stop_reason = stop_reason
 
-    def task_started(self, task_id: str, now: float) -> None:
+    def set_slots(self, slots: int) -> None:
         with self._lock:
-            self._busy_task_id, self._busy_since, self._idle_since = task_id, now, None
+            self._slots = slots
 
-    def task_finished(self, now: float) -> None:
+    def task_started(self, task_id: str, now: float) -> int:
+        """A slot started a task; returns the token its ``task_finished`` gives back."""
         with self._lock:
-            self._busy_task_id, self._busy_since, self._idle_since = None, None, now
+            self._next_token += 1
+            self._busy[self._next_token] = (task_id, now)
+            self._idle_since = None
+            return self._next_token
+
+    def task_finished(self, token: int, now: float) -> None:
+        with self._lock:
+            self._busy.pop(token, None)
+            if not self._busy:
+                self._idle_since = now
 
     def count(
         self, done: int, failed: int, now: float, *, messages_done: int = 0, messages_failed: int = 0
@@ -110,11 +123,14 @@ class WorkerStatus:
 
     def snapshot(self) -> StatusSnapshot:
         with self._lock:
+            oldest = min(self._busy.values(), key=lambda busy: busy[1], default=(None, None))
             return StatusSnapshot(
                 state=self._state,
                 started_at=self.started_at,
-                busy_task_id=self._busy_task_id,
-                busy_since=self._busy_since,
+                busy_task_id=oldest[0],
+                busy_since=oldest[1],
+                busy_slots=len(self._busy),
+                slots=self._slots,
                 idle_since=self._idle_since,
                 last_completion_at=self._last_completion_at,
                 tasks_done=self._tasks_done,
@@ -137,7 +153,11 @@ def status_item(
         "state": snapshot.state,
         "started_at": dynamo_number(snapshot.started_at),
         "heartbeat_at": dynamo_number(now),
-        "busy": snapshot.busy_task_id is not None,
+        # busy: any slot is (what a reader of one flag, such as an older controller, needs); busy_slots of
+        # slots say how many.
+        "busy": snapshot.busy_slots > 0,
+        "busy_slots": snapshot.busy_slots,
+        "slots": snapshot.slots,
         "tasks_done": snapshot.tasks_done,
         "tasks_failed": snapshot.tasks_failed,
         # Messages finished (each one task or a group): what the controller checks against the enqueued count.

@@ -66,6 +66,7 @@ class MessageRun:
     # Entries of tasks logged done by an earlier delivery: not run again, written back unchanged.
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
     not_run: int = 0  # tasks not started because the worker is stopping
+    outstanding: int = 0  # tasks queued or running on a slot (the message ends at 0)
 
     @property
     def tasks_done(self) -> int:

@@ -1,5 +1,6 @@
-"""The task queue's calls the loop makes: long-poll receive, delete of finished messages, and (only when an
-idle worker is about to stop, ``stop_when_queue_empty``) one read of the queue's counts."""
+"""The task queue's calls the loop makes: long-poll receive (of as many messages as ``sizing.receive_size``
+says), delete of finished messages, and (only when an idle worker is about to stop,
+``stop_when_queue_empty``) one read of the queue's counts."""
 
 from __future__ import annotations
 
@@ -7,15 +8,6 @@ from typing import Any
 
 from .messages import REDRIVEN_ATTRIBUTE, Delivery
 from .visibility import chunks
-
-
-def messages_to_request(max_messages: int, tasks_per_message: int) -> int:
-    """How many messages to ask for so that a receive brings about ``max_messages`` tasks.
-
-    With grouped messages a worker that took 10 groups of 10 would hold 100 tasks while others idle; asking
-    for fewer messages keeps the work spread, at the same number of receives per task.
-    """
-    return max(1, min(max_messages, max_messages // max(1, tasks_per_message)))
 
 
 class TaskQueue:

@@ -126,7 +126,10 @@ class VisibilityKeeper:
             for held, timeout in plan:
                 if held.delivery.message_id not in refused:
                     held.visible_at = now + timeout
-            return len(plan) - len(refused)
+            extended = len(plan) - len(refused)
+        if extended:
+            self.log.info("visibility.extended", messages=extended)
+        return extended
 
     def _change(self, timeouts: list[tuple[Delivery, int]], event: str) -> list[str]:
         refused: list[str] = []
