@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -37,6 +38,20 @@ def moto_server():
     endpoint = f"http://{host}:{port}"
     yield endpoint
     server.stop()
+
+
+@pytest.fixture
+def logging_restored():
+    """For a test that runs the ``ec2cluster`` command in-process: ``main`` points stdlib logging and
+    structlog at the test's captured stderr, closed after the test; later tests in the process (an xdist
+    worker runs many) must log where they did before."""
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
+    yield
+    root.handlers, root.level = handlers, level
+    structlog.configure(**config)
 
 
 @pytest.fixture

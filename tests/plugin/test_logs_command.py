@@ -7,6 +7,7 @@ import time
 import uuid
 
 import boto3
+import pytest
 
 from airflow_ec2cluster.cli import main
 from airflow_ec2cluster.cluster import log_group_name
@@ -15,6 +16,10 @@ from airflow_ec2cluster.commands.logs import unseen
 
 REGION = "us-east-1"
 TRACEBACK = 'Traceback (most recent call last):\n  File "handlers.py", line 9, in run\nValueError: bad 7'
+
+
+# `main` points logging at this test's captured stderr (closed after it): put it back for later tests.
+pytestmark = pytest.mark.usefixtures("logging_restored")
 
 
 def put(client, group: str, stream: str, lines: list[dict]) -> None:

@@ -28,6 +28,7 @@ def poison_ids() -> set[str]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("logging_restored")  # it runs `ec2cluster logs` in this process
 def test_poison_messages_are_dead_lettered_and_reported(cloud_env, capsys):
     job = Job(cloud_env, "poison")
     job.enqueue(poison_tasks(), max_receive_count=MAX_RECEIVE_COUNT)
