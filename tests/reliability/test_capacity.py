@@ -187,8 +187,9 @@ def test_spot_interruptions_at_random_through_a_job_lose_nothing(capacity):
             if item.get("stop_reason") == "spot-interruption"
         ]
         if not phase and job.messages_done() >= 6:
-            # About one interruption per instance every 10 s, each after a 2 s notice.
-            capacity.set_spot_interruptions(360.0, notice_seconds=2, seed=15)
+            # About one interruption per instance every 10 s, each after a 6 s notice: longer than the
+            # worker's 5 s metadata poll, so its worker sees it (EC2 gives two minutes).
+            capacity.set_spot_interruptions(360.0, notice_seconds=6, seed=15)
             phase.append("interrupting")
         elif phase == ["interrupting"] and len(stopped) >= 2:
             capacity.set_spot_interruptions(0)

@@ -24,12 +24,12 @@ from .aws import error_code
 # PutLogEvents: at most 10,000 events and 1,048,576 bytes a call, each event counted as its UTF-8 message
 # plus 26 bytes, an event at most 256 KiB, the events of one call in time order within 24 hours.
 MAX_BATCH_EVENTS = 10_000
-MAX_BATCH_BYTES = 1_048_576
+MAX_BATCH_BYTES = 1024 * 1024  # PutLogEvents' own limit (SQS's message limit is packing.py's)
 EVENT_OVERHEAD_BYTES = 26
 MAX_EVENT_BYTES = 262_144
 MAX_BATCH_SPAN_MS = 24 * 3600 * 1000
 FLUSH_SECONDS = 5.0  # at most one call per this many seconds (more only when a flush holds over 1 MiB)
-MAX_PENDING_BYTES = 8 * 1_048_576  # what waits for the next flush; beyond it the oldest lines go
+MAX_PENDING_BYTES = 8 * 1024 * 1024  # what waits for the next flush; beyond it the oldest lines go
 CLOSE_SECONDS = 10.0  # the last flush at stop waits at most this long
 TRUNCATED = "...[truncated {} bytes]"
 ALREADY_EXISTS = "ResourceAlreadyExistsException"
