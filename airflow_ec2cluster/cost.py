@@ -15,6 +15,7 @@ with no price are reported as such, never costed at 0: the estimate is then a lo
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -229,10 +230,10 @@ def estimate_cost(
 
 
 def usd_text(value: float) -> str:
-    """'$0.0123', '$12.50'; a figure too small for 4 decimals keeps its digits ('$1e-09')."""
+    """'$0.0123', '$12.50'; a figure too small for 4 decimals keeps two digits ('$0.000069')."""
     if value == 0 or abs(value) >= 0.0001:
         return f"${value:.4f}" if abs(value) < 1 else f"${value:,.2f}"
-    return f"${value:.2g}"
+    return f"${value:.{1 - math.floor(math.log10(abs(value)))}f}"
 
 
 def cap_reached(estimate: CostEstimate | None, max_cost: float | None) -> bool:

@@ -106,12 +106,13 @@ def test_cost_by_pool_with_spot_prices_and_an_unknown_type_said_not_zeroed():
 
 
 def test_dollars_are_shown_to_the_cent_or_to_what_a_small_figure_needs():
-    assert [usd_text(v) for v in (0, 0.0123456, 12.5, 1234.5, 1e-9)] == [
+    assert [usd_text(v) for v in (0, 0.0123456, 12.5, 1234.5, 6.9e-05, 1e-9)] == [
         "$0.0000",
         "$0.0123",
         "$12.50",
         "$1,234.50",
-        "$1e-09",
+        "$0.000069",
+        "$0.0000000010",
     ]
 
 

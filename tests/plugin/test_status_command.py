@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import boto3
@@ -120,7 +121,8 @@ def run_status(capsys, cluster_id: str, *extra: str) -> tuple[int, str]:
     code = args.handler(args)
     # Not through the CLI's main, which quiets the provider's log lines: drop any before the report.
     out = capsys.readouterr().out
-    return code, out[out.index("cluster ") :] if "cluster " in out else out
+    report = re.search(rf"^cluster {re.escape(cluster_id)}$", out, re.M)  # its first line
+    return code, out[report.start() :] if report else out
 
 
 def take_and_delete(queue_url: str, count: int) -> None:

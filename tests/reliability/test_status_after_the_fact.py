@@ -79,7 +79,7 @@ def test_status_tells_the_truth_after_the_job_and_after_the_teardown(cloud_env):
     # (less by at most a second an instance: the drain counted a just-ending instance to its own clock,
     # EC2's termination stamp is to the second)
     assert final["instance_seconds"] >= summary["instance_seconds"] - summary["workers_used"] * 1.0 > 0
-    assert re.search(r"^cost ~\$\d+\.\d{4} \(estimate\)$", after.stdout, re.M), after.stdout
+    assert re.search(r"^cost ~\$\d+\.\d{4,} \(estimate\)$", after.stdout, re.M), after.stdout
     print(f"\nSTATUS after the fact:\n{finished.stdout}\n{after.stdout}")
 
 
