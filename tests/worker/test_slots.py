@@ -63,7 +63,9 @@ def test_medium_tasks_get_what_finishes_within_a_quarter_of_the_visibility_timeo
 
 def test_no_free_slot_no_receive_and_the_first_receive_is_one_message():
     assert receive_size(0.001, 0, 120, 10) == 0
-    assert receive_size(None, 8, 120, None) == 1  # no message seen: its size is unknown
+    # No message seen, its size unknown: a message per free slot (each holds a task at least).
+    assert receive_size(None, 8, 120, None) == 8 and receive_size(None, 1, 120, None) == 1
+    assert receive_size(None, 16, 120, None) == 10
     assert receive_size(None, 8, 120, 1) == 8  # no duration yet: one task per free slot
     assert receive_size(None, 8, 120, 10) == 1
 

@@ -12,7 +12,8 @@ The budget is a quarter of the visibility timeout because the visibility keeper 
 its timeout has gone by: what a receive brings is done before any extension is due, so short tasks cost no
 ChangeMessageVisibility call, and a worker never holds more than that quarter's work per slot beyond what
 its slots are running. Before the first task ends there is no duration to go by; and before the first
-message, no size of message: the first receive asks for one message.
+message, no size of message: the first receive asks for one message per free slot (a message holds at least
+one task, so every slot starts at once, and none holds more than one message it has not started).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def receive_size(
     if free_slots <= 0:
         return 0
     if tasks_per_message is None:
-        return 1
+        return max(1, min(free_slots, max_messages, RECEIVE_MESSAGES_LIMIT))
     per_message = max(1, tasks_per_message)
     fill = math.ceil(free_slots / per_message)  # one task for every free slot: they start at once
     if mean_duration is None:
