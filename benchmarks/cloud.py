@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -156,8 +157,13 @@ def task_id(index: int) -> str:
 
 def fill_queue(queue_url: str, count: int, tasks_per_message: int = 1) -> None:
     """``count`` no-op tasks, ``tasks_per_message`` a message, sent with SendMessageBatch (not counted)."""
+    send_payloads(queue_url, [{"n": n} for n in range(count)], tasks_per_message)
+
+
+def send_payloads(queue_url: str, payloads: list[Any], tasks_per_message: int) -> None:
+    """A task per payload, ``tasks_per_message`` a message, sent with SendMessageBatch (not counted)."""
     sqs = client("sqs")
-    tasks = (PendingTask(task_id(n), {"n": n}, f"item {n}") for n in range(count))
+    tasks = (PendingTask(task_id(n), payload, f"item {n}") for n, payload in enumerate(payloads))
     bodies = [message.body for message in pack_tasks(tasks, tasks_per_message)]
     for start in range(0, len(bodies), 10):
         entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[start : start + 10])]

@@ -29,8 +29,6 @@ from ec2cluster_worker.config import WorkerConfig, instance_vcpus
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.runtime import run_worker
 
-from airflow_ec2cluster.packing import PendingTask, pack_tasks
-
 from . import cloud
 from .counting import CallCounter
 from .result import Result
@@ -64,14 +62,7 @@ def config(
 
 
 def send(queue_url: str, payloads: list[Any], tasks_per_message: int) -> None:
-    sqs = cloud.client("sqs")
-    tasks = (PendingTask(cloud.task_id(n), payload, f"item {n}") for n, payload in enumerate(payloads))
-    bodies = [message.body for message in pack_tasks(tasks, tasks_per_message)]
-    for start in range(0, len(bodies), 10):
-        entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies[start : start + 10])]
-        failed = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed")
-        if failed:
-            raise RuntimeError(f"SQS refused {len(failed)} messages: {failed[:3]}")
+    cloud.send_payloads(queue_url, payloads, tasks_per_message)
 
 
 def run(worker_config: WorkerConfig, worker_id: str, counter: CallCounter | None = None) -> None:

@@ -107,14 +107,21 @@ class SlotPool:
                     return
                 job = self._jobs.popleft()
                 self._running += 1
-            try:
-                if self.should_start():
-                    job.run()
-                else:
-                    job.skip()
-            finally:
-                with self._changed:
-                    self._running -= 1
+            self._run_taken(job)
+
+    def _run_taken(self, job: Job) -> None:
+        """Run (or, once a stop is asked, skip) a job taken off the queue; the pool counts it running until
+        it is done. Wakes the loop when no job is left to take: a slot is free."""
+        try:
+            if self.should_start():
+                job.run()
+            else:
+                job.skip()
+        finally:
+            with self._changed:
+                self._running -= 1
+                if not self._jobs:
+                    self._changed.notify_all()
 
     def _slot(self) -> None:
         while True:
@@ -125,14 +132,4 @@ class SlotPool:
                     return
                 job = self._jobs.popleft()
                 self._running += 1  # a skip too: until it is recorded, the pool is not idle
-            try:
-                if self.should_start():
-                    job.run()
-                else:
-                    job.skip()
-            finally:
-                with self._changed:
-                    self._running -= 1
-                    # Wake the loop only when this slot has nothing to take next: a slot is free.
-                    if not self._jobs:
-                        self._changed.notify_all()
+            self._run_taken(job)
