@@ -118,12 +118,17 @@ def read_summary(cloud: LocalCloud, cluster_id: str | None = None) -> dict | Non
             return None
         cluster_id = cluster_ids.pop()
     instances = cluster_instances(cloud, cluster_id=cluster_id)
+    from airflow_ec2cluster.calls import run_sync
+    from airflow_ec2cluster.drain.round import cost_round
     from airflow_ec2cluster.hooks.ec2cluster import EC2ClusterHook
 
     hook = EC2ClusterHook(aws_conn_id="aws_default")
     meta = hook.get_meta(STATE_TABLE, cluster_id)
     results = [r for r in hook.iter_results(STATE_TABLE, cluster_id) if r["status"] == "done"]
     smileys = [r["result"] for r in results]
+    # What the run cost, as the teardown estimates it: EC2's times (every state), META's record, prices.
+    described = hook.list_cluster_instances(cluster_id, None)
+    estimate = run_sync(cost_round(meta, described, time.time()), hook).estimate if meta else None
     return {
         "cluster_id": cluster_id,
         "enqueued": (meta.enqueued if meta else None) or 0,
@@ -133,6 +138,8 @@ def read_summary(cloud: LocalCloud, cluster_id: str | None = None) -> dict | Non
         "workers_used": len(instances),
         "total_smileys": sum(s["smileys"] for s in smileys),
         "top_tweets": sorted(smileys, key=lambda s: (-s["smileys"], s["id"]))[:3],
+        "cost": estimate.text() if estimate else None,
+        "instance_seconds": round(estimate.instance_seconds, 1) if estimate else None,
     }
 
 
@@ -277,6 +284,7 @@ def format_summary(summary: dict) -> list[str]:
     lines = [
         f"cluster {summary['cluster_id']}: {summary['workers_used']} workers",
         f"tasks: {summary['tasks_done']} done of {summary['enqueued']} enqueued",
+        f"cost: ~{summary['cost']} for {summary['instance_seconds']} instance-seconds (estimate)",
         f"smileys counted: {summary['total_smileys']}; top tweets:",
     ]
     for rank, top in enumerate(summary.get("top_tweets", []), start=1):

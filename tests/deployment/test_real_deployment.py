@@ -135,6 +135,9 @@ def test_a_ui_triggered_run_succeeds_with_one_result_per_tweet(cloud, runs, name
     assert run.summary["task_ids"] == sorted(tweet_ids())
     assert run.summary["results_match_tasks"]
     assert run.summary["workers_used"] == WORKERS
+    # What the run cost: every instance-second priced (the demo's type is in the price table).
+    assert run.summary["cost"].startswith("$") and "unknown" not in run.summary["cost"], run.summary
+    assert run.summary["instance_seconds"] > 0
     images = {
         (cloud.worker_processes()[i["InstanceId"]]["image"] or {}).get("flavour")
         for i in demo.cluster_instances(cloud, cluster_id=run.cluster_id)
