@@ -96,13 +96,13 @@ def test_a_reached_max_cost_stops_replacements_and_says_so(
     settings = sensor(cluster_id, heartbeat_timeout=60).settings()
     outcome = run_sync(drain_round(cluster_id, settings, logging.getLogger(__name__)), hook)
     assert outcome.failure is None and outcome.launched == ()
-    assert "reached max_cost $1e-09: no replacement or scale-out is launched" in outcome.progress
+    assert "reached max_cost $0.0000000010: no replacement or scale-out is launched" in outcome.progress
     assert live_ids(cluster_id) == {healthy}
     assert hook.get_meta(TABLE, cluster_id).replacements_launched == 0
     # Once the last worker is gone too, the work left can never run: the drain fails, naming the cap.
     write_status(cluster_id, healthy, heartbeat_at=int(time.time() - 1000))
     with pytest.raises(
-        AirflowFailException, match=r"reached max_cost \$1e-09, .*raise the launch's max_cost"
+        AirflowFailException, match=r"reached max_cost \$0.0000000010, .*raise the launch's max_cost"
     ):
         sensor(cluster_id, heartbeat_timeout=60).poke(context)
 
