@@ -22,8 +22,10 @@ RETENTION_DAYS = (
 LOGS_SERVICE = "logs"  # botocore's name, and the VPC endpoint's: com.amazonaws.<region>.logs
 ALREADY_EXISTS = "ResourceAlreadyExistsException"
 NOT_FOUND = "ResourceNotFoundException"
-FAILED_TASK_EVENT = "task.failed"
-FAILED_TASK_PATTERN = '{ $.event = "task.failed" }'
+# A task fails in its handler (task.failed) or after it, when its result cannot be stored
+# (task.output_failed): the workers count both as failed, so the drain shows both.
+FAILED_TASK_EVENTS = ("task.failed", "task.output_failed")
+FAILED_TASK_PATTERN = "{ " + " || ".join(f'$.event = "{event}"' for event in FAILED_TASK_EVENTS) + " }"
 # The drain: at most this many failed tasks' errors a round, and a look back this far for lines that
 # reached CloudWatch late (a worker sends every 5 s; another worker's may come after a newer one's).
 FAILURES_PER_ROUND = 5
@@ -131,7 +133,7 @@ def parsed(event: dict[str, Any]) -> dict[str, Any] | None:
 
 def is_failed_task(event: dict[str, Any]) -> bool:
     line = parsed(event)
-    return line is not None and line.get("event") == FAILED_TASK_EVENT
+    return line is not None and line.get("event") in FAILED_TASK_EVENTS
 
 
 def failure_text(event: dict[str, Any], detail_lines: int = DETAIL_LINES) -> str:
@@ -139,7 +141,10 @@ def failure_text(event: dict[str, Any], detail_lines: int = DETAIL_LINES) -> str
     last lines."""
     line = parsed(event) or {}
     where = line.get("worker_id") or event.get("logStreamName") or "?"
-    head = f"Task {line.get('task_id', '?')} failed on {where} (attempt {line.get('attempt', '?')}): "
+    if line.get("event") == "task.output_failed":  # the handler ran; its result could not be stored
+        head = f"Task {line.get('task_id', '?')} failed on {where}: its result was not stored: "
+    else:
+        head = f"Task {line.get('task_id', '?')} failed on {where} (attempt {line.get('attempt', '?')}): "
     text = head + str(line.get("error") or event.get("message") or "")
     detail = str(line.get("detail") or "").rstrip()
     if detail:

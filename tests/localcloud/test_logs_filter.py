@@ -9,6 +9,8 @@ import boto3
 import pytest
 from ec2cluster_localcloud.logs_filter import PatternError, matches, parse
 
+from airflow_ec2cluster.aws.logs import FAILED_TASK_PATTERN
+
 
 def line(**fields) -> str:
     return json.dumps(fields)
@@ -33,7 +35,12 @@ def test_the_servers_filter_log_events_honours_them(aws_endpoint):
     logs.create_log_group(logGroupName=group)
     logs.create_log_stream(logGroupName=group, logStreamName="i-1")
     now = int(time.time() * 1000)
-    messages = [line(event="task.done", task_id="a"), line(event="task.failed", task_id="b"), "plain text"]
+    messages = [
+        line(event="task.done", task_id="a"),
+        line(event="task.failed", task_id="b"),
+        "plain text",
+        line(event="task.output_failed", task_id="c"),
+    ]
     logs.put_log_events(
         logGroupName=group,
         logStreamName="i-1",
@@ -42,3 +49,6 @@ def test_the_servers_filter_log_events_honours_them(aws_endpoint):
     found = logs.filter_log_events(logGroupName=group, filterPattern='{ $.event = "task.failed" }')
     assert [json.loads(e["message"])["task_id"] for e in found["events"]] == ["b"]
     assert len(logs.filter_log_events(logGroupName=group, filterPattern='"plain"')["events"]) == 1
+    # The drain's own pattern: both ways a task fails.
+    drains = logs.filter_log_events(logGroupName=group, filterPattern=FAILED_TASK_PATTERN)
+    assert [json.loads(e["message"])["task_id"] for e in drains["events"]] == ["b", "c"]

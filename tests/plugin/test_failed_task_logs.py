@@ -9,6 +9,7 @@ import time
 
 from airflow_ec2cluster.aws.dynamodb import deserialize_item
 from airflow_ec2cluster.aws.logs import (
+    FAILED_TASK_PATTERN,
     FAILURES_PER_ROUND,
     LOOKBACK_MS,
     LogCursor,
@@ -51,6 +52,17 @@ def test_each_failure_is_shown_once_the_oldest_first_and_a_few_a_round():
     assert next_failures([other, {**other, "message": "not json"}], LogCursor(), now_ms)[0] == []
 
 
+def test_a_task_whose_result_was_not_stored_is_shown_too():
+    # The workers count it failed: unshown, the drain would read the log group every round for it.
+    assert FAILED_TASK_PATTERN == '{ $.event = "task.failed" || $.event = "task.output_failed" }'
+    line = {"event": "task.output_failed", "worker_id": "i-2", "task_id": "t7", "error": "S3 PutObject: no"}
+    message = json.dumps(line)
+    event = {"eventId": "o1", "logStreamName": "i-2", "timestamp": int(NOW * 1000), "message": message}
+    shown, cursor, _ = next_failures([event], LogCursor(), int(NOW * 1000))
+    assert shown == [event] and cursor.failures_shown == 1
+    assert failure_text(event) == "Task t7 failed on i-2: its result was not stored: S3 PutObject: no"
+
+
 def test_a_workers_clock_cannot_move_the_cursor_past_now():
     future = failed_task_event(1, NOW + 7200, "t-future")
     _, cursor, _ = next_failures([future], LogCursor(), int(NOW * 1000))
@@ -82,7 +94,7 @@ def test_the_drains_log_shows_the_errors_and_remembers_where_it_is(monkeypatch, 
     assert "More tasks failed; every worker's log: ec2cluster logs" in text
     # One FilterLogEvents a round (each run: sync, then async).
     reads = [kwargs for _, operation, kwargs in calls if operation == "filter_log_events"]
-    assert len(reads) == 1 and reads[0]["filterPattern"] == '{ $.event = "task.failed" }'
+    assert len(reads) == 1 and reads[0]["filterPattern"] == FAILED_TASK_PATTERN
     values = [
         deserialize_item(kwargs["ExpressionAttributeValues"])
         for _, operation, kwargs in calls
