@@ -427,6 +427,9 @@ def render(report: StatusReport) -> str:
         f" reaped {meta.reaped_total}"
     )
     lines.extend(cost_lines(report))
+    log_group = meta.launch_spec.log_group if meta.launch_spec else None
+    if log_group:
+        lines.append(f"logs {log_group} (CloudWatch Logs; read them: ec2cluster logs {facts.cluster_id})")
     lines.append("")
     header = ("worker", "ec2", "state", "done", "failed", "last completion", "idle for", "stop reason")
     rows = worker_rows(snapshot)

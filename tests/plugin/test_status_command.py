@@ -11,6 +11,7 @@ import boto3
 import pytest
 from ec2cluster_worker import records
 
+from airflow_ec2cluster.cluster import log_group_name
 from airflow_ec2cluster.commands import status
 from tests.plugin.conftest import REGION, enqueue_and_launch
 
@@ -92,6 +93,10 @@ def test_status_output_on_a_known_cluster(known_cluster, capsys):
     assert idle.split()[1:5] == ["running", "running", "1", "0"] and 40 <= int(idle.split()[-2][:-1]) < 120
     assert "t000000007  ZeroDivisionError: division by zero at line 3" in out
     assert f"ec2cluster redrive {known_cluster['cluster_id']}" in out
+    # Where the workers' logs are (the launch made the group).
+    cluster_id = known_cluster["cluster_id"]
+    group = log_group_name(cluster_id)
+    assert f"logs {group} (CloudWatch Logs; read them: ec2cluster logs {cluster_id})" in lines
     # The cost: the two t3.micro instances' time from their EC2 launch, at the table's on-demand price.
     cost = next(line for line in lines if line.startswith("cost ~$"))
     assert cost.endswith("(estimate)")
