@@ -2,7 +2,10 @@
 
 - ``slot-throughput``: tasks per second of one worker with a CPU-bound Python handler in process isolation,
   at ``slots_per_instance`` 1 and at the machine's cores (the same tasks, a fresh queue each), timed from the
-  task log: first task's start to last task's end.
+  task log: first task's start to last task's end. Beside it, in the same pairs, the machine's own ceiling:
+  the same tasks run by bare processes (no worker, no SQS) at 1 and at the cores, since a shared machine's
+  cores give two processes less than 2x (another tenant's load, a host's turbo), and that part is not the
+  worker's.
 - ``receive-sizing``: AWS calls per task for short tasks (what a receive of 10 messages of 10 tasks brings),
   and the effect of sizing receives on a mix of short and long tasks run by two workers: how long the job
   takes against the ideal (its work spread evenly over the slots) and calls per task, with the receive
@@ -16,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import multiprocessing
 import os
 import resource
 import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,17 +34,18 @@ from ec2cluster_worker.config import WorkerConfig, instance_vcpus
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.runtime import run_worker
 
-from . import cloud
+from . import cloud, handlers
 from .counting import CallCounter
 from .result import Result
 from .workers import task_times
 
 MIN_SPEEDUP = 1.8
 MAX_CALLS_PER_TASK = 0.05
-# CPU-bound tasks: steps of benchmarks.handlers:burn (about 0.15 s each here) and how many.
+# CPU-bound tasks: steps of benchmarks.handlers:burn (about 0.13 s each here) and how many: enough that the
+# last task's imbalance between slots (at most one task) is a few percent of the run.
 BURN_STEPS = 1_500_000
-BURN_TASKS = {"tiny": 4, "full": 16}
-PAIRS = {"tiny": 1, "full": 3}
+BURN_TASKS = {"tiny": 4, "full": 48}
+PAIRS = {"tiny": 1, "full": 5}
 SHORT_TASKS = {"tiny": 600, "full": 2000}
 # The mix: messages of 10 tasks, the first LONG_MESSAGES of long tasks (sent first, so the first receives
 # meet them), the rest of 1 ms tasks; two workers of one slot each, a 10 s visibility timeout (2.5 s of
@@ -105,10 +111,31 @@ def run_slots(table: str, tasks: int, slots: int) -> dict[str, float]:
     return {"tps": tasks / seconds, "cores": (child_cpu_seconds() - before) / seconds}
 
 
+def _burn(tasks: int) -> None:
+    for _ in range(tasks):
+        handlers.burn({"n": BURN_STEPS}, None)
+
+
+def run_bare(tasks: int, processes: int) -> float:
+    """Tasks/s of ``tasks`` burns split over ``processes`` bare processes (forked, no worker, no SQS)."""
+    context = multiprocessing.get_context("fork")
+    shares = [tasks // processes + (index < tasks % processes) for index in range(processes)]
+    started = time.perf_counter()
+    children = [context.Process(target=_burn, args=(share,)) for share in shares]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"a bare burn process exited {child.exitcode}")
+    return tasks / (time.perf_counter() - started)
+
+
 @functools.cache
 def measure_slots(size: str) -> dict[str, Any]:
     """PAIRS pairs of runs (1 slot, then the cores; the order alternating from pair to pair, so neither
-    setting always gets the quieter moment of a shared machine); the figure is the median paired ratio."""
+    setting always gets the quieter moment of a shared machine), each pair followed by the same tasks in
+    bare processes at 1 and at the cores; the figures are medians of paired ratios."""
     tasks = BURN_TASKS[size]
     cores = instance_vcpus()
     pairs = []
@@ -117,7 +144,9 @@ def measure_slots(size: str) -> dict[str, Any]:
         table = cloud.create_state_table()
         for index in range(PAIRS[size]):
             order = (1, cores) if index % 2 == 0 else (cores, 1)
-            pairs.append({slots: run_slots(table, tasks, slots) for slots in order})
+            pair = {slots: run_slots(table, tasks, slots) for slots in order}
+            pair["bare"] = {processes: run_bare(tasks, processes) for processes in order}
+            pairs.append(pair)
     return {"cores": cores, "tasks": tasks, "pairs": pairs, "load": (load, os.getloadavg()[0])}
 
 
@@ -149,8 +178,16 @@ def slot_throughput(size: str) -> Result:
             f">= {MIN_SPEEDUP}" if cores == 2 else "",
             speedup >= MIN_SPEEDUP if cores == 2 else None,
         )
+        bare = statistics.median(pair["bare"][cores] / pair["bare"][1] for pair in pairs)
+        result.add(
+            f"  the machine's ceiling: bare processes, {cores} / 1 (no worker, no SQS; same pairs)",
+            round(bare, 2),
+        )
         result.details["paired ratios, in run order"] = ", ".join(
             f"{pair[cores]['tps'] / pair[1]['tps']:.2f}" for pair in pairs
+        )
+        result.details["bare processes' paired ratios"] = ", ".join(
+            f"{pair['bare'][cores] / pair['bare'][1]:.2f}" for pair in pairs
         )
     result.details["machine"] = (
         f"{cores} vCPUs usable (os.sched_getaffinity), shared with the moto server and other jobs: load "

@@ -12,7 +12,8 @@ import time
 import pytest
 from ec2cluster_worker import records
 from ec2cluster_worker.config import ConfigError, PythonHandlerSpec, WorkerConfig, default_slots
-from ec2cluster_worker.handlers import TaskContext, TaskFailure, TaskTimeout, build_handler
+from ec2cluster_worker.handlers import HandlerError, TaskContext, TaskFailure, TaskTimeout, build_handler
+from ec2cluster_worker.isolation import ProcessHandler
 from ec2cluster_worker.logs import EventLog
 from ec2cluster_worker.runtime import run_worker
 from ec2cluster_worker.sizing import DurationStats, receive_size
@@ -267,6 +268,32 @@ def test_a_process_handler_runs_tasks_in_a_child_and_reuses_it():
         assert first["pid"] == second["pid"] != os.getpid() and first["attempt"] == 1
     finally:
         handler.close()
+
+
+def test_children_started_ahead_are_ready_and_run_the_first_tasks():
+    handler = process_handler("chatty")
+    try:
+        handler.start(2)
+        ready = {child.process.pid for child in handler._idle}
+        assert len(ready) == 2 and all(child._ready for child in handler._idle)
+        first = handler({"n": 1}, CONTEXT, 30)
+        assert first["pid"] in ready  # no third interpreter: the task went to a child already started
+    finally:
+        handler.close()
+
+
+def test_a_child_that_cannot_load_the_handler_stops_the_start_with_the_field_named():
+    # The parent's own check passes for a target the child cannot import (another environment, a module
+    # that fails in a fresh interpreter): the start says so, before any message is received.
+    handler = ProcessHandler("tests.worker.sample_handlers:no_such_function")
+    with pytest.raises(HandlerError) as error:
+        handler.start(2)
+    assert str(error.value) == (
+        "handler.target: 'tests.worker.sample_handlers:no_such_function' could not be loaded in a child "
+        "process: the handler's process exited with status 2 while importing the handler (handler.isolation "
+        "'process'); the child's error is on the worker's stderr"
+    )
+    assert handler._idle == []
 
 
 def test_a_process_handler_reports_errors_and_kills_a_task_past_its_time():

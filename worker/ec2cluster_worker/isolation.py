@@ -7,9 +7,15 @@ that imports the handler once and runs task after task, so N slots compute on N 
 a handler that crashes its interpreter fails its task, not the worker.
 
 Parent and child speak JSON lines over the child's stdin and a copy of its stdout (its own stdout and prints
-go to stderr, so a print in the handler cannot break the protocol): ``{"payload": ..., "context": {...}}`` in,
-``{"result": ...}`` or ``{"error": ..., "detail": ...}`` out. Payloads and results are JSON anyway (the
-message body and the task log), so nothing else needs to cross.
+go to stderr, so a print in the handler cannot break the protocol): the child says ``{"ready": true}`` once
+it has imported the handler, then ``{"payload": ..., "context": {...}}`` in, ``{"result": ...}`` or
+``{"error": ..., "detail": ...}`` out. Payloads and results are JSON anyway (the message body and the task
+log), so nothing else needs to cross.
+
+The worker starts a child per slot before its first receive and waits until each is ready
+(``ProcessHandler.start``): an interpreter's start and the handler's import (a tenth of a second, or
+seconds for a heavy library) are paid once, before any message is held, not inside each slot's first task;
+and a child that cannot import the handler stops the worker at start, as a bad target does.
 
 Run as ``python -m ec2cluster_worker.isolation MODULE:FUNCTION``: the child.
 """
@@ -38,6 +44,8 @@ from .handlers import (
 )
 
 READ_CHUNK = 65536
+DIED_EXIT_WAIT_SECONDS = 2.0
+READY_TIMEOUT_SECONDS = 300.0  # a child's start and the handler's import (a large library on a slow disk)
 
 
 class ChildProcess:
@@ -55,6 +63,18 @@ class ChildProcess:
             start_new_session=True,  # its own process group: a timeout kills what the handler started too
         )
         self._buffer = b""
+        self._ready = False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the child's ready line (it has imported the handler): raises TaskFailure when it dies
+        first, TaskTimeout when it takes longer than ``timeout`` s (then it is killed)."""
+        if self._ready:
+            return
+        answer = self._read_line(time.monotonic() + timeout, when="while importing the handler")
+        if answer != {"ready": True}:
+            self.kill()
+            raise TaskFailure(f"the handler's process answered {answer!r} instead of ready (a bug)")
+        self._ready = True
 
     def call(self, payload: Any, context: TaskContext, timeout: float) -> Any:
         request = {
@@ -67,17 +87,19 @@ class ChildProcess:
             },
         }
         assert self.process.stdin is not None
+        deadline = time.monotonic() + timeout
+        self.wait_ready(timeout)  # a child started for this task: its start counts in the task's time
         try:
             self.process.stdin.write(json.dumps(request).encode("utf-8") + b"\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError) as error:
             raise self._died("before the task") from error
-        answer = self._read_line(time.monotonic() + timeout)
+        answer = self._read_line(deadline)
         if "error" in answer:
             raise TaskFailure(answer["error"], detail=answer.get("detail"))
         return answer.get("result")
 
-    def _read_line(self, deadline: float) -> dict[str, Any]:
+    def _read_line(self, deadline: float, when: str = "while running the task") -> dict[str, Any]:
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
         while b"\n" not in self._buffer:
@@ -90,12 +112,15 @@ class ChildProcess:
                 continue
             chunk = os.read(fd, READ_CHUNK)
             if not chunk:
-                raise self._died("while running the task")
+                raise self._died(when)
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
     def _died(self, when: str) -> TaskFailure:
+        # Its end of the pipe closes as it exits: give it a moment to finish, so its own status is told.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=DIED_EXIT_WAIT_SECONDS)
         self.kill()
         code = self.process.returncode
         killed = code is not None and code < 0
@@ -137,6 +162,29 @@ class ProcessHandler:
         self._idle: list[ChildProcess] = []
         self._lock = threading.Lock()
         self._closed = False
+
+    def start(self, count: int, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Start ``count`` children (one per slot) at once and wait until every one is ready; raises
+        HandlerError (the children killed) when one cannot import the handler or is not ready in time."""
+        children = [ChildProcess(self.target) for _ in range(count)]
+        deadline = time.monotonic() + timeout
+        try:
+            for child in children:
+                child.wait_ready(max(0.0, deadline - time.monotonic()))
+        except (TaskFailure, TaskTimeout) as error:
+            for child in children:
+                child.kill()
+            why = (
+                str(error)
+                if isinstance(error, TaskFailure)
+                else f"it was not ready within {timeout:g} s (handler.isolation 'process')"
+            )
+            raise HandlerError(
+                f"handler.target: {self.target!r} could not be loaded in a child process: {why}; the "
+                "child's error is on the worker's stderr"
+            ) from error
+        with self._lock:
+            self._idle.extend(children)
 
     def __call__(self, payload: Any, context: TaskContext, timeout: float) -> Any:
         with self._lock:
@@ -184,6 +232,8 @@ def _child_main(target: str) -> int:
     except HandlerError as error:
         print(f"ec2cluster-worker isolation: {error}", file=sys.stderr)
         return 2
+    protocol.write('{"ready":true}\n')
+    protocol.flush()
     for line in sys.stdin:
         request = json.loads(line)
         protocol.write(_answer(function, request["payload"], TaskContext(**request["context"])) + "\n")

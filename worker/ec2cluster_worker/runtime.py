@@ -140,6 +140,12 @@ def _run(
     vcpus = instance_vcpus()
     slots = config.slots_per_instance or default_slots(config.handler, vcpus)
     log.info("worker.slots", slots=slots, vcpus=vcpus, given=config.slots_per_instance is not None)
+    start_children = getattr(handler, "start", None)
+    if callable(start_children):  # process isolation: a child per slot, ready before the first receive
+        try:
+            start_children(slots)
+        except HandlerError as error:
+            return startup_failed(str(error), write_status=True)
     stop = StopRequest()
     # Spot notices (and rebalance recommendations) are watched where metadata is used: off EC2, never.
     spot_watcher = (
