@@ -29,6 +29,7 @@ from .cloud import (
     task_log,
     unique,
     worker_config,
+    worker_env,
     worker_statuses,
 )
 
@@ -247,6 +248,45 @@ def test_each_slot_keeps_its_message_hidden_and_a_stop_waits_for_both(aws_endpoi
         "signal:SIGTERM",
         0,
     )
+
+
+def test_the_heartbeat_goes_on_while_the_slots_children_import_the_handler(aws_endpoint, tmp_path):
+    """Children that take long to import the handler (held here by a gate) keep the worker's status item
+    fresh, so the drain does not take the worker for hung; no message is received until they are ready."""
+    cluster = unique("slowimport")
+    table = create_state_table()
+    queue_url, _ = create_task_queue(cluster)
+    send_tasks(queue_url, {"a": {"n": 1}, "b": {"n": 2}})
+    config = worker_config(
+        cluster,
+        queue_url,
+        table,
+        handler={"type": "python", "target": "slow_import_handlers:echo", "isolation": "process"},
+        slots_per_instance=2,
+        heartbeat_seconds=0.2,
+    )
+    gate = tmp_path / "gate"
+    worker = WorkerProcess(config, tmp_path, env={**worker_env(), "EC2CLUSTER_TEST_IMPORT_GATE": str(gate)})
+    try:
+        first = wait_for(lambda: next(iter(worker_statuses(table, cluster).values()), None), "a status item")
+        later = wait_for(
+            lambda: next(
+                (
+                    s
+                    for s in worker_statuses(table, cluster).values()
+                    if s["heartbeat_at"] > first["heartbeat_at"]
+                ),
+                None,
+            ),
+            "a heartbeat while the children import",
+        )
+        assert later["state"] == records.STATE_STARTING
+        assert queue_counts(queue_url) == {"visible": 2, "in_flight": 0}  # nothing taken yet
+        gate.write_text("go")
+        assert worker.wait(timeout=60) == 0, worker.log_path.read_text()
+    finally:
+        worker.kill()
+    assert {t: item["status"] for t, item in task_log(table, cluster).items()} == {"a": "done", "b": "done"}
 
 
 # -- process isolation -------------------------------------------------------------------------------------

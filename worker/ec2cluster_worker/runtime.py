@@ -28,7 +28,7 @@ from .lifecycle import SpotWatcher, StopRequest
 from .logs import EventLog
 from .loop import Worker
 from .sinks import SinkContext, build_sink
-from .status import StatusWriter, WorkerStatus, startup_failure_reason
+from .status import Heartbeat, StatusWriter, WorkerStatus, startup_failure_reason
 
 EXIT_STARTUP_FAILED = 3
 
@@ -142,10 +142,16 @@ def _run(
     log.info("worker.slots", slots=slots, vcpus=vcpus, given=config.slots_per_instance is not None)
     start_children = getattr(handler, "start", None)
     if callable(start_children):  # process isolation: a child per slot, ready before the first receive
+        # A heavy import can take minutes: the heartbeat goes on meanwhile, so the drain does not take the
+        # worker for hung.
+        loading = Heartbeat(status_writer, config.heartbeat_seconds)
+        loading.start()
         try:
             start_children(slots)
         except HandlerError as error:
             return startup_failed(str(error), write_status=True)
+        finally:
+            loading.stop()
     stop = StopRequest()
     # Spot notices (and rebalance recommendations) are watched where metadata is used: off EC2, never.
     spot_watcher = (
