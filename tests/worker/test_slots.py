@@ -15,7 +15,7 @@ from ec2cluster_worker.config import ConfigError, PythonHandlerSpec, WorkerConfi
 from ec2cluster_worker.handlers import HandlerError, TaskContext, TaskFailure, TaskTimeout, build_handler
 from ec2cluster_worker.isolation import ProcessHandler
 from ec2cluster_worker.logs import EventLog
-from ec2cluster_worker.runtime import run_worker
+from ec2cluster_worker.runtime import EXIT_STARTUP_FAILED, run_worker
 from ec2cluster_worker.sizing import DurationStats, receive_size
 from ec2cluster_worker.slots import SlotPool
 
@@ -261,7 +261,7 @@ def test_the_heartbeat_goes_on_while_the_slots_children_import_the_handler(aws_e
         cluster,
         queue_url,
         table,
-        handler={"type": "python", "target": "slow_import_handlers:echo", "isolation": "process"},
+        handler={"type": "python", "target": "child_import_handlers:echo", "isolation": "process"},
         slots_per_instance=2,
         heartbeat_seconds=0.2,
     )
@@ -287,6 +287,33 @@ def test_the_heartbeat_goes_on_while_the_slots_children_import_the_handler(aws_e
     finally:
         worker.kill()
     assert {t: item["status"] for t, item in task_log(table, cluster).items()} == {"a": "done", "b": "done"}
+
+
+def test_a_worker_whose_children_cannot_import_the_handler_stops_at_start(aws_endpoint, tmp_path):
+    cluster = unique("childimport")
+    table = create_state_table()
+    queue_url, _ = create_task_queue(cluster)
+    send_tasks(queue_url, {"a": {"n": 1}})
+    config = worker_config(
+        cluster,
+        queue_url,
+        table,
+        handler={"type": "python", "target": "child_import_handlers:echo", "isolation": "process"},
+        slots_per_instance=2,
+    )
+    env = {**worker_env(), "EC2CLUSTER_TEST_IMPORT_FAILS": "libfoo.so.1: cannot open shared object file"}
+    worker = WorkerProcess(config, tmp_path, env=env)
+    try:
+        assert worker.wait(timeout=60) == EXIT_STARTUP_FAILED, worker.log_path.read_text()
+    finally:
+        worker.kill()
+    (status,) = worker_statuses(table, cluster).values()
+    assert status["state"] == records.STATE_STOPPED
+    assert status["stop_reason"].startswith(
+        "startup-failed: handler.target: 'child_import_handlers:echo' could not be loaded in a child process"
+    )
+    assert "libfoo.so.1: cannot open shared object file" in worker.log_path.read_text()  # the child's stderr
+    assert queue_counts(queue_url) == {"visible": 1, "in_flight": 0}  # nothing received
 
 
 # -- process isolation -------------------------------------------------------------------------------------

@@ -149,9 +149,13 @@ def _run(
         try:
             start_children(slots)
         except HandlerError as error:
-            return startup_failed(str(error), write_status=True)
+            failure: str | None = str(error)
+        else:
+            failure = None
         finally:
-            loading.stop()
+            loading.stop()  # before a failure is written: a late heartbeat must not write over it
+        if failure is not None:
+            return startup_failed(failure, write_status=True)
     stop = StopRequest()
     # Spot notices (and rebalance recommendations) are watched where metadata is used: off EC2, never.
     spot_watcher = (
