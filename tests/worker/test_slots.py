@@ -186,20 +186,27 @@ def wait_for(predicate, what: str, timeout: float = 60):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def two_slot_job(name: str, tasks: dict, target: str, visibility: int | None = None, **fields):
+    """A fresh table and queue holding ``tasks``, and a worker configuration of 2 slots running ``target``
+    in child processes: (cluster id, table, queue URL, configuration)."""
+    cluster = unique(name)
+    table = create_state_table()
+    queue_url, _ = create_task_queue(cluster, **({} if visibility is None else {"visibility": visibility}))
+    send_tasks(queue_url, tasks)
+    handler = {"type": "python", "target": target, "isolation": "process"}
+    config = worker_config(cluster, queue_url, table, handler=handler, slots_per_instance=2, **fields)
+    return cluster, table, queue_url, config
+
+
 def test_each_slot_keeps_its_message_hidden_and_a_stop_waits_for_both(aws_endpoint, tmp_path):
     """Two slots, each holding a task (in a child process of its own) past the visibility timeout: both
     messages are extended, the status item counts two busy slots, and SIGTERM lets both tasks finish (and
     deletes their messages) without taking the third message."""
-    cluster = unique("slotstop")
-    table = create_state_table()
-    queue_url, _ = create_task_queue(cluster, visibility=10)
-    send_tasks(queue_url, {"a": {"dir": str(tmp_path)}, "b": {"dir": str(tmp_path)}})
-    config = worker_config(
-        cluster,
-        queue_url,
-        table,
-        handler={"type": "python", "target": "sample_handlers:hold_until_released", "isolation": "process"},
-        slots_per_instance=2,
+    cluster, table, queue_url, config = two_slot_job(
+        "slotstop",
+        {"a": {"dir": str(tmp_path)}, "b": {"dir": str(tmp_path)}},
+        "sample_handlers:hold_until_released",
+        visibility=10,
         task_timeout_seconds=120,
         visibility_timeout_seconds=10,
         idle_shutdown_seconds=60,
@@ -253,17 +260,8 @@ def test_each_slot_keeps_its_message_hidden_and_a_stop_waits_for_both(aws_endpoi
 def test_the_heartbeat_goes_on_while_the_slots_children_import_the_handler(aws_endpoint, tmp_path):
     """Children that take long to import the handler (held here by a gate) keep the worker's status item
     fresh, so the drain does not take the worker for hung; no message is received until they are ready."""
-    cluster = unique("slowimport")
-    table = create_state_table()
-    queue_url, _ = create_task_queue(cluster)
-    send_tasks(queue_url, {"a": {"n": 1}, "b": {"n": 2}})
-    config = worker_config(
-        cluster,
-        queue_url,
-        table,
-        handler={"type": "python", "target": "child_import_handlers:echo", "isolation": "process"},
-        slots_per_instance=2,
-        heartbeat_seconds=0.2,
+    cluster, table, queue_url, config = two_slot_job(
+        "slowimport", {"a": {"n": 1}, "b": {"n": 2}}, "child_import_handlers:echo", heartbeat_seconds=0.2
     )
     gate = tmp_path / "gate"
     worker = WorkerProcess(config, tmp_path, env={**worker_env(), "EC2CLUSTER_TEST_IMPORT_GATE": str(gate)})
@@ -290,16 +288,8 @@ def test_the_heartbeat_goes_on_while_the_slots_children_import_the_handler(aws_e
 
 
 def test_a_worker_whose_children_cannot_import_the_handler_stops_at_start(aws_endpoint, tmp_path):
-    cluster = unique("childimport")
-    table = create_state_table()
-    queue_url, _ = create_task_queue(cluster)
-    send_tasks(queue_url, {"a": {"n": 1}})
-    config = worker_config(
-        cluster,
-        queue_url,
-        table,
-        handler={"type": "python", "target": "child_import_handlers:echo", "isolation": "process"},
-        slots_per_instance=2,
+    cluster, table, queue_url, config = two_slot_job(
+        "childimport", {"a": {"n": 1}}, "child_import_handlers:echo"
     )
     env = {**worker_env(), "EC2CLUSTER_TEST_IMPORT_FAILS": "libfoo.so.1: cannot open shared object file"}
     worker = WorkerProcess(config, tmp_path, env=env)
