@@ -67,10 +67,6 @@ def config(
     )
 
 
-def send(queue_url: str, payloads: list[Any], tasks_per_message: int) -> None:
-    cloud.send_payloads(queue_url, payloads, tasks_per_message)
-
-
 def run(worker_config: WorkerConfig, worker_id: str, counter: CallCounter | None = None) -> None:
     session = boto3.session.Session()
     if counter is not None:
@@ -104,7 +100,7 @@ def run_slots(table: str, tasks: int, slots: int) -> dict[str, float]:
     handler = {"type": "python", "target": "benchmarks.handlers:burn", "isolation": "process"}
     cluster_id = cloud.unique(f"slots{slots}")
     queue_url = cloud.create_queue(cluster_id)
-    send(queue_url, [{"n": BURN_STEPS}] * tasks, 1)
+    cloud.send_payloads(queue_url, [{"n": BURN_STEPS}] * tasks, 1)
     before = child_cpu_seconds()
     run(config(cluster_id, queue_url, table, handler, slots_per_instance=slots), f"s{slots}")
     seconds = span(table, cluster_id, tasks)
@@ -233,7 +229,7 @@ def count_short(size: str, table: str) -> tuple[CallCounter, int]:
     tasks = SHORT_TASKS[size]
     cluster_id = cloud.unique("short")
     queue_url = cloud.create_queue(cluster_id)
-    send(queue_url, [{"n": n} for n in range(tasks)], TASKS_PER_MESSAGE)
+    cloud.fill_queue(queue_url, tasks, TASKS_PER_MESSAGE)
     counter = CallCounter()
     run(config(cluster_id, queue_url, table, cloud.NOOP_HANDLER), "short", counter)
     done = cloud.tasks_done(cloud.task_log_items(table, cluster_id))
@@ -248,7 +244,8 @@ def run_mix(size: str, table: str, rule: Callable[..., int] | None) -> dict[str,
     queue_url = cloud.create_queue(cluster_id)
     long_tasks = mix["long_messages"] * TASKS_PER_MESSAGE
     short_tasks = (mix["messages"] - mix["long_messages"]) * TASKS_PER_MESSAGE
-    send(queue_url, [{"s": mix["long_s"]}] * long_tasks + [{"s": SHORT_S}] * short_tasks, TASKS_PER_MESSAGE)
+    payloads = [{"s": mix["long_s"]}] * long_tasks + [{"s": SHORT_S}] * short_tasks
+    cloud.send_payloads(queue_url, payloads, TASKS_PER_MESSAGE)
     handler = {"type": "python", "target": "benchmarks.handlers:sleep_for"}
     worker_config = config(
         cluster_id, queue_url, table, handler, visibility_timeout_seconds=MIX_VISIBILITY, slots_per_instance=1
