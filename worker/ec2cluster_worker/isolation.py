@@ -88,7 +88,8 @@ class ChildProcess:
         }
         assert self.process.stdin is not None
         deadline = time.monotonic() + timeout
-        self.wait_ready(timeout)  # a child started for this task: its start counts in the task's time
+        # A child started for this task: its start counts in the task's time.
+        self.wait_ready(deadline - time.monotonic())
         try:
             self.process.stdin.write(json.dumps(request).encode("utf-8") + b"\n")
             self.process.stdin.flush()
